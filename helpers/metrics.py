@@ -1,0 +1,162 @@
+"""Bias and quality metrics: Fairness Discrepancy with CIs, FID, similarity, keep-rate.
+
+Introduced in chapter 1.
+
+* **FD** (Fairness Discrepancy, as in DiffLens): ``FD = ||p̄ − p_ref||₂`` with ``p̄`` the mean
+  one-hot judge prediction and ``p_ref`` the target distribution (uniform by default).
+* **FID**: torchmetrics' ``FrechetInceptionDistance`` with the judge's encoder as the custom
+  feature extractor (a *domain* FID; numbers are not comparable to Inception FIDs).
+* **Similarity**: cosine similarity of judge features between paired images (stand-in for CLIP-I).
+* **Keep-rate**: share of paired samples whose listed attributes are judged unchanged.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def _one_hot(preds: torch.Tensor | np.ndarray, n_classes: int) -> np.ndarray:
+    p = torch.as_tensor(preds)
+    if p.dim() == 2:  # probabilities or one-hot: take the argmax class
+        if p.shape[1] != n_classes:
+            raise ValueError(f"FD: predictions have {p.shape[1]} columns but n_classes={n_classes}")
+        p = p.argmax(1)
+    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= n_classes):
+        raise ValueError(f"FD: class indices must lie in 0..{n_classes - 1}")
+    return np.eye(n_classes)[p.long().numpy()]
+
+
+def _ref(p_ref, n_classes: int) -> np.ndarray:
+    if p_ref is None:
+        return np.full(n_classes, 1.0 / n_classes)
+    r = np.asarray(p_ref, dtype=float)
+    if r.shape != (n_classes,) or (r < 0).any() or not np.isclose(r.sum(), 1.0):
+        raise ValueError(f"FD: p_ref must be {n_classes} non-negative numbers summing to 1, got {p_ref}")
+    return r
+
+
+def fairness_discrepancy(preds, n_classes: int, p_ref=None) -> float:
+    """FD of class predictions ``(n,)`` (indices) or ``(n, n_classes)`` (probabilities)."""
+    oh = _one_hot(preds, n_classes)
+    if len(oh) == 0:
+        raise ValueError("FD: no predictions")
+    return float(np.linalg.norm(oh.mean(0) - _ref(p_ref, n_classes)))
+
+
+def fd_bootstrap(preds, n_classes: int, p_ref=None, n_boot: int = 2000, ci: float = 0.95,
+                 seed: int = 0) -> dict[str, float]:
+    """FD with a percentile bootstrap confidence interval: ``{"fd", "lo", "hi", "n"}``."""
+    oh = _one_hot(preds, n_classes)
+    ref = _ref(p_ref, n_classes)
+    rng = np.random.default_rng(seed)
+    n = len(oh)
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)  # resample weights
+    means = counts @ oh / n
+    fds = np.linalg.norm(means - ref, axis=1)
+    a = (1 - ci) / 2
+    return {"fd": float(np.linalg.norm(oh.mean(0) - ref)), "lo": float(np.quantile(fds, a)),
+            "hi": float(np.quantile(fds, 1 - a)), "n": n}
+
+
+def fd_floor(n: int, n_classes: int, p_ref=None, n_sim: int = 20_000, seed: int = 0) -> dict[str, float]:
+    """FD that sampling noise alone gives: ``n`` draws from exactly ``p_ref``.
+
+    Returns the mean and 95th percentile over ``n_sim`` simulated sets, and the analytic
+    root-mean-square ``sqrt(sum_k p_k (1 - p_k) / n)``.
+    """
+    ref = _ref(p_ref, n_classes)
+    rng = np.random.default_rng(seed)
+    fds = np.linalg.norm(rng.multinomial(n, ref, size=n_sim) / n - ref, axis=1)
+    return {"mean": float(fds.mean()), "p95": float(np.quantile(fds, 0.95)),
+            "rms": float(np.sqrt((ref * (1 - ref)).sum() / n)), "n": n}
+
+
+class _Encoder(torch.nn.Module):
+    """Adapts the judge's encoder to torchmetrics' custom-feature-extractor interface."""
+
+    def __init__(self, judge):
+        super().__init__()
+        self.judge = judge
+        self.num_features = judge.num_features
+
+    @torch.no_grad()
+    def forward(self, x):
+        self.judge.eval()
+        return self.judge.encode(x).double()
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor, judge, batch_size: int = 500) -> float:
+    """Domain FID between two image sets ``(n, 3, H, W)`` in [0, 1], via torchmetrics."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError("fid: need at least 2 images in each set")
+    metric = FrechetInceptionDistance(feature=_Encoder(judge), normalize=True)
+    for s in range(0, len(real), batch_size):
+        metric.update(real[s:s + batch_size].float(), real=True)
+    for s in range(0, len(fake), batch_size):
+        metric.update(fake[s:s + batch_size].float(), real=False)
+    return float(metric.compute())
+
+
+def similarity(a: torch.Tensor, b: torch.Tensor, judge) -> torch.Tensor:
+    """Per-pair cosine similarity ``(n,)`` of judge features (the CLIP-I stand-in)."""
+    if a.shape != b.shape:
+        raise ValueError(f"similarity: paired image sets differ in shape {tuple(a.shape)} vs {tuple(b.shape)}")
+    return torch.nn.functional.cosine_similarity(judge.features(a), judge.features(b), dim=1)
+
+
+def keep_rate(probs_a: dict[str, torch.Tensor], probs_b: dict[str, torch.Tensor], attrs: Sequence[str]) -> float:
+    """Share of paired samples whose judged class is unchanged on *every* attribute in ``attrs``."""
+    if not attrs:
+        raise ValueError("keep_rate: give at least one attribute")
+    same = None
+    for a in attrs:
+        s = probs_a[a].argmax(-1) == probs_b[a].argmax(-1)
+        same = s if same is None else same & s
+    return same.float().mean().item()
+
+
+def confident_share(probs: dict[str, torch.Tensor], attrs: Sequence[str], threshold: float = 0.9) -> dict[str, float]:
+    """Per attribute, the share of samples whose top judged class has probability ≥ ``threshold``."""
+    return {a: (probs[a].max(-1).values >= threshold).float().mean().item() for a in attrs}
+
+
+def marginals(probs: dict[str, torch.Tensor], attrs: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per attribute, the share of samples judged in each class (mean one-hot prediction)."""
+    out = {}
+    for a in attrs:
+        k = probs[a].shape[1]
+        out[a] = _one_hot(probs[a], k).mean(0)
+    return out
+
+
+def quality_report(samples: torch.Tensor, judge, spec, reference: torch.Tensor, floor_reference: torch.Tensor,
+                   attrs: Sequence[str] = ("gender", "age", "race"), threshold: float = 0.9,
+                   n_boot: int = 2000) -> dict:
+    """Everything chapter 1 reports about a model's samples, in one dict.
+
+    ``reference`` and ``floor_reference`` are two independent sets of fresh renders from
+    ``spec``, the same size as ``samples``: FID(samples, reference) is shown next to
+    FID(floor_reference, reference), the value two sets of true renders give.
+    """
+    probs = judge.predict(samples)
+    ref_probs = judge.predict(reference)
+    marg = marginals(probs, attrs)
+    out = {"n": len(samples), "confident": confident_share(probs, attrs, threshold), "attributes": {}}
+    for a in attrs:
+        k = probs[a].shape[1]
+        out["attributes"][a] = {
+            "spec": spec.marginal(a).tolist(),
+            "model": marg[a].tolist(),
+            "max_abs_gap": float(np.abs(marg[a] - spec.marginal(a)).max()),
+            "fd_model": fd_bootstrap(probs[a], k, n_boot=n_boot),
+            "fd_data": fd_bootstrap(ref_probs[a], k, n_boot=n_boot),
+            "fd_spec": float(np.linalg.norm(spec.marginal(a) - 1.0 / k)),
+            "fd_floor": fd_floor(len(samples), k),
+        }
+    out["fid"] = fid(reference, samples, judge)
+    out["fid_floor"] = fid(reference, floor_reference, judge)
+    return out

@@ -1,0 +1,354 @@
+"""Diffusion models: load the embedded portrait model or any diffusers UNet, sample, train.
+
+Introduced in chapter 1. ``load_model("embedded")`` gives the small pixel-space
+``UNet2DModel`` this project trains on the portrait world (weights in ``data/embedded``);
+``load_model(path_or_repo_id)`` loads any diffusers ``UNet2DModel`` or pipeline with
+``from_pretrained``. :func:`sample` runs deterministic DDIM from given or seeded noise.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from tqdm.auto import tqdm
+
+from . import io, world
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("DIFFLENS_DATA", REPO_ROOT / "data"))
+EMBEDDED_DIR = DATA_DIR / "embedded"
+
+
+@dataclass
+class EmbeddedConfig:
+    """Architecture and training settings of the embedded portrait model."""
+
+    resolution: int = 32  # image side; the mid block sees resolution / 4
+    block_out_channels: tuple[int, ...] = (32, 64, 128)  # last entry = bottleneck (h-space) width
+    layers_per_block: int = 1  # resnets per down block
+    norm_num_groups: int = 16  # GroupNorm groups
+    num_train_timesteps: int = 1000  # DDPM steps
+    beta_schedule: str = "squaredcos_cap_v2"  # noise schedule
+    batch_size: int = 64  # images per step, rendered fresh from the spec
+    lr: float = 1e-3  # AdamW peak learning rate
+    warmup_steps: int = 200  # linear warm-up
+    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023); 0 disables
+    ema_decay: float = 0.999  # EMA max decay (with warm-up)
+    spec: str = "default"  # world spec name ("default" or a JSON file)
+    seed: int = 0  # data and init seed
+
+
+@dataclass
+class Diffusion:
+    """A denoising UNet plus its (training) noise scheduler."""
+
+    unet: torch.nn.Module
+    scheduler: object  # a diffusers scheduler; sampling uses DDIM built from its config
+    name: str = "model"
+    pipeline: object | None = None  # the full diffusers pipeline when one was loaded
+
+    @property
+    def sample_size(self) -> int:
+        s = self.unet.config.sample_size
+        return s if isinstance(s, int) else s[0]
+
+
+def build_unet(cfg: EmbeddedConfig) -> UNet2DModel:
+    """A fresh pixel-space UNet with a mid block at ``resolution / 4``."""
+    n = len(cfg.block_out_channels)
+    return UNet2DModel(
+        sample_size=cfg.resolution,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=cfg.layers_per_block,
+        block_out_channels=tuple(cfg.block_out_channels),
+        down_block_types=("DownBlock2D",) * n,
+        up_block_types=("UpBlock2D",) * n,
+        norm_num_groups=cfg.norm_num_groups,
+        attention_head_dim=32,
+    )
+
+
+def build_scheduler(cfg: EmbeddedConfig) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         prediction_type="epsilon", clip_sample=True)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(name_or_path: str | os.PathLike = "embedded", device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> Diffusion:
+    """Load a diffusion model ready to sample.
+
+    ``"embedded"`` loads the shipped portrait model. Otherwise ``name_or_path`` is a local
+    folder or a Hub repo id holding either a diffusers pipeline (``model_index.json``) or a
+    bare ``UNet2DModel`` (``config.json``; a ``scheduler/`` or ``scheduler_config.json`` next
+    to it is used when present, else a default DDPM scheduler).
+    """
+    name = str(name_or_path)
+    if name == "embedded":
+        if not (EMBEDDED_DIR / "unet" / "config.json").is_file():
+            raise FileNotFoundError(
+                f"The embedded model is missing from {EMBEDDED_DIR}. It ships with the repository; "
+                "restore it with `git checkout data/embedded` or retrain it with "
+                "`python scripts/train_embedded.py`."
+            )
+        path = EMBEDDED_DIR
+    else:
+        path = Path(name).expanduser()
+    if path.exists():
+        return _load_local(path, name, device, dtype)
+    looks_like_repo = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not path.suffix
+    if not looks_like_repo:
+        raise FileNotFoundError(
+            f"load_model: no such folder {name!r}. Pass 'embedded', a local diffusers folder "
+            "(with model_index.json or config.json), or a Hub repo id like 'google/ddpm-celebahq-256'."
+        )
+    try:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(name, **_dtype_kw(dtype))
+    except Exception as e:  # network or Hub errors: say what to do instead
+        raise OSError(
+            f"load_model: could not fetch {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            "Without internet, download it elsewhere and pass the local folder instead."
+        ) from None
+    return _from_pipeline(pipe, name, device)
+
+
+def _dtype_kw(dtype: torch.dtype) -> dict:
+    """``from_pretrained`` dtype argument; diffusers renamed ``torch_dtype`` to ``dtype`` in 0.36."""
+    if dtype == torch.float32:
+        return {}
+    import diffusers
+    from packaging.version import Version
+
+    key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
+    return {key: dtype}
+
+
+def _load_local(path: Path, name: str, device, dtype) -> Diffusion:
+    if not path.is_dir():
+        raise ValueError(f"load_model: {name!r} is a file; pass the diffusers model folder that contains it")
+    if (path / "model_index.json").is_file():
+        from diffusers import DiffusionPipeline
+
+        return _from_pipeline(DiffusionPipeline.from_pretrained(path, **_dtype_kw(dtype)), name, device)
+    unet_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
+    cfg_file = unet_dir / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(
+            f"load_model: {name!r} is not a diffusers model folder (no model_index.json, config.json "
+            "or unet/config.json). Save a model with `pipeline.save_pretrained(folder)` or "
+            "`unet.save_pretrained(folder)` and pass that folder."
+        )
+    cls = json.loads(cfg_file.read_text()).get("_class_name")
+    if cls != "UNet2DModel":
+        raise ValueError(
+            f"load_model: {cfg_file} describes a {cls!r}, not a UNet2DModel; pass a pipeline folder "
+            "(model_index.json) for text-conditioned models."
+        )
+    unet = UNet2DModel.from_pretrained(unet_dir, **_dtype_kw(dtype))
+    sched = None
+    for cand in (path / "scheduler", unet_dir / "scheduler", path):
+        if (cand / "scheduler_config.json").is_file():
+            sched = DDPMScheduler.from_pretrained(cand)
+            break
+    if sched is None:
+        sched = DDPMScheduler(num_train_timesteps=1000)
+    unet.to(device).eval().requires_grad_(False)
+    return Diffusion(unet=unet, scheduler=sched, name=name)
+
+
+def _from_pipeline(pipe, name: str, device) -> Diffusion:
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise ValueError(f"load_model: the pipeline in {name!r} has no `unet`; only UNet-based models are supported")
+    pipe.to(device)
+    unet.eval().requires_grad_(False)
+    return Diffusion(unet=unet, scheduler=pipe.scheduler, name=name, pipeline=pipe)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def make_noise(n: int, size: int, seed: int = 0, channels: int = 3) -> torch.Tensor:
+    """Initial noise ``(n, channels, size, size)``; sample ``i`` depends only on ``(seed, i)``.
+
+    Per-sample seeding means a sample's noise does not change with the batch size, so two
+    methods run on the "same noise" really start from the same tensors.
+    """
+    out = torch.empty(n, channels, size, size)
+    for i in range(n):
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + i)
+        out[i] = torch.randn(channels, size, size, generator=g)
+    return out
+
+
+@torch.no_grad()
+def sample(model: Diffusion, n: int | None = None, steps: int = 25, seed: int = 0,
+           noise: torch.Tensor | None = None, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) samples ``(n, 3, H, W)`` in [0, 1].
+
+    Give either ``noise`` (``(n, 3, H, W)``) or ``n`` and ``seed`` (see :func:`make_noise`).
+    """
+    if noise is None:
+        if n is None:
+            raise ValueError("sample: give n (with seed) or an explicit noise tensor")
+        noise = make_noise(n, model.sample_size, seed, model.unet.config.in_channels)
+    ddim = DDIMScheduler.from_config(model.scheduler.config)
+    ddim.set_timesteps(steps)
+    dev = next(model.unet.parameters()).device
+    dtype = next(model.unet.parameters()).dtype
+    outs = []
+    chunks = range(0, len(noise), batch_size)
+    bar = tqdm(total=len(noise) * steps, disable=not progress, desc="DDIM", unit="img-step")
+    for s in chunks:
+        x = noise[s:s + batch_size].to(dev, dtype)
+        for t in ddim.timesteps:
+            eps = model.unet(x, t).sample
+            x = ddim.step(eps, t, x, eta=0.0).prev_sample
+            bar.update(len(x))
+        outs.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())
+    bar.close()
+    return torch.cat(outs) if outs else noise.new_zeros((0, *noise.shape[1:]))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _spec(name: str) -> world.BiasSpec:
+    if name == "default":
+        return world.default_spec()
+    if name == "uniform":
+        return world.uniform_spec()
+    return world.BiasSpec.from_json(Path(name).read_text())
+
+
+def diffusion_loss(unet, sched, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+                   min_snr_gamma: float = 5.0) -> torch.Tensor:
+    """Noise-prediction MSE at timesteps ``t``, Min-SNR-γ weighted (γ = 0: plain MSE)."""
+    xt = sched.add_noise(x0, eps, t)
+    per = F.mse_loss(unet(xt, t).sample, eps, reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma > 0:
+        alphas = sched.alphas_cumprod.to(x0.device)
+        snr = (alphas[t] / (1 - alphas[t])).float()
+        per = per * snr.clamp(max=min_snr_gamma) / snr.clamp(min=1e-8)
+    return per.mean()
+
+
+def train(cfg: EmbeddedConfig, out_dir: str | Path, steps: int, checkpoint_every: int = 250,
+          export_dir: str | Path | None = None, progress: bool = True, max_minutes: float | None = None) -> dict:
+    """Train (or resume) the embedded model; returns a summary dict.
+
+    State (weights, EMA, optimizer, step, loss history) lives in ``out_dir/checkpoint.safetensors``
+    and is rewritten atomically every ``checkpoint_every`` steps; rerunning resumes from it.
+    At each checkpoint the EMA weights are also exported as a diffusers folder ``export_dir``.
+    """
+    from diffusers.training_utils import EMAModel
+
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "checkpoint.safetensors"
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg)
+    sched = build_scheduler(cfg)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    start, history, seconds_before = 0, [], 0.0
+    if ckpt.is_file():
+        tensors, meta = io.load_tensors(ckpt)
+        if meta["config"] != json.loads(json.dumps(asdict(cfg))):
+            raise ValueError(f"train: {ckpt} was made with a different config; use another out_dir")
+        unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+        ema_params = [tensors[f"ema.{i}"] for i in range(len(list(unet.parameters())))]
+        ema.shadow_params = [p.clone() for p in ema_params]
+        ema.optimization_step = meta["ema_step"]
+        io.unflatten_optimizer(opt, tensors, meta["optimizer"])
+        start, history = meta["step"], meta["history"]
+        seconds_before = meta.get("seconds", 0.0)
+    lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup_steps)
+    spec = _spec(cfg.spec)
+    t0 = time.time()
+    unet.train()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train embedded", disable=not progress,
+               mininterval=5)
+    running = None
+    step = start
+    for step in bar:
+        batch = world.sample(cfg.batch_size, spec, seed=cfg.seed * 1_000_003 + step, resolution=cfg.resolution)
+        x0 = batch.images * 2 - 1
+        g = torch.Generator().manual_seed(10_000_019 * (cfg.seed + 1) + step)
+        eps = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, cfg.num_train_timesteps, (len(x0),), generator=g)
+        loss = diffusion_loss(unet, sched, x0, eps, t, cfg.min_snr_gamma)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.step(unet.parameters())
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}")
+        done = step + 1
+        if done % 50 == 0:
+            history.append([done, running])
+        last = done == steps
+        out_of_time = max_minutes is not None and (time.time() - t0) / 60 > max_minutes
+        if done % checkpoint_every == 0 or last or out_of_time:
+            seconds = seconds_before + time.time() - t0
+            _save_checkpoint(ckpt, unet, ema, opt, done, history, cfg, seconds)
+            if export_dir is not None:
+                export(unet, ema, sched, export_dir, meta={"steps": done, "config": asdict(cfg),
+                                                           "train_seconds": seconds, "loss_history": history})
+        if out_of_time:
+            break
+    bar.close()
+    return {"step": step + 1 if steps > start else start, "history": history,
+            "minutes": (time.time() - t0) / 60}
+
+
+def _save_checkpoint(path, unet, ema, opt, step, history, cfg, seconds):
+    tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    tensors.update({f"ema.{i}": p for i, p in enumerate(ema.shadow_params)})
+    opt_t, opt_meta = io.flatten_optimizer(opt)
+    tensors.update(opt_t)
+    io.save_tensors(path, tensors, meta={"step": step, "history": history, "config": asdict(cfg),
+                                         "ema_step": ema.optimization_step, "optimizer": opt_meta,
+                                         "seconds": seconds})
+
+
+def export(unet, ema, sched, export_dir, meta: dict) -> None:
+    """Write EMA weights as a diffusers folder (``unet/`` + ``scheduler/``), swapping it in atomically."""
+    import shutil
+    import tempfile
+
+    export_dir = Path(export_dir)
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=export_dir.parent, prefix=f".{export_dir.name}."))
+    try:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        ema.restore(unet.parameters())
+        sched.save_pretrained(tmp / "scheduler")
+        io.write_json(tmp / "training.json", meta)
+        old = export_dir.with_name(f".{export_dir.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if export_dir.exists():
+            os.replace(export_dir, old)
+        os.replace(tmp, export_dir)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -1,0 +1,27 @@
+"""Train the embedded portrait diffusion model (runs in the background; resumable).
+
+    nohup python scripts/train_embedded.py --steps 4000 > runs/embedded.log 2>&1 &
+
+Checkpoints go to ``runs/embedded/checkpoint.safetensors`` (rerun the same command to resume);
+EMA weights are exported to ``data/embedded`` at every checkpoint.
+"""
+import argparse
+import json
+
+import torch
+
+from helpers import models
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=4000, help="total optimizer steps")
+    ap.add_argument("--out", default="runs/embedded", help="checkpoint folder")
+    ap.add_argument("--export", default=str(models.EMBEDDED_DIR), help="diffusers folder for EMA weights")
+    ap.add_argument("--checkpoint-every", type=int, default=250)
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop (after a checkpoint) when exceeded")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    summary = models.train(models.EmbeddedConfig(), a.out, a.steps, checkpoint_every=a.checkpoint_every,
+                           export_dir=a.export, max_minutes=a.max_minutes)
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}))

@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import torch
+
+from helpers import world
+
+
+def test_same_seed_same_batch_and_other_seed_differs():
+    a, b = world.sample(64, seed=11), world.sample(64, seed=11)
+    assert torch.equal(a.images, b.images)
+    assert all(torch.equal(a.labels[k], b.labels[k]) for k in world.ATTRIBUTES)
+    c = world.sample(64, seed=12)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_resolution_is_a_parameter():
+    for r in (16, 32, 64):
+        b = world.sample(4, seed=0, resolution=r)
+        assert b.images.shape == (4, 3, r, r)
+        assert 0 <= b.images.min() and b.images.max() <= 1
+
+
+def _px(img, x, y):  # colour at a point given in image-width units
+    s = img.shape[-1]
+    return img[:, int(y * s), int(x * s)]
+
+
+def test_labels_match_drawn_cues():
+    b = world.sample(300, world.uniform_spec(), seed=5, resolution=64)
+    for i in range(len(b.images)):
+        img = b.images[i]
+        lab = {k: int(v[i]) for k, v in b.labels.items()}
+        cx = 0.5 + world.POSITION_DX[lab["position"]]
+        # backdrop colour in the top corners (the vertical shading there is < 1%)
+        corner = _px(img, 0.03, 0.03)
+        assert torch.allclose(corner, world.BACKGROUND[lab["background"]], atol=0.07), lab
+        # skin tone on the neck (drawn at 92% of the face's tone), below beard and mouth
+        neck = _px(img, cx, 0.79) / 0.92
+        tone = ((world.SKIN - neck) ** 2).sum(1).argmin().item()
+        assert tone == lab["race"], (lab, neck)
+        # long hair beside the neck only for female portraits
+        side = _px(img, cx + 0.235, 0.72)
+        hair_like = not torch.allclose(side, world.SKIN[lab["race"]], atol=0.1)
+        shaded_bg = world.BACKGROUND[lab["background"]] * (1 - 0.12 * 0.72)  # the backdrop's vertical shading
+        is_bg = torch.allclose(side, shaded_bg, atol=0.07)
+        assert (lab["gender"] == 1) == (hair_like and not is_bg), lab
+        # hair greyness on the crown grows with age
+        crown = _px(img, cx, 0.24)
+        mix = world.GREY_MIX[lab["age"]]
+        expect = (1 - mix) * world.HAIR_BASE + mix * world.GREY
+        assert torch.allclose(crown, expect, atol=0.12), (lab, crown)
+
+
+def test_spec_marginals_and_conditionals_are_sampled():
+    spec = world.default_spec()
+    lab = spec.sample_labels(40_000, torch.Generator().manual_seed(0))
+    for a in world.ATTRIBUTES:
+        emp = np.bincount(lab[a].numpy(), minlength=len(world.ATTRIBUTES[a])) / 40_000
+        np.testing.assert_allclose(emp, spec.marginal(a), atol=0.012)
+    old = lab["age"] == 2
+    assert abs(lab["glasses"][old].float().mean().item() - 0.7) < 0.03
+    female = lab["gender"] == 1
+    assert abs((lab["background"][female] == 2).float().mean().item() - 0.6) < 0.03
+
+
+def test_default_spec_is_biased_as_documented():
+    spec = world.default_spec()
+    for a in world.SOCIAL:
+        assert 0.7 <= spec.marginal(a).max() <= 0.8
+
+
+def test_bad_specs_and_labels_are_refused():
+    with pytest.raises(ValueError, match="unknown attribute"):
+        world.BiasSpec(probs={"hat": [0.5, 0.5]})
+    with pytest.raises(ValueError, match="sum to 1"):
+        world.BiasSpec(probs={"gender": [0.5, 0.6]})
+    with pytest.raises(ValueError, match="needs 2 probabilities"):
+        world.BiasSpec(probs={"gender": [1.0]})
+    with pytest.raises(ValueError, match="one row per"):
+        world.BiasSpec(conditionals={"glasses": ("age", [[0.5, 0.5]])})
+    labels = world.default_spec().sample_labels(3, torch.Generator().manual_seed(0))
+    labels["race"] = torch.tensor([0, 1, 9])
+    with pytest.raises(ValueError, match="race"):
+        world.render(labels, torch.Generator())
+
+
+def test_spec_json_round_trip():
+    spec = world.default_spec()
+    back = world.BiasSpec.from_json(spec.to_json())
+    for a in world.ATTRIBUTES:
+        np.testing.assert_allclose(back.marginal(a), spec.marginal(a))
