@@ -99,3 +99,18 @@ def test_resume_refuses_other_config(tmp_path):
     models.train(models.EmbeddedConfig(**TINY), tmp_path / "a", 2, progress=False)
     with pytest.raises(ValueError, match="different config"):
         models.train(models.EmbeddedConfig(**(TINY | {"lr": 1e-4})), tmp_path / "a", 4, progress=False)
+
+
+def test_unreachable_repo_id_is_one_clear_error():
+    # offline (as here and in CI) a Hub id cannot be fetched: one OSError saying what to do
+    import os
+    import subprocess
+    import sys
+
+    code = ("from helpers import models\n"
+            "try:\n    models.load_model('nobody-here/no-such-model')\n"
+            "except OSError as e:\n    print('ERR', e)\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "ERR load_model: could not fetch 'nobody-here/no-such-model'" in out.stdout, out.stderr[-2000:]
+    assert "pass the local folder" in out.stdout

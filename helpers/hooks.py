@@ -1,0 +1,111 @@
+"""Scoped hooks on the U-Net bottleneck: the mid-block output ``h`` ("h-space").
+
+Introduced in chapter 2. In the spirit of TransformerLens' ``hooks()``: every hook lives
+inside a ``with`` block and is removed in ``finally``, so an exception in a cell never
+leaves a hook on the model.
+
+* :func:`capture` records ``h`` at every UNet call (or a chosen subset of sampling steps),
+  with the step index and timestep.
+* :func:`edit` replaces ``h`` by ``fn(h, info)`` while sampling.
+
+Works on any diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` (anything with a
+``mid_block``).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+
+@dataclass
+class StepInfo:
+    """Where sampling is when a hook fires."""
+
+    step: int  # index of the UNet call inside this ``with`` block (0, 1, ...)
+    timestep: torch.Tensor  # the timestep passed to the UNet (scalar or (batch,))
+
+
+@dataclass
+class Cache:
+    """Captured bottleneck activations, one entry per captured UNet call."""
+
+    steps: list[int] = field(default_factory=list)
+    timesteps: list[torch.Tensor] = field(default_factory=list)
+    activations: list[torch.Tensor] = field(default_factory=list)  # each (batch, channels, height, width)
+
+    def stack(self) -> torch.Tensor:
+        """All captures as ``(n_steps, batch, channels, height, width)`` (same batch per step)."""
+        if not self.activations:
+            raise ValueError("Cache.stack: nothing was captured (did sampling run inside the `with` block?)")
+        return torch.stack(self.activations)
+
+
+def _mid_block(unet) -> torch.nn.Module:
+    mid = getattr(unet, "mid_block", None)
+    if mid is None:
+        raise ValueError(
+            f"{type(unet).__name__} has no `mid_block`, so it has no bottleneck to hook. "
+            "Pass a diffusers UNet2DModel or UNet2DConditionModel built with a mid block."
+        )
+    return mid
+
+
+@contextmanager
+def bottleneck_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor | None] | None = None,
+                     record: bool = False, steps: Iterable[int] | None = None):
+    """Install a timestep tracker on ``unet`` and a forward hook on its mid block.
+
+    ``fn(h, info)`` may return a replacement for ``h`` (``None`` keeps it). With ``record``,
+    ``h`` (after ``fn``) is detached into the yielded :class:`Cache`. ``steps`` limits both to
+    those UNet-call indices. Hooks are removed on exit, also after an exception.
+    """
+    mid = _mid_block(unet)
+    keep = None if steps is None else set(int(s) for s in steps)
+    cache = Cache()
+    state = {"step": -1, "t": None}
+
+    def pre(module, args, kwargs):
+        state["step"] += 1
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        state["t"] = torch.as_tensor(t).detach().cpu() if t is not None else None
+
+    def post(module, args, output):
+        step = state["step"]
+        if keep is not None and step not in keep:
+            return None
+        info = StepInfo(step=step, timestep=state["t"])
+        h = output
+        if fn is not None:
+            new = fn(h, info)
+            if new is not None:
+                if new.shape != h.shape:
+                    raise ValueError(f"bottleneck edit changed h's shape {tuple(h.shape)} -> {tuple(new.shape)}")
+                h = new
+        if record:
+            cache.steps.append(step)
+            cache.timesteps.append(info.timestep)
+            cache.activations.append(h.detach().cpu())
+        return h if h is not output else None
+
+    handles = []
+    try:
+        handles.append(unet.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(mid.register_forward_hook(post))
+        yield cache
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+def capture(unet, steps: Iterable[int] | None = None):
+    """``with capture(unet) as cache:`` records ``h`` at every (or each listed) UNet call."""
+    return bottleneck_hooks(unet, None, record=True, steps=steps)
+
+
+def edit(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor | None], steps: Iterable[int] | None = None,
+         record: bool = False):
+    """``with edit(unet, fn):`` replaces ``h`` by ``fn(h, info)`` at every (or each listed) UNet call."""
+    return bottleneck_hooks(unet, fn, record=record, steps=steps)
