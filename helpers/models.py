@@ -36,6 +36,7 @@ class EmbeddedConfig:
     norm_num_groups: int = 16  # GroupNorm groups
     num_train_timesteps: int = 1000  # DDPM steps
     beta_schedule: str = "squaredcos_cap_v2"  # noise schedule
+    prediction_type: str = "v_prediction"  # "epsilon" or "v_prediction" (better conditioned at high noise)
     batch_size: int = 64  # images per step, rendered fresh from the spec
     lr: float = 1e-3  # AdamW peak learning rate
     warmup_steps: int = 200  # linear warm-up
@@ -78,7 +79,7 @@ def build_unet(cfg: EmbeddedConfig) -> UNet2DModel:
 
 def build_scheduler(cfg: EmbeddedConfig) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                         prediction_type="epsilon", clip_sample=True)
+                         prediction_type=cfg.prediction_type, clip_sample=True)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -235,23 +236,38 @@ def _spec(name: str) -> world.BiasSpec:
 
 def diffusion_loss(unet, sched, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
                    min_snr_gamma: float = 5.0) -> torch.Tensor:
-    """Noise-prediction MSE at timesteps ``t``, Min-SNR-γ weighted (γ = 0: plain MSE)."""
+    """Denoising MSE at timesteps ``t`` for the scheduler's prediction type, Min-SNR-γ weighted.
+
+    ``epsilon``: target ε, weight min(SNR, γ)/SNR; ``v_prediction``: target v, weight
+    min(SNR, γ)/(SNR + 1) (Hang et al. 2023). γ = 0 gives the plain MSE.
+    """
     xt = sched.add_noise(x0, eps, t)
-    per = F.mse_loss(unet(xt, t).sample, eps, reduction="none").mean(dim=(1, 2, 3))
+    kind = sched.config.prediction_type
+    if kind == "epsilon":
+        target = eps
+    elif kind == "v_prediction":
+        target = sched.get_velocity(x0, eps, t)
+    else:
+        raise ValueError(f"diffusion_loss: unsupported prediction_type {kind!r}")
+    per = F.mse_loss(unet(xt, t).sample, target, reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma > 0:
         alphas = sched.alphas_cumprod.to(x0.device)
         snr = (alphas[t] / (1 - alphas[t])).float()
-        per = per * snr.clamp(max=min_snr_gamma) / snr.clamp(min=1e-8)
+        per = per * snr.clamp(max=min_snr_gamma) / (snr + 1 if kind == "v_prediction" else snr.clamp(min=1e-8))
     return per.mean()
 
 
 def train(cfg: EmbeddedConfig, out_dir: str | Path, steps: int, checkpoint_every: int = 250,
-          export_dir: str | Path | None = None, progress: bool = True, max_minutes: float | None = None) -> dict:
+          export_dir: str | Path | None = None, progress: bool = True, max_minutes: float | None = None,
+          init_from: str | Path | None = None) -> dict:
     """Train (or resume) the embedded model; returns a summary dict.
 
     State (weights, EMA, optimizer, step, loss history) lives in ``out_dir/checkpoint.safetensors``
     and is rewritten atomically every ``checkpoint_every`` steps; rerunning resumes from it.
     At each checkpoint the EMA weights are also exported as a diffusers folder ``export_dir``.
+    ``init_from`` (a diffusers folder exported by this function) warm-starts a *new* run from
+    those weights, e.g. to continue an ``epsilon`` model as a ``v_prediction`` one; its
+    ``training.json`` is kept in the new export as ``init_from``.
     """
     from diffusers.training_utils import EMAModel
 
@@ -263,6 +279,16 @@ def train(cfg: EmbeddedConfig, out_dir: str | Path, steps: int, checkpoint_every
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     start, history, seconds_before = 0, [], 0.0
+    lineage = None
+    if init_from is not None and not ckpt.is_file():
+        init_from = Path(init_from)
+        src = UNet2DModel.from_pretrained(init_from / "unet")
+        if tuple(src.config.block_out_channels) != tuple(unet.config.block_out_channels):
+            raise ValueError(f"train: {init_from} has another architecture; cannot warm-start from it")
+        unet.load_state_dict(src.state_dict())
+        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
+        lineage = json.loads((init_from / "training.json").read_text())
+        lineage.pop("loss_history", None)
     if ckpt.is_file():
         tensors, meta = io.load_tensors(ckpt)
         if meta["config"] != json.loads(json.dumps(asdict(cfg))):
@@ -274,6 +300,7 @@ def train(cfg: EmbeddedConfig, out_dir: str | Path, steps: int, checkpoint_every
         io.unflatten_optimizer(opt, tensors, meta["optimizer"])
         start, history = meta["step"], meta["history"]
         seconds_before = meta.get("seconds", 0.0)
+        lineage = meta.get("init_from")
     lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup_steps)
     spec = _spec(cfg.spec)
     t0 = time.time()
@@ -305,10 +332,11 @@ def train(cfg: EmbeddedConfig, out_dir: str | Path, steps: int, checkpoint_every
         out_of_time = max_minutes is not None and (time.time() - t0) / 60 > max_minutes
         if done % checkpoint_every == 0 or last or out_of_time:
             seconds = seconds_before + time.time() - t0
-            _save_checkpoint(ckpt, unet, ema, opt, done, history, cfg, seconds)
+            _save_checkpoint(ckpt, unet, ema, opt, done, history, cfg, seconds, lineage)
             if export_dir is not None:
                 export(unet, ema, sched, export_dir, meta={"steps": done, "config": asdict(cfg),
-                                                           "train_seconds": seconds, "loss_history": history})
+                                                           "train_seconds": seconds, "loss_history": history,
+                                                           "init_from": lineage})
         if out_of_time:
             break
     bar.close()
@@ -316,14 +344,14 @@ def train(cfg: EmbeddedConfig, out_dir: str | Path, steps: int, checkpoint_every
             "minutes": (time.time() - t0) / 60}
 
 
-def _save_checkpoint(path, unet, ema, opt, step, history, cfg, seconds):
+def _save_checkpoint(path, unet, ema, opt, step, history, cfg, seconds, lineage=None):
     tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
     tensors.update({f"ema.{i}": p for i, p in enumerate(ema.shadow_params)})
     opt_t, opt_meta = io.flatten_optimizer(opt)
     tensors.update(opt_t)
     io.save_tensors(path, tensors, meta={"step": step, "history": history, "config": asdict(cfg),
                                          "ema_step": ema.optimization_step, "optimizer": opt_meta,
-                                         "seconds": seconds})
+                                         "seconds": seconds, "init_from": lineage})
 
 
 def export(unet, ema, sched, export_dir, meta: dict) -> None:

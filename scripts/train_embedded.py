@@ -20,8 +20,15 @@ if __name__ == "__main__":
     ap.add_argument("--checkpoint-every", type=int, default=250)
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (after a checkpoint) when exceeded")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                    help="override the config's prediction type")
+    ap.add_argument("--init-from", default=None,
+                    help="diffusers folder exported by an earlier run to warm-start a new run from")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    summary = models.train(models.EmbeddedConfig(), a.out, a.steps, checkpoint_every=a.checkpoint_every,
-                           export_dir=a.export, max_minutes=a.max_minutes)
+    cfg = models.EmbeddedConfig()
+    if a.prediction_type:
+        cfg.prediction_type = a.prediction_type
+    summary = models.train(cfg, a.out, a.steps, checkpoint_every=a.checkpoint_every,
+                           export_dir=a.export, max_minutes=a.max_minutes, init_from=a.init_from)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))

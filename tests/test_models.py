@@ -114,3 +114,17 @@ def test_unreachable_repo_id_is_one_clear_error():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert "ERR load_model: could not fetch 'nobody-here/no-such-model'" in out.stdout, out.stderr[-2000:]
     assert "pass the local folder" in out.stdout
+
+
+def test_warm_start_from_export_switches_prediction_type(tmp_path):
+    eps_cfg = models.EmbeddedConfig(**(TINY | {"prediction_type": "epsilon"}))
+    models.train(eps_cfg, tmp_path / "eps", 4, checkpoint_every=4, export_dir=tmp_path / "eps_exp", progress=False)
+    v_cfg = models.EmbeddedConfig(**TINY)
+    assert v_cfg.prediction_type == "v_prediction"
+    models.train(v_cfg, tmp_path / "v", 2, export_dir=tmp_path / "v_exp", progress=False,
+                 init_from=tmp_path / "eps_exp")
+    meta = json.loads((tmp_path / "v_exp" / "training.json").read_text())
+    assert meta["init_from"]["config"]["prediction_type"] == "epsilon" and meta["init_from"]["steps"] == 4
+    m = models.load_model(tmp_path / "v_exp")
+    assert m.scheduler.config.prediction_type == "v_prediction"
+    assert models.sample(m, 2, steps=2).shape == (2, 3, 16, 16)
