@@ -43,6 +43,74 @@ class Cache:
         return torch.stack(self.activations)
 
 
+class ShardWriter:
+    """Streams captured activations to ``folder`` in safetensors shards of ``rows`` samples.
+
+    Memory holds at most one shard. Each shard is written atomically, and ``manifest.json``
+    is written only by :meth:`close`, so an interrupted harvest leaves a folder that
+    :func:`load_shards` refuses instead of a half-written one it would trust.
+    """
+
+    def __init__(self, folder, rows: int = 4096, meta: dict | None = None):
+        from pathlib import Path
+
+        self.folder = Path(folder)
+        if (self.folder / "manifest.json").exists() or any(self.folder.glob("shard-*.safetensors")):
+            raise FileExistsError(f"ShardWriter: {self.folder} already holds shards; pass an empty or new folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.rows, self.meta = int(rows), dict(meta or {})
+        self._buf: dict[str, list[torch.Tensor]] = {"h": [], "step": [], "timestep": []}
+        self._n_buf, self.shards, self.total = 0, [], 0
+
+    def add(self, h: torch.Tensor, step: int, timestep: torch.Tensor | None) -> None:
+        """Queue ``h`` ``(batch, channels, height, width)`` captured at ``step``/``timestep``."""
+        b = len(h)
+        t = torch.as_tensor(timestep if timestep is not None else -1).float().flatten()
+        self._buf["h"].append(h.detach().float().cpu())
+        self._buf["step"].append(torch.full((b,), int(step), dtype=torch.long))
+        self._buf["timestep"].append(t.expand(b).clone() if t.numel() == 1 else t[:b].clone())
+        self._n_buf += b
+        if self._n_buf >= self.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._n_buf:
+            return
+        from . import io
+
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        io.save_tensors(self.folder / name, {k: torch.cat(v) for k, v in self._buf.items()})
+        self.shards.append({"file": name, "rows": self._n_buf})
+        self.total += self._n_buf
+        self._buf = {k: [] for k in self._buf}
+        self._n_buf = 0
+
+    def close(self) -> None:
+        """Write the last shard and the manifest that marks the harvest complete."""
+        from . import io
+
+        self.flush()
+        io.write_json(self.folder / "manifest.json", {"shards": self.shards, "rows": self.total, "meta": self.meta})
+
+
+def load_shards(folder) -> dict[str, torch.Tensor]:
+    """Concatenate a completed harvest: ``{"h": (rows, C, H, W), "step": (rows,), "timestep": (rows,)}``."""
+    import json
+    from pathlib import Path
+
+    from . import io
+
+    folder = Path(folder)
+    man = folder / "manifest.json"
+    if not man.is_file():
+        raise FileNotFoundError(
+            f"load_shards: {folder} has no manifest.json, so its harvest never finished; "
+            "delete the folder and harvest again")
+    shards = json.loads(man.read_text())["shards"]
+    parts = [io.load_tensors(folder / s["file"])[0] for s in shards]
+    return {k: torch.cat([p[k] for p in parts]) for k in ("h", "step", "timestep")}
+
+
 def _mid_block(unet) -> torch.nn.Module:
     mid = getattr(unet, "mid_block", None)
     if mid is None:
@@ -55,12 +123,13 @@ def _mid_block(unet) -> torch.nn.Module:
 
 @contextmanager
 def bottleneck_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor | None] | None = None,
-                     record: bool = False, steps: Iterable[int] | None = None):
+                     record: bool = False, steps: Iterable[int] | None = None, sink: ShardWriter | None = None):
     """Install a timestep tracker on ``unet`` and a forward hook on its mid block.
 
     ``fn(h, info)`` may return a replacement for ``h`` (``None`` keeps it). With ``record``,
     ``h`` (after ``fn``) is detached into the yielded :class:`Cache`. ``steps`` limits both to
-    those UNet-call indices. Hooks are removed on exit, also after an exception.
+    those UNet-call indices. With ``sink`` (a :class:`ShardWriter`), recorded activations
+    stream to disk instead of the cache. Hooks are removed on exit, also after an exception.
     """
     mid = _mid_block(unet)
     keep = None if steps is None else set(int(s) for s in steps)
@@ -84,7 +153,9 @@ def bottleneck_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor |
                 if new.shape != h.shape:
                     raise ValueError(f"bottleneck edit changed h's shape {tuple(h.shape)} -> {tuple(new.shape)}")
                 h = new
-        if record:
+        if record and sink is not None:
+            sink.add(h, step, info.timestep)
+        elif record:
             cache.steps.append(step)
             cache.timesteps.append(info.timestep)
             cache.activations.append(h.detach().cpu())
@@ -100,9 +171,13 @@ def bottleneck_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor |
             hd.remove()
 
 
-def capture(unet, steps: Iterable[int] | None = None):
-    """``with capture(unet) as cache:`` records ``h`` at every (or each listed) UNet call."""
-    return bottleneck_hooks(unet, None, record=True, steps=steps)
+def capture(unet, steps: Iterable[int] | None = None, sink: ShardWriter | None = None):
+    """``with capture(unet) as cache:`` records ``h`` at every (or each listed) UNet call.
+
+    Pass ``sink=ShardWriter(folder)`` to stream to disk instead; call ``sink.close()`` after
+    the harvest completes.
+    """
+    return bottleneck_hooks(unet, None, record=True, steps=steps, sink=sink)
 
 
 def edit(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor | None], steps: Iterable[int] | None = None,

@@ -94,3 +94,24 @@ def test_model_without_mid_block_is_refused():
     with pytest.raises(ValueError, match="no `mid_block`"):
         with hooks.capture(torch.nn.Linear(2, 2)):
             pass
+
+
+def test_capture_streams_to_shards_and_refuses_unfinished(tiny_model, tmp_path):
+    with hooks.capture(tiny_model.unet) as cache:
+        models.sample(tiny_model, 3, steps=4, seed=0)
+    writer = hooks.ShardWriter(tmp_path / "h", rows=5)
+    with hooks.capture(tiny_model.unet, sink=writer):
+        models.sample(tiny_model, 3, steps=4, seed=0)
+    # 12 rows in shards of >= 5 rows: nothing is complete until close() writes the manifest
+    with pytest.raises(FileNotFoundError, match="never finished"):
+        hooks.load_shards(tmp_path / "h")
+    writer.close()
+    got = hooks.load_shards(tmp_path / "h")
+    assert got["h"].shape == (12, 32, 8, 8)
+    assert torch.equal(got["h"], cache.stack().flatten(0, 1))
+    assert got["step"].tolist() == [s for s in range(4) for _ in range(3)]
+    assert [int(t) for t in got["timestep"][::3]] == [int(t) for t in cache.timesteps]
+    assert [sh["rows"] for sh in writer.shards] == [6, 6]  # batches of 3, flushed once >= 5 rows
+    assert not list((tmp_path / "h").glob(".*.tmp"))
+    with pytest.raises(FileExistsError, match="already holds shards"):
+        hooks.ShardWriter(tmp_path / "h")
