@@ -13,11 +13,15 @@ Works on any diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` (anything wit
 """
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+
+from . import io
 
 
 @dataclass
@@ -52,8 +56,6 @@ class ShardWriter:
     """
 
     def __init__(self, folder, rows: int = 4096, meta: dict | None = None):
-        from pathlib import Path
-
         self.folder = Path(folder)
         if (self.folder / "manifest.json").exists() or any(self.folder.glob("shard-*.safetensors")):
             raise FileExistsError(f"ShardWriter: {self.folder} already holds shards; pass an empty or new folder")
@@ -76,8 +78,6 @@ class ShardWriter:
     def flush(self) -> None:
         if not self._n_buf:
             return
-        from . import io
-
         name = f"shard-{len(self.shards):05d}.safetensors"
         io.save_tensors(self.folder / name, {k: torch.cat(v) for k, v in self._buf.items()})
         self.shards.append({"file": name, "rows": self._n_buf})
@@ -87,19 +87,12 @@ class ShardWriter:
 
     def close(self) -> None:
         """Write the last shard and the manifest that marks the harvest complete."""
-        from . import io
-
         self.flush()
         io.write_json(self.folder / "manifest.json", {"shards": self.shards, "rows": self.total, "meta": self.meta})
 
 
 def load_shards(folder) -> dict[str, torch.Tensor]:
     """Concatenate a completed harvest: ``{"h": (rows, C, H, W), "step": (rows,), "timestep": (rows,)}``."""
-    import json
-    from pathlib import Path
-
-    from . import io
-
     folder = Path(folder)
     man = folder / "manifest.json"
     if not man.is_file():

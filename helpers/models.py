@@ -276,19 +276,18 @@ def train(cfg: EmbeddedConfig, out_dir: str | Path, steps: int, checkpoint_every
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg)
     sched = build_scheduler(cfg)
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start, history, seconds_before = 0, [], 0.0
     lineage = None
-    if init_from is not None and not ckpt.is_file():
+    if init_from is not None and not ckpt.is_file():  # warm start: load weights before EMA copies them
         init_from = Path(init_from)
         src = UNet2DModel.from_pretrained(init_from / "unet")
         if tuple(src.config.block_out_channels) != tuple(unet.config.block_out_channels):
             raise ValueError(f"train: {init_from} has another architecture; cannot warm-start from it")
         unet.load_state_dict(src.state_dict())
-        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
         lineage = json.loads((init_from / "training.json").read_text())
         lineage.pop("loss_history", None)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    start, history, seconds_before = 0, [], 0.0
     if ckpt.is_file():
         tensors, meta = io.load_tensors(ckpt)
         if meta["config"] != json.loads(json.dumps(asdict(cfg))):
