@@ -55,20 +55,26 @@ class ShardWriter:
     :func:`load_shards` refuses instead of a half-written one it would trust.
     """
 
-    def __init__(self, folder, rows: int = 4096, meta: dict | None = None):
+    def __init__(self, folder, rows: int = 4096, meta: dict | None = None, dtype: torch.dtype = torch.float32):
         self.folder = Path(folder)
         if (self.folder / "manifest.json").exists() or any(self.folder.glob("shard-*.safetensors")):
             raise FileExistsError(f"ShardWriter: {self.folder} already holds shards; pass an empty or new folder")
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.rows, self.meta = int(rows), dict(meta or {})
-        self._buf: dict[str, list[torch.Tensor]] = {"h": [], "step": [], "timestep": []}
+        self.rows, self.meta, self.dtype = int(rows), dict(meta or {}), dtype
+        self._buf: dict[str, list[torch.Tensor]] = {"h": [], "step": [], "timestep": [], "sample": []}
         self._n_buf, self.shards, self.total = 0, [], 0
 
-    def add(self, h: torch.Tensor, step: int, timestep: torch.Tensor | None) -> None:
-        """Queue ``h`` ``(batch, channels, height, width)`` captured at ``step``/``timestep``."""
+    def add(self, h: torch.Tensor, step: int, timestep: torch.Tensor | None,
+            sample: torch.Tensor | None = None) -> None:
+        """Queue ``h`` ``(batch, channels, height, width)`` captured at ``step``/``timestep``.
+
+        ``sample`` (``(batch,)`` ints) names the sample of each row; ``-1`` when not given.
+        """
         b = len(h)
         t = torch.as_tensor(timestep if timestep is not None else -1).float().flatten()
-        self._buf["h"].append(h.detach().float().cpu())
+        self._buf["h"].append(h.detach().to("cpu", self.dtype))
+        self._buf["sample"].append(torch.full((b,), -1, dtype=torch.long) if sample is None
+                                   else torch.as_tensor(sample, dtype=torch.long).flatten().clone())
         self._buf["step"].append(torch.full((b,), int(step), dtype=torch.long))
         self._buf["timestep"].append(t.expand(b).clone() if t.numel() == 1 else t[:b].clone())
         self._n_buf += b
@@ -92,7 +98,7 @@ class ShardWriter:
 
 
 def load_shards(folder) -> dict[str, torch.Tensor]:
-    """Concatenate a completed harvest: ``{"h": (rows, C, H, W), "step": (rows,), "timestep": (rows,)}``."""
+    """Concatenate a completed harvest: ``{"h": (rows, C, H, W), "step", "timestep", "sample": (rows,)}``."""
     folder = Path(folder)
     man = folder / "manifest.json"
     if not man.is_file():
@@ -101,7 +107,7 @@ def load_shards(folder) -> dict[str, torch.Tensor]:
             "delete the folder and harvest again")
     shards = json.loads(man.read_text())["shards"]
     parts = [io.load_tensors(folder / s["file"])[0] for s in shards]
-    return {k: torch.cat([p[k] for p in parts]) for k in ("h", "step", "timestep")}
+    return {k: torch.cat([p[k] for p in parts]) for k in ("h", "step", "timestep", "sample")}
 
 
 def _mid_block(unet) -> torch.nn.Module:

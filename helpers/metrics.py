@@ -160,3 +160,119 @@ def quality_report(samples: torch.Tensor, judge, spec, reference: torch.Tensor, 
     out["fid"] = fid(reference, samples, judge)
     out["fid_floor"] = fid(reference, floor_reference, judge)
     return out
+
+
+# ----------------------------------------------------------------------------- monosemanticity (ch. 2–3)
+def _quantile_bins(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """Discretize one unit's activations into ≤ ``bins`` quantile bins (ties, e.g. many zeros, merge)."""
+    edges = torch.quantile(x.float(), torch.linspace(0, 1, bins + 1)[1:-1])
+    return torch.bucketize(x.float(), torch.unique(edges), right=True)
+
+
+def _mi(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Plug-in mutual information (nats, torchmetrics) minus the Miller–Madow bias (bx−1)(by−1)/2n."""
+    from torchmetrics.functional.clustering import mutual_info_score
+
+    n = len(x)
+    if n < 2:
+        return 0.0
+    bx, by = len(torch.unique(x)), len(torch.unique(y))
+    if bx < 2 or by < 2:
+        return 0.0
+    return max(0.0, mutual_info_score(x, y).item() - (bx - 1) * (by - 1) / (2 * n))
+
+
+def _entropy(y: torch.Tensor) -> float:
+    p = torch.bincount(y).float()
+    p = p[p > 0] / len(y)
+    return float(-(p * p.log()).sum())
+
+
+def unit_attribute_nmi(acts: torch.Tensor, labels: dict[str, torch.Tensor], bins: int = 8) -> "pd.DataFrame":
+    """How much each unit tells about each attribute: ``I(unit; attr) / H(attr)`` in [0, 1].
+
+    ``acts`` is ``(n, units)`` (a channel's or latent's activation per sample), ``labels``
+    maps attribute → ``(n,)`` class ids. The unit's activation is binned into ``bins``
+    quantiles; mutual information comes from torchmetrics' ``mutual_info_score`` minus the
+    Miller–Madow estimate of its small-sample bias, and is divided by the attribute's entropy
+    so attributes with different class counts compare (1 = the unit alone determines it).
+    Returns a DataFrame with one row per unit and one column per attribute.
+    """
+    import warnings
+
+    import pandas as pd
+
+    if acts.ndim != 2:
+        raise ValueError(f"unit_attribute_nmi: acts must be (samples, units), got {tuple(acts.shape)}")
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        binned = [_quantile_bins(acts[:, u], bins) for u in range(acts.shape[1])]
+        for a, y in labels.items():
+            y = torch.as_tensor(y).long()
+            if len(y) != len(acts):
+                raise ValueError(f"unit_attribute_nmi: {a} has {len(y)} labels for {len(acts)} samples")
+            h = _entropy(y)
+            out[a] = [_mi(b, y) / h if h > 0 else 0.0 for b in binned]
+    return pd.DataFrame(out)
+
+
+def conditional_nmi(acts: torch.Tensor, labels: dict[str, torch.Tensor], given: str, bins: int = 8) -> "pd.DataFrame":
+    """``I(unit; attr | given) / H(attr | given)`` for every unit and every attribute other than ``given``.
+
+    What a unit knows about ``attr`` *beyond* what ``given`` explains. Needed because the world's
+    attributes are correlated (the backdrop depends on gender, glasses on age): a pure gender unit
+    still has mutual information with the backdrop, but none once gender is fixed.
+    """
+    import warnings
+
+    import pandas as pd
+
+    g = torch.as_tensor(labels[given]).long()
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        binned = [_quantile_bins(acts[:, u], bins) for u in range(acts.shape[1])]
+        for a, y in labels.items():
+            if a == given:
+                continue
+            y = torch.as_tensor(y).long()
+            groups = [(g == c).nonzero().flatten() for c in torch.unique(g)]
+            hy = sum(len(ix) / len(y) * _entropy(y[ix]) for ix in groups)
+            col = []
+            for b in binned:
+                mi = sum(len(ix) / len(y) * _mi(b[ix], y[ix]) for ix in groups)
+                col.append(mi / hy if hy > 0 else 0.0)
+            out[a] = col
+    return pd.DataFrame(out)
+
+
+def selectivity(acts: torch.Tensor, labels: dict[str, torch.Tensor], informative: float = 0.05,
+                bins: int = 8) -> "pd.DataFrame":
+    """Per unit: its best attribute and what it knows about any *other* attribute beyond that one.
+
+    * ``best`` — the highest :func:`unit_attribute_nmi`; the unit is *informative* when ≥ ``informative``;
+    * ``second`` / ``second_attribute`` — the highest :func:`conditional_nmi` given the best attribute;
+    * *polysemantic* — informative and ``second`` ≥ ``informative`` too;
+    * ``purity`` — best / (best + sum of the conditional scores): 1 = everything it knows is one attribute.
+    """
+    import pandas as pd
+
+    nmi = unit_attribute_nmi(acts, labels, bins)
+    best_attr = nmi.idxmax(axis=1)
+    rows = []
+    for a in nmi.columns:
+        units = best_attr.index[best_attr == a]
+        if len(units) == 0:
+            continue
+        cond = conditional_nmi(acts[:, list(units)], labels, a, bins)
+        cond.index = units
+        for u in units:
+            c = cond.loc[u]
+            best = nmi.loc[u, a]
+            rows.append({"unit": u, "best_attribute": a, "best": best, "second_attribute": c.idxmax(),
+                         "second": c.max(), "purity": best / (best + c.sum()) if best + c.sum() > 0 else 0.0})
+    df = pd.DataFrame(rows).set_index("unit").loc[nmi.index]
+    df["informative"] = df["best"] >= informative
+    df["polysemantic"] = df["informative"] & (df["second"] >= informative)
+    return df

@@ -40,6 +40,8 @@ class EmbeddedConfig:
     batch_size: int = 64  # images per step, rendered fresh from the spec
     lr: float = 1e-3  # AdamW peak learning rate
     warmup_steps: int = 200  # linear warm-up
+    lr_decay: str = "constant"  # after warm-up: "constant" or "cosine" (to min_lr_ratio * lr at the last step)
+    min_lr_ratio: float = 0.1  # floor of the cosine decay, as a fraction of lr
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023); 0 disables
     ema_decay: float = 0.999  # EMA max decay (with warm-up)
     spec: str = "default"  # world spec name ("default" or a JSON file)
@@ -300,7 +302,16 @@ def train(cfg: EmbeddedConfig, out_dir: str | Path, steps: int, checkpoint_every
         start, history = meta["step"], meta["history"]
         seconds_before = meta.get("seconds", 0.0)
         lineage = meta.get("init_from")
-    lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup_steps)
+    if cfg.lr_decay not in ("constant", "cosine"):
+        raise ValueError(f"train: lr_decay must be 'constant' or 'cosine', got {cfg.lr_decay!r}")
+
+    def lr_at(s: int) -> float:
+        warm = min(1.0, (s + 1) / cfg.warmup_steps)
+        if cfg.lr_decay == "constant":
+            return cfg.lr * warm
+        frac = min(1.0, s / max(1, steps - 1))
+        return cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
     spec = _spec(cfg.spec)
     t0 = time.time()
     unet.train()

@@ -24,11 +24,18 @@ if __name__ == "__main__":
                     help="override the config's prediction type")
     ap.add_argument("--init-from", default=None,
                     help="diffusers folder exported by an earlier run to warm-start a new run from")
+    ap.add_argument("--lr", type=float, default=None, help="override the peak learning rate")
+    ap.add_argument("--lr-decay", default=None, choices=["constant", "cosine"],
+                    help="override the schedule after warm-up (cosine decays to 10%% of lr at --steps)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cfg = models.EmbeddedConfig()
     if a.prediction_type:
         cfg.prediction_type = a.prediction_type
+    if a.lr is not None:
+        cfg.lr = a.lr
+    if a.lr_decay:
+        cfg.lr_decay = a.lr_decay
     summary = models.train(cfg, a.out, a.steps, checkpoint_every=a.checkpoint_every,
                            export_dir=a.export, max_minutes=a.max_minutes, init_from=a.init_from)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
