@@ -1,0 +1,176 @@
+"""Error-preserving SAE interventions while sampling (chapters 4–5).
+
+At every chosen step the bottleneck output h is encoded by the SAE, chosen latents are edited
+(z → z′), and only the edit's change is added back:
+
+    h ← h + Dec(z′) − Dec(z)
+
+so the SAE's reconstruction error stays in h and an edit that changes nothing gives exactly
+the unedited h. Two edit modes, as in the paper: **scale** (s ← β·s) and **add** (s ← s + β).
+
+**Per-sample class targeting.** An :class:`Edit` may carry a target distribution over the
+classes of its attribute; every sample then draws its own class (exact counts by largest
+remainder, shuffled, seeded) and that class's features are edited in that sample only. The
+paper's released code drew one class per batch. Several :class:`Edit` objects (several
+attributes) apply together.
+
+Cost: one UNet pass per step plus one SAE encode of h (no second pass); ``bench/intervention_overhead.py``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from . import hooks, models, world
+from .sae import TopKSAE, from_rows, to_rows
+
+
+@dataclass
+class Edit:
+    """Edit ``features[c]`` of ``attribute`` for samples assigned class ``c``.
+
+    Give either ``target`` (a distribution over the attribute's classes; each sample draws its
+    class) or ``cls`` (every sample gets that class). ``steps`` limits the edit to those
+    sampling steps (``None`` = all).
+    """
+
+    attribute: str
+    features: dict[int, Sequence[int]]  # class -> SAE latent ids
+    beta: float
+    mode: str = "scale"  # "scale" (s ← β·s) or "add" (s ← s + β)
+    target: Sequence[float] | None = None
+    cls: int | None = None
+    steps: Sequence[int] | None = None
+
+    def validate(self, d_sae: int) -> None:
+        if self.attribute not in world.ATTRIBUTES:
+            raise ValueError(f"Edit: unknown attribute {self.attribute!r}; known: {list(world.ATTRIBUTES)}")
+        k = len(world.ATTRIBUTES[self.attribute])
+        if self.mode not in ("scale", "add"):
+            raise ValueError(f"Edit: mode must be 'scale' or 'add', got {self.mode!r}")
+        if not math.isfinite(float(self.beta)):
+            raise ValueError(f"Edit: beta must be a finite number, got {self.beta!r}")
+        for c, feats in self.features.items():
+            if not isinstance(c, int) or not 0 <= c < k:
+                raise ValueError(f"Edit: {self.attribute!r} has classes 0..{k - 1} "
+                                 f"{world.ATTRIBUTES[self.attribute]}; features given for class {c!r}")
+            bad = [f for f in feats if not 0 <= int(f) < d_sae]
+            if bad:
+                raise ValueError(f"Edit: feature ids {bad} out of range; this SAE has latents 0..{d_sae - 1}")
+        if (self.target is None) == (self.cls is None):
+            raise ValueError("Edit: give exactly one of target (a class distribution) or cls (one class)")
+        if self.target is not None:
+            t = torch.as_tensor(self.target, dtype=torch.float64)
+            if t.ndim != 1 or len(t) != k:
+                raise ValueError(f"Edit: target must have {k} probabilities for {self.attribute!r} "
+                                 f"{world.ATTRIBUTES[self.attribute]}, got {list(self.target)}")
+            if not torch.isfinite(t).all() or (t < 0).any() or abs(float(t.sum()) - 1) > 1e-6:
+                raise ValueError(f"Edit: target must be non-negative and sum to 1, got {list(self.target)} "
+                                 f"(sum {float(t.sum()):.6f})")
+        elif not isinstance(self.cls, int) or not 0 <= self.cls < k:
+            raise ValueError(f"Edit: cls must be one of 0..{k - 1} {world.ATTRIBUTES[self.attribute]}, got {self.cls!r}")
+        if self.steps is not None and len(list(self.steps)) == 0:
+            raise ValueError("Edit: steps is empty; give None (all steps) or at least one step index")
+
+    def is_noop(self) -> bool:
+        ident = (self.mode == "scale" and float(self.beta) == 1.0) or (self.mode == "add" and float(self.beta) == 0.0)
+        return ident or not any(len(f) for f in self.features.values())
+
+
+def assign_classes(n: int, target: Sequence[float], seed: int = 0) -> torch.Tensor:
+    """``n`` class ids whose counts match ``n · target`` (largest remainder), in seeded random order."""
+    t = torch.as_tensor(target, dtype=torch.float64)
+    raw = t * n
+    counts = raw.floor().long()
+    short = n - int(counts.sum())
+    if short > 0:
+        counts[torch.argsort(raw - counts, descending=True)[:short]] += 1
+    ids = torch.repeat_interleave(torch.arange(len(t)), counts)
+    return ids[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+
+
+@dataclass
+class _Plan:
+    edit: Edit
+    classes: torch.Tensor  # (n,) class per sample
+    masks: torch.Tensor  # (classes, d_sae) bool: features edited for each class
+    steps: set[int] | None = field(default=None)
+
+
+class Intervention:
+    """A set of :class:`Edit` objects bound to an SAE and to ``n`` samples (class draws fixed)."""
+
+    def __init__(self, sae: TopKSAE, edits: Sequence[Edit], n: int, seed: int = 0):
+        self.sae = sae
+        m = sae.cfg.d_sae
+        self.plans: list[_Plan] = []
+        for j, e in enumerate(edits):
+            e.validate(m)
+            k = len(world.ATTRIBUTES[e.attribute])
+            classes = (assign_classes(n, e.target, seed=seed * 7919 + j) if e.target is not None
+                       else torch.full((n,), e.cls, dtype=torch.long))
+            masks = torch.zeros(k, m, dtype=torch.bool)
+            for c, feats in e.features.items():
+                masks[c, list(map(int, feats))] = True
+            self.plans.append(_Plan(e, classes, masks, None if e.steps is None else set(map(int, e.steps))))
+        self.active = [p for p in self.plans if not p.edit.is_noop()]
+
+    def classes(self, attribute: str) -> torch.Tensor:
+        """The class drawn for every sample for ``attribute``'s edit."""
+        for p in self.plans:
+            if p.edit.attribute == attribute:
+                return p.classes
+        raise ValueError(f"Intervention: no edit for {attribute!r}")
+
+    def fn(self, ids: torch.Tensor):
+        """The hook function for samples ``ids`` (the current sampling batch)."""
+        sae = self.sae
+
+        def apply(h, info):
+            plans = [p for p in self.active if p.steps is None or info.step in p.steps]
+            if not plans:
+                return None
+            b = h.shape[0]
+            pos = h.shape[2] * h.shape[3]
+            rows = to_rows(h).float()
+            with torch.no_grad():
+                z = sae.encode(rows)
+                z_new = z.clone()
+                for p in plans:
+                    mask = p.masks[p.classes[ids]].repeat_interleave(pos, dim=0)  # (b·pos, m)
+                    edited = z_new * p.edit.beta if p.edit.mode == "scale" else z_new + p.edit.beta
+                    z_new = torch.where(mask, edited, z_new)
+                delta = ((z_new - z) @ sae.W_dec) * sae.input_scale  # Dec(z') − Dec(z); b_dec cancels
+            return h + from_rows(delta, h.shape).to(h.dtype)
+
+        return apply
+
+
+def sample(model: models.Diffusion, sae: TopKSAE, edits: Sequence[Edit], n: int | None = None, steps: int = 25,
+           seed: int = 0, noise: torch.Tensor | None = None, batch_size: int = 250, class_seed: int = 0,
+           progress: bool = False):
+    """DDIM samples with ``edits`` applied; returns ``(images, intervention)``.
+
+    Same noise convention as :func:`helpers.models.sample`, so edited and unedited samples from
+    the same ``seed`` are paired. ``intervention.classes(attr)`` tells which class each sample drew.
+    """
+    from tqdm.auto import tqdm
+
+    sae.check_model(model.unet)
+    if noise is None:
+        if n is None:
+            raise ValueError("intervention.sample: give n (with seed) or an explicit noise tensor")
+        noise = models.make_noise(n, model.sample_size, seed, model.unet.config.in_channels)
+    iv = Intervention(sae, edits, len(noise), seed=class_seed)
+    outs = []
+    for s in tqdm(range(0, len(noise), batch_size), disable=not progress, desc="edited DDIM"):
+        ids = torch.arange(s, min(len(noise), s + batch_size))
+        if iv.active:
+            with hooks.edit(model.unet, iv.fn(ids)):
+                outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids)))
+        else:
+            outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids)))
+    return torch.cat(outs), iv

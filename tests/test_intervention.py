@@ -1,0 +1,114 @@
+"""Probe, integrated gradients and interventions on a tiny UNet and a tiny SAE."""
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from helpers import attribution, hooks, intervention, models
+from helpers import probe as P
+from helpers import sae as S
+from conftest import tiny_unet
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = models.Diffusion(unet=tiny_unet().eval(), scheduler=DDPMScheduler(num_train_timesteps=100))
+    with hooks.capture(model.unet) as cache:
+        models.sample(model, 48, steps=STEPS, seed=0)
+    h = cache.stack()  # (steps, 48, 32, 8, 8)
+    sae, _ = S.train_sae(S.to_rows(h.flatten(0, 1)), S.SAEConfig(d_in=32, expansion=4, k=4),
+                         S.SAETrainConfig(steps=150, batch_size=1024, log_every=50), progress=False)
+    pooled = h.mean((3, 4)).transpose(0, 1)  # (48, steps, 32)
+    # a synthetic "gender": whether channel 0 at step 2 is above its median
+    y = (pooled[:, 2, 0] > pooled[:, 2, 0].median()).long()
+    probe = P.train_probe(pooled, {"gender": y}, attributes=("gender",), epochs=200)
+    return model, sae, probe, h, y
+
+
+def test_probe_learns_and_reports_per_step(setup):
+    model, sae, probe, h, y = setup
+    acc = P.accuracy(probe, h.mean((3, 4)).transpose(0, 1), {"gender": y})
+    assert list(acc.index) == list(range(STEPS)) and acc.loc[2, "gender"] > 0.9
+    with pytest.raises(ValueError, match="out of range"):
+        probe(h[0], STEPS)
+
+
+def test_ig_on_linear_output_matches_analytic(setup):
+    model, sae, probe, h, y = setup
+    hb, step, cls = h[2, :6], 2, 1
+    attr, delta = attribution.latent_ig(sae, probe, hb, step, "gender", cls, n_steps=16, output="logit")
+    z, _ = attribution._latent_maps(sae, hb)
+    w = probe.weight[step, :, cls] / probe.std[step]  # d logit / d pooled h
+    grad = sae.input_scale * (sae.W_dec @ w) / z.shape[1]  # d logit / d z[p, j]: same for every position
+    torch.testing.assert_close(attr, z * grad, rtol=1e-4, atol=1e-6)
+    assert delta.abs().max() < 1e-4
+    # probability output: completeness holds up to captum's reported delta
+    attr_p, delta_p = attribution.latent_ig(sae, probe, hb, step, "gender", cls, n_steps=64)
+    full = probe.class_prob(hb, step, "gender", cls)
+    base = probe.class_prob(hb - S.from_rows(sae.decode(z.view(-1, z.shape[-1])), hb.shape)
+                            + S.from_rows(sae.decode(torch.zeros_like(z).view(-1, z.shape[-1])), hb.shape),
+                            step, "gender", cls)
+    torch.testing.assert_close(attr_p.sum((1, 2)), (full - base).detach() - delta_p, rtol=1e-4, atol=1e-5)
+    assert delta_p.abs().max() < 1e-2
+
+
+def test_assign_classes_hits_target_counts():
+    c = intervention.assign_classes(1000, [0.5, 0.3, 0.2], seed=3)
+    assert torch.bincount(c).tolist() == [500, 300, 200]
+    c7 = intervention.assign_classes(7, [0.5, 0.5], seed=0)
+    assert sorted(torch.bincount(c7).tolist()) == [3, 4]
+    assert not torch.equal(c, intervention.assign_classes(1000, [0.5, 0.3, 0.2], seed=4))  # order is seeded
+
+
+def test_noop_edits_are_bit_identical(setup):
+    model, sae, *_ = setup
+    plain = models.sample(model, 6, steps=STEPS, seed=5)
+    for e in (intervention.Edit("gender", {0: [1, 2]}, beta=1.0, mode="scale", cls=0),
+              intervention.Edit("gender", {0: [1, 2]}, beta=0.0, mode="add", target=[0.5, 0.5]),
+              intervention.Edit("gender", {0: []}, beta=5.0, mode="scale", cls=0)):
+        got, _ = intervention.sample(model, sae, [e], 6, steps=STEPS, seed=5, batch_size=4)
+        assert torch.equal(got, plain)
+
+
+def test_scaling_top_features_moves_probe_score(setup):
+    model, sae, probe, h, y = setup
+    step = 2
+    rank = attribution.rank(sae, probe, {step: h[step]}, y, "gender", per_class=16, n_steps=16, progress=False)
+    top = rank.top(1, 4)
+
+    def probe_score(beta):
+        e = intervention.Edit("gender", {1: top}, beta=beta, mode="scale", cls=1, steps=[step])
+        iv = intervention.Intervention(sae, [e], 16)
+        with hooks.edit(model.unet, iv.fn(torch.arange(16)), record=True) as cache:
+            models.sample(model, 16, steps=STEPS, seed=9, batch_size=16)
+        h_after = cache.activations[cache.steps.index(step)]
+        return probe.class_prob(h_after, step, "gender", 1).mean().item()
+
+    lo, mid, hi = probe_score(0.0), probe_score(1.0), probe_score(3.0)
+    assert lo < mid < hi
+
+
+def test_edit_errors(setup):
+    model, sae, *_ = setup
+    m = sae.cfg.d_sae
+    bad = [
+        (dict(attribute="height", features={0: [1]}, beta=2.0, cls=0), "unknown attribute"),
+        (dict(attribute="gender", features={5: [1]}, beta=2.0, cls=0), "classes 0..1"),
+        (dict(attribute="gender", features={0: [1]}, beta=2.0, cls=7), "cls must be one of"),
+        (dict(attribute="gender", features={0: [1]}, beta=math.nan, cls=0), "finite"),
+        (dict(attribute="gender", features={0: [1]}, beta=math.inf, cls=0), "finite"),
+        (dict(attribute="gender", features={0: [1]}, beta=2.0, target=[0.7, 0.7]), "sum to 1"),
+        (dict(attribute="age", features={0: [1]}, beta=2.0, target=[0.5, 0.5]), "3 probabilities"),
+        (dict(attribute="gender", features={0: [m]}, beta=2.0, cls=0), "out of range"),
+        (dict(attribute="gender", features={0: [1]}, beta=2.0, cls=0, steps=[]), "steps is empty"),
+        (dict(attribute="gender", features={0: [1]}, beta=2.0, cls=0, mode="mul"), "mode must be"),
+    ]
+    for kw, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            intervention.Intervention(sae, [intervention.Edit(**kw)], 4)
+    with pytest.raises(ValueError, match="unknown attribute"):
+        attribution.latent_ig(sae, setup[2], setup[3][0, :2], 0, "height", 0)
