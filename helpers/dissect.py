@@ -101,6 +101,9 @@ def run(out=OUT, quick: bool = False, recompute_harvest: bool = False, progress:
     t0 = time.time()
     folder = H.cached("embedded", hs, recompute=recompute_harvest, progress=progress)
     log["harvest_seconds"] = time.time() - t0
+    import resource
+
+    log["peak_rss_gib_after_harvest"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     log["harvest_folder"] = folder.name
     print(f"harvest: {folder} ({log['harvest_seconds']:.0f} s)", flush=True)
     summary = H.load_summary(folder)

@@ -1,0 +1,65 @@
+"""β sliders that work in a live kernel *and* in the static rendered book (chapters 4–5).
+
+The static book has no kernel, so a slider cannot call Python. :func:`beta_slider` therefore
+pre-renders one PNG frame per β into ``ipywidgets.Image`` widgets inside an
+``ipywidgets.Stack`` and links the slider's index to the stack's ``selected_index`` with
+``ipywidgets.jslink`` — a link that runs in the browser. myst-nb embeds the widget state in
+the page and the book serves the widget JavaScript itself (``widgets_js/``), so it works
+offline. In a live kernel, :func:`live_beta_slider` additionally regenerates a frame for any
+β typed in.
+"""
+from __future__ import annotations
+
+import io
+from typing import Callable, Sequence
+
+import torch
+
+
+def figure_png(fig, dpi: int = 100) -> bytes:
+    """A matplotlib figure as PNG bytes (closes the figure)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def grid_png(images: torch.Tensor, nrow: int = 8, title: str | None = None, titles=None, scale: float = 0.9,
+             dpi: int = 100) -> bytes:
+    """Images ``(n, 3, H, W)`` in [0, 1] as one PNG grid (same pixel size for the same inputs)."""
+    from .plots import show_images
+
+    fig = show_images(images, nrow=nrow, titles=titles, scale=scale)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    return figure_png(fig, dpi=dpi)
+
+
+def beta_slider(frames: dict[str, bytes], value: str | None = None, description: str = "β"):
+    """A slider over pre-rendered PNG ``frames`` (label → PNG bytes) that works without a kernel."""
+    import ipywidgets as W
+
+    if not frames:
+        raise ValueError("beta_slider: give at least one frame")
+    labels = list(frames)
+    start = labels.index(value) if value is not None else 0
+    images = [W.Image(value=png, format="png") for png in frames.values()]
+    stack = W.Stack(images, selected_index=start)
+    slider = W.SelectionSlider(options=[(lab, i) for i, lab in enumerate(labels)], value=start,
+                               description=description, continuous_update=True,
+                               layout=W.Layout(width="420px"))
+    W.jslink((slider, "index"), (stack, "selected_index"))
+    return W.VBox([slider, stack])
+
+
+def live_beta_slider(render: Callable[[float], bytes], betas: Sequence[float], description: str = "β"):
+    """In a live kernel: a float slider that calls ``render(beta) -> PNG`` on release."""
+    import ipywidgets as W
+
+    out = W.Image(value=render(betas[0]), format="png")
+    slider = W.FloatSlider(value=betas[0], min=min(betas), max=max(betas), step=(max(betas) - min(betas)) / 40,
+                           description=description, continuous_update=False)
+    slider.observe(lambda ch: setattr(out, "value", render(ch["new"])), names="value")
+    return W.VBox([slider, out])
