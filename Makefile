@@ -29,6 +29,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py
+	$(PY) bench/sae_speed.py
+	$(PY) bench/capture_overhead.py
+	$(PY) bench/intervention_overhead.py
+	$(PY) bench/attribution_throughput.py
+	$(PY) bench/harvest_memory.py   # about 22 min: 100,000 activations
 
 clean:
 	rm -rf _build .pytest_cache
