@@ -74,6 +74,39 @@ class SAETrainConfig:
     seed: int = 0
 
 
+class _SelectedPre(torch.autograd.Function):
+    """The TopK pre-activations ``(N, k)`` with a sparse backward.
+
+    Forward takes them from the no-grad encoder matmul that chose them (no extra work).
+    Backward touches only the ``k`` selected encoder rows per input row: the encoder-weight
+    gradient is one sparse × dense product (``N·k·d`` multiply-adds instead of ``N·latents·d``),
+    and the input gradient (which reaches ``b_dec``) is an ``embedding_bag``.
+    """
+
+    @staticmethod
+    def forward(ctx, xc, w_enc, b_enc, idx, selected):
+        ctx.save_for_backward(xc, w_enc, idx)
+        return selected.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, w_enc, idx = ctx.saved_tensors
+        n, k = idx.shape
+        m = w_enc.shape[0]
+        rows = idx.reshape(-1)
+        gflat = g.reshape(-1).contiguous()
+        g_w = g_b = g_x = None
+        if ctx.needs_input_grad[1]:
+            cols = torch.arange(n, device=g.device).repeat_interleave(k)
+            gt = torch.sparse_coo_tensor(torch.stack([rows, cols]), gflat, (m, n), check_invariants=False)
+            g_w = torch.sparse.mm(gt, xc)
+        if ctx.needs_input_grad[2]:
+            g_b = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, rows, gflat)
+        if ctx.needs_input_grad[0]:
+            g_x = F.embedding_bag(idx, w_enc, per_sample_weights=g.contiguous(), mode="sum")
+        return g_x, g_w, g_b, None, None
+
+
 class TopKSAE(nn.Module):
     """A TopK sparse autoencoder over rows of ``d_in`` channels."""
 
@@ -124,8 +157,7 @@ class TopKSAE(nn.Module):
             top = pre.topk(self.cfg.k, dim=-1)
         idx = top.indices
         if grad:
-            w = F.embedding(idx, self.W_enc)  # (N, k, d_in)
-            vals = torch.einsum("nkd,nd->nk", w, xn - self.b_dec) + self.b_enc[idx]
+            vals = _SelectedPre.apply(xn - self.b_dec, self.W_enc, self.b_enc, idx, top.values)
         else:
             vals = top.values
         vals = F.relu(vals)
@@ -272,9 +304,9 @@ def train_sae(rows: torch.Tensor, cfg: SAEConfig, tc: SAETrainConfig | None = No
         if tc.aux_k > 0 and n_dead > 0:
             ka = min(tc.aux_k, n_dead)
             masked = pre.masked_fill(~dead, float("-inf"))
-            aidx = masked.topk(ka, dim=-1).indices
-            w = F.embedding(aidx, sae.W_enc)
-            avals = F.relu(torch.einsum("nkd,nd->nk", w, xn - sae.b_dec) + sae.b_enc[aidx])
+            atop = masked.topk(ka, dim=-1)
+            aidx = atop.indices
+            avals = F.relu(_SelectedPre.apply(xn - sae.b_dec, sae.W_enc, sae.b_enc, aidx, atop.values))
             e = err.detach()
             ehat = F.embedding_bag(aidx, sae.W_dec, per_sample_weights=avals, mode="sum")
             aux = (e - ehat).pow(2).sum(1).mean() / e.pow(2).sum(1).mean().clamp_min(1e-12)
