@@ -7,6 +7,14 @@ One module per noun, each introduced by a chapter:
 * ``models``  — load any diffusers UNet / the embedded model, DDIM sampling, training (chapter 1)
 * ``metrics`` — Fairness Discrepancy with CIs and floors, FID, similarity, keep-rate (chapter 1)
 * ``hooks``   — scoped capture / edit of the U-Net bottleneck (mid-block output) (chapter 2)
+* ``harvest`` — sample with capture on, judge the images, cache by settings and weights (chapter 2)
+* ``cache``   — content-keyed artifact folders, built atomically (chapter 2)
+* ``sae``     — TopK sparse autoencoder with AuxK, sparse training step, save/load (chapter 3)
+* ``probe``   — per-timestep linear classifier on h (chapter 4)
+* ``attribution`` — integrated gradients (captum) over SAE latents, rankings per class (chapter 4)
+* ``intervention`` — error-preserving scale/add edits with per-sample class targeting (chapters 4–5)
+* ``widgets`` — β sliders that also work in the static book (chapter 5)
+* ``dissect``, ``identify``, ``sweeps`` — each chapter's experiments, run by its RECOMPUTE flag (chapters 2–5)
 * ``plots``   — image grids
 * ``io``      — atomic writes and safetensors checkpoints
 """

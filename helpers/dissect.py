@@ -93,7 +93,7 @@ def run(out=OUT, quick: bool = False, recompute_harvest: bool = False, progress:
     else:
         hs = H.HarvestSettings()
         tc = S.SAETrainConfig()
-        steps_keep, n_rec, n_edit = ANALYSIS_STEPS, 500, 200
+        steps_keep, n_rec, n_edit = ANALYSIS_STEPS, 400, 128
     from . import cache
 
     log = {"model_fingerprint": cache.fingerprint(models.EMBEDDED_DIR),

@@ -62,7 +62,7 @@ class SAEConfig:
 class SAETrainConfig:
     """How to train it."""
 
-    steps: int = 3000  # optimizer steps
+    steps: int = 5000  # optimizer steps
     batch_size: int = 4096  # rows per step
     lr: float = 4e-4  # Adam peak learning rate
     warmup_steps: int = 100  # linear warm-up
