@@ -45,8 +45,12 @@ def pooled_latents(sae, folder, steps, n, batch=200_000):
     return (out / pos).view(n, len(steps), -1)
 
 
-def channel_edits(model, summary, judge, n, steps, alpha=3.0):
-    """For each social attribute, add ``alpha`` std to its most informative channel; judged changes."""
+def channel_edits(model, summary, judge, n, steps, alphas=(10.0, 30.0)):
+    """For each social attribute, add ``alpha`` std to its most informative channel; judged changes.
+
+    The std is that of the channel's spatial mean over the harvest (all samples and steps); the
+    shift is added at every position and step, for each ``alpha``.
+    """
     labels = summary.labels()
     mid = summary.pooled.shape[1] // 2
     acts = summary.pooled[:, mid].float()
@@ -55,16 +59,18 @@ def channel_edits(model, summary, judge, n, steps, alpha=3.0):
     noise = models.make_noise(n, model.sample_size, EVAL_SEED)
     base = models.sample(model, noise=noise, steps=steps, batch_size=n)
     pb = judge.predict(base)
-    out = {"n": n, "steps": steps, "alpha": alpha, "nmi_step": mid, "edits": []}
+    out = {"n": n, "steps": steps, "alphas": list(alphas), "nmi_step": mid, "edits": []}
     for a in world.SOCIAL:
         c = int(nmi[a].idxmax())
-        shift = torch.zeros(1, std.numel(), 1, 1)
-        shift[0, c] = alpha * std[c]
-        with hooks.edit(model.unet, lambda h, info: h + shift):
-            imgs = models.sample(model, noise=noise, steps=steps, batch_size=n)
-        pe = judge.predict(imgs)
-        changed = {b: float((pe[b].argmax(-1) != pb[b].argmax(-1)).float().mean()) for b in world.ATTRIBUTES}
-        out["edits"].append({"target": a, "channel": c, "nmi": nmi.loc[c].to_dict(), "changed": changed})
+        for alpha in alphas:
+            shift = torch.zeros(1, std.numel(), 1, 1)
+            shift[0, c] = alpha * std[c]
+            with hooks.edit(model.unet, lambda h, info, shift=shift: h + shift):
+                imgs = models.sample(model, noise=noise, steps=steps, batch_size=n)
+            pe = judge.predict(imgs)
+            changed = {b: float((pe[b].argmax(-1) != pb[b].argmax(-1)).float().mean()) for b in world.ATTRIBUTES}
+            out["edits"].append({"target": a, "channel": c, "alpha": alpha, "nmi": nmi.loc[c].to_dict(),
+                                 "changed": changed})
     return out
 
 
@@ -80,6 +86,21 @@ def reconstruction_check(model, sae, judge, n, steps):
     tensors.update({f"orig.{a}": p for a, p in po.items()})
     tensors.update({f"rec.{a}": p for a, p in pr.items()})
     return tensors
+
+
+def auxk_stress(x_train, x_held, cfg, tc, progress=True) -> dict:
+    """With and without AuxK in a regime where latents *do* die: untied random encoder init,
+    a 5× higher learning rate and a shorter dead window (100,000 rows). The main SAEs (tied init)
+    lose no latents, so there AuxK never fires; this shows what it does when they die."""
+    out = {}
+    for name, aux in (("with AuxK", tc.aux_k), ("without AuxK", 0)):
+        tci = S.SAETrainConfig(**(asdict(tc) | {"aux_k": aux, "tied_init": False, "lr": 5 * tc.lr,
+                                                "steps": max(50, tc.steps // 3), "dead_rows": 100_000}))
+        t1 = time.time()
+        sae, hist = S.train_sae(x_train, cfg, tci, desc=f"stress {name}", progress=progress)
+        out[name] = {"train": asdict(tci), "history": hist, "held_out": S.evaluate(sae, x_held),
+                     "train_seconds": time.time() - t1}
+    return out
 
 
 def run(out=OUT, quick: bool = False, recompute_harvest: bool = False, progress: bool = True) -> dict:
@@ -131,6 +152,9 @@ def run(out=OUT, quick: bool = False, recompute_harvest: bool = False, progress:
                          "harvest_settings": asdict(hs), "held_out_samples": [n_train, hs.n]})
         if name == "sae":
             main_sae = sae
+    stress = auxk_stress(x_train, x_held, cfg, tc, progress=progress)
+    io.write_json(out / "auxk_stress.json", stress)
+    results["stress"] = {k: v["held_out"] for k, v in stress.items()}
     del rows, x_train, x_held
 
     lat = pooled_latents(main_sae, folder, steps_keep, hs.n)

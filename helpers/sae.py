@@ -71,6 +71,7 @@ class SAETrainConfig:
     aux_coef: float = 1 / 32  # weight of the AuxK loss
     dead_rows: int = 500_000  # a latent is dead when it has not fired in this many training rows
     log_every: int = 50  # history interval (steps)
+    tied_init: bool = True  # encoder starts as the decoder's transpose (False: independent random encoder)
     seed: int = 0
 
 
@@ -268,6 +269,9 @@ def train_sae(rows: torch.Tensor, cfg: SAEConfig, tc: SAETrainConfig | None = No
         scale = probe.pow(2).sum(1).mean().div(cfg.d_in).sqrt()
         sae.input_scale.fill_(scale)
         sae.b_dec.copy_(probe.mean(0) / scale)
+        if not tc.tied_init:
+            w = torch.randn(m, cfg.d_in, generator=g)
+            sae.W_enc.copy_(w / w.norm(dim=1, keepdim=True))
     opt = torch.optim.Adam(sae.parameters(), lr=tc.lr, betas=(0.9, 0.999), eps=6.25e-10)
 
     def lr_at(s):
