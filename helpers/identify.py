@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import attribution, cache, hooks, io, models, world
+from . import attribution, cache, hooks, io, metrics, models, world
 from . import dissect as D
 from . import harvest as H
 from . import intervention as I
@@ -78,11 +78,8 @@ def check(model, sae, judge, rankings: dict, channel_rankings: dict, summary, n:
                     imgs, _ = I.sample(model, sae, [e], noise=noise, steps=steps, batch_size=n)
                 pe = judge.predict(imgs)
                 changed = {b: float((pe[b].argmax(-1) != pb[b].argmax(-1)).float().mean()) for b in world.ATTRIBUTES}
-                others = [b for b in world.SOCIAL if b != a]
-                keep_other = float(torch.stack([pe[b].argmax(-1) == pb[b].argmax(-1) for b in others]).all(0)
-                                   .float().mean())
-                keep_nuis = float(torch.stack([pe[b].argmax(-1) == pb[b].argmax(-1) for b in world.NUISANCE])
-                                  .all(0).float().mean())
+                keep_other = metrics.keep_rate(pb, pe, [b for b in world.SOCIAL if b != a])
+                keep_nuis = metrics.keep_rate(pb, pe, list(world.NUISANCE))
                 out["rows"].append({
                     "attribute": a, "class": world.ATTRIBUTES[a][c], "class_id": c, "method": name, "beta": beta,
                     "units": units, "share_before": float((pb[a].argmax(-1) == c).float().mean()),
