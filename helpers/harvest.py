@@ -10,7 +10,6 @@ weights, so a retrained model never reuses a stale harvest.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -136,7 +135,3 @@ def cached(model_name: str = "embedded", settings: HarvestSettings | None = None
         run(model, settings, folder, judge=J.load_judge(judge_path), progress=progress,
             meta={"key": key_settings, "model_name": str(model_name)})
     return folder
-
-
-def settings_of(folder) -> dict:
-    return json.loads((Path(folder) / "shards" / "manifest.json").read_text())["meta"]
