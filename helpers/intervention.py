@@ -44,6 +44,7 @@ class Edit:
     target: Sequence[float] | None = None
     cls: int | None = None
     steps: Sequence[int] | None = None
+    footprint: dict[int, torch.Tensor] | None = None  # class -> (len(features[class]), H·W), add mode only
 
     def validate(self, d_sae: int) -> None:
         if self.attribute not in world.ATTRIBUTES:
@@ -72,6 +73,15 @@ class Edit:
                                  f"(sum {float(t.sum()):.6f})")
         elif not isinstance(self.cls, int) or not 0 <= self.cls < k:
             raise ValueError(f"Edit: cls must be one of 0..{k - 1} {world.ATTRIBUTES[self.attribute]}, got {self.cls!r}")
+        if self.footprint is not None:
+            if self.mode != "add":
+                raise ValueError("Edit: footprint only applies to mode='add' (it says where to add β)")
+            for c, feats in self.features.items():
+                fp = self.footprint.get(c)
+                if fp is None or fp.ndim != 2 or fp.shape[0] != len(feats):
+                    raise ValueError(f"Edit: footprint[{c}] must be a (len(features[{c}]) = {len(feats)}, positions) "
+                                     f"tensor, got {None if fp is None else tuple(fp.shape)}; make it with "
+                                     "intervention.footprint(...)")
         if self.steps is not None and len(list(self.steps)) == 0:
             raise ValueError("Edit: steps is empty; give None (all steps) or at least one step index")
 
@@ -98,6 +108,7 @@ class _Plan:
     classes: torch.Tensor  # (n,) class per sample
     masks: torch.Tensor  # (classes, d_sae) bool: features edited for each class
     steps: set[int] | None = field(default=None)
+    amounts: torch.Tensor | None = None  # (classes, positions, d_sae): footprint maps, add mode
 
 
 class Intervention:
@@ -115,7 +126,16 @@ class Intervention:
             masks = torch.zeros(k, m, dtype=torch.bool)
             for c, feats in e.features.items():
                 masks[c, list(map(int, feats))] = True
-            self.plans.append(_Plan(e, classes, masks, None if e.steps is None else set(map(int, e.steps))))
+            amounts = None
+            if e.footprint is not None:
+                pos = next(iter(e.footprint.values())).shape[1]
+                amounts = torch.zeros(k, pos, m)
+                for c, feats in e.features.items():
+                    fp = e.footprint[c].float()
+                    if fp.shape[1] != pos:
+                        raise ValueError("Edit: every footprint must have the same number of positions")
+                    amounts[c][:, list(map(int, feats))] = fp.T
+            self.plans.append(_Plan(e, classes, masks, None if e.steps is None else set(map(int, e.steps)), amounts))
         self.active = [p for p in self.plans if not p.edit.is_noop()]
 
     def classes(self, attribute: str) -> torch.Tensor:
@@ -141,12 +161,40 @@ class Intervention:
                 z_new = z.clone()
                 for p in plans:
                     mask = p.masks[p.classes[ids]].repeat_interleave(pos, dim=0)  # (b·pos, m)
-                    edited = z_new * p.edit.beta if p.edit.mode == "scale" else z_new + p.edit.beta
+                    if p.amounts is not None:
+                        if p.amounts.shape[1] != pos:
+                            raise ValueError(f"Edit footprint has {p.amounts.shape[1]} positions but h has {pos} "
+                                             f"({h.shape[2]}×{h.shape[3]}); make the footprint from this model's h")
+                        edited = z_new + p.edit.beta * p.amounts[p.classes[ids]].reshape(b * pos, -1)
+                    else:
+                        edited = z_new * p.edit.beta if p.edit.mode == "scale" else z_new + p.edit.beta
                     z_new = torch.where(mask, edited, z_new)
                 delta = ((z_new - z) @ sae.W_dec) * sae.input_scale  # Dec(z') − Dec(z); b_dec cancels
             return h + from_rows(delta, h.shape).to(h.dtype)
 
         return apply
+
+
+def footprint(sae: TopKSAE, h_by_step: dict[int, torch.Tensor], labels: torch.Tensor, cls: int,
+              features: Sequence[int]) -> torch.Tensor:
+    """Mean activation map ``(len(features), H·W)`` of each feature over samples judged ``cls``.
+
+    ``h_by_step`` maps step → h ``(N, C, H, W)`` (e.g. from the harvest), ``labels`` ``(N,)``
+    the judged classes; the map is averaged over the class's samples and the given steps.
+    """
+    labels = torch.as_tensor(labels).long()
+    ids = (labels == cls).nonzero().flatten()
+    if len(ids) == 0:
+        raise ValueError(f"footprint: no sample is judged class {cls}; cannot tell where its features fire")
+    feats = torch.as_tensor(list(map(int, features)), dtype=torch.long)
+    acc = None
+    for h in h_by_step.values():
+        hb = h[ids].float()
+        b, pos = hb.shape[0], hb.shape[2] * hb.shape[3]
+        with torch.no_grad():
+            z = sae.encode(to_rows(hb)).view(b, pos, -1)[:, :, feats]
+        acc = z.mean(0) if acc is None else acc + z.mean(0)
+    return (acc / len(h_by_step)).T.contiguous()
 
 
 def sample(model: models.Diffusion, sae: TopKSAE, edits: Sequence[Edit], n: int | None = None, steps: int = 25,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import attribution, cache, io, models, world
+from . import cache, io, models, world
 from . import dissect as D
 from . import identify as ID
 from . import intervention as I
@@ -26,14 +26,18 @@ from . import sae as S
 
 OUT = models.DATA_DIR / "sweeps"
 SWEEP_SEED = 5_151  # noise of the sweeps (not the harvest, evaluation or check seeds)
-BETAS = {"add": (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0), "scale": (0.0, 1.0, 2.0, 4.0, 8.0)}
+# add: β times each feature's footprint (chapter 4), so β = 1 adds what an image of the class has on average
+BETAS = {"add": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0), "scale": (0.0, 1.0, 2.0, 4.0)}
+# β of the multi-attribute runs, read off the validation-seed prototype (seed 777, n=64) of chapter 4,
+# where footprint β = 2–4 moved gender and age to or past balance and race moved most at 4 (k = 32)
+BETA_MULTI = {"gender": 3.0, "age": 3.0, "race": 4.0}
 
 
 def _probs_tensors(prefix: str, probs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{a}": p for a, p in probs.items()}
 
 
-def run(out=OUT, n: int = 128, k: int = 8, keep: int = 12, steps: int = 25, quick: bool = False,
+def run(out=OUT, n: int = 128, keep: int = 12, steps: int = 25, quick: bool = False,
         progress: bool = True) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,14 +45,13 @@ def run(out=OUT, n: int = 128, k: int = 8, keep: int = 12, steps: int = 25, quic
     if quick:
         n, keep, steps = 8, 4, 5
     sae, _ = S.load_sae(D.OUT / "sae.safetensors")
-    rankings = {a: attribution.Ranking.load(ID.OUT / f"rank_latents_{a}.safetensors") for a in world.SOCIAL}
     from . import harvest as H
 
     summary = H.load_summary(D.OUT / "summary.safetensors")
     model = models.load_model("embedded")
     judge = J.load_judge()
     noise = models.make_noise(n, model.sample_size, SWEEP_SEED)
-    log = {"model_fingerprint": cache.fingerprint(models.EMBEDDED_DIR), "n": n, "k": k, "steps": steps,
+    log = {"model_fingerprint": cache.fingerprint(models.EMBEDDED_DIR), "n": n, "k": dict(ID.K), "steps": steps,
            "seed": SWEEP_SEED, "betas": betas, "quick": quick, "seconds": {}}
     t0 = time.time()
     base = models.sample(model, noise=noise, steps=steps, batch_size=n)
@@ -58,11 +61,11 @@ def run(out=OUT, n: int = 128, k: int = 8, keep: int = 12, steps: int = 25, quic
     for a in world.SOCIAL:
         t1 = time.time()
         c = ID.minority(summary.probs[a])
-        feats = rankings[a].top(c, k)
+        feats, fp = ID.features(a, c)
         tensors = {}
         for mode, bs in betas.items():
             for j, beta in enumerate(bs):
-                e = I.Edit(a, {c: feats}, beta=beta, mode=mode, cls=c)
+                e = I.Edit(a, {c: feats}, beta=beta, mode=mode, cls=c, footprint={c: fp} if mode == "add" else None)
                 imgs, _ = I.sample(model, sae, [e], noise=noise, steps=steps, batch_size=n)
                 tensors[f"{mode}.{j}.images"] = (imgs[:keep] * 255).round().to(torch.uint8)
                 tensors.update(_probs_tensors(f"{mode}.{j}", judge.predict(imgs)))
@@ -72,12 +75,10 @@ def run(out=OUT, n: int = 128, k: int = 8, keep: int = 12, steps: int = 25, quic
         log["seconds"][a] = time.time() - t1
     # multi-attribute: per-sample targeting towards uniform, one attribute at a time and all at once
     t1 = time.time()
-    beta_multi = betas["add"][len(betas["add"]) // 2 + 1] if not quick else betas["add"][-1]
     edits = {}
     for a in world.SOCIAL:
         kcls = len(world.ATTRIBUTES[a])
-        feats = {c: rankings[a].top(c, k) for c in range(kcls)}
-        edits[a] = I.Edit(a, feats, beta=beta_multi, mode="add", target=[1 / kcls] * kcls)
+        edits[a] = ID.edit_for(a, BETA_MULTI[a], target=[1 / kcls] * kcls)
     tensors = {}
     for name, es in [(a, [edits[a]]) for a in world.SOCIAL] + [("all", list(edits.values()))]:
         imgs, iv = I.sample(model, sae, es, noise=noise, steps=steps, batch_size=n, class_seed=1)
@@ -85,7 +86,7 @@ def run(out=OUT, n: int = 128, k: int = 8, keep: int = 12, steps: int = 25, quic
         tensors[f"{name}.images"] = (imgs[:keep] * 255).round().to(torch.uint8)
         for e in es:
             tensors[f"{name}.assigned.{e.attribute}"] = iv.classes(e.attribute)
-    io.save_tensors(out / "multi.safetensors", tensors, meta={"beta": beta_multi, "k": k, "n": n, "mode": "add"})
+    io.save_tensors(out / "multi.safetensors", tensors, meta={"beta": BETA_MULTI, "k": dict(ID.K), "n": n, "mode": "add (footprint)"})
     log["seconds"]["multi"] = time.time() - t1
     log["seconds"]["total"] = time.time() - t0
     io.write_json(out / "log.json", log)

@@ -112,3 +112,42 @@ def test_edit_errors(setup):
             intervention.Intervention(sae, [intervention.Edit(**kw)], 4)
     with pytest.raises(ValueError, match="unknown attribute"):
         attribution.latent_ig(sae, setup[2], setup[3][0, :2], 0, "height", 0)
+
+
+def test_footprint_add_is_confined_to_its_positions(setup):
+    model, sae, probe, h, y = setup
+    feats = [1, 2, 3]
+    fp = intervention.footprint(sae, {0: h[0], 2: h[2]}, y, 1, feats)
+    assert fp.shape == (3, 64) and (fp >= 0).all()
+    # the footprint is the class's mean activation map, averaged over the given steps
+    z = torch.stack([sae.encode(S.to_rows(h[s][y == 1])).view(-1, 64, sae.cfg.d_sae)[:, :, feats].mean(0)
+                     for s in (0, 2)]).mean(0).T
+    torch.testing.assert_close(fp, z)
+    # an all-zero footprint is a no-op, bit for bit
+    zero = intervention.Edit("gender", {1: feats}, beta=3.0, mode="add", cls=1, footprint={1: torch.zeros(3, 64)})
+    got, _ = intervention.sample(model, sae, [zero], 4, steps=STEPS, seed=5, batch_size=4)
+    assert torch.equal(got, models.sample(model, 4, steps=STEPS, seed=5))
+    # a footprint on one position changes h there only (first edited step: nothing upstream differs yet)
+    one = torch.zeros(3, 64)
+    one[:, 27] = 1.0
+    e = intervention.Edit("gender", {1: feats}, beta=3.0, mode="add", cls=1, footprint={1: one}, steps=[1])
+    iv = intervention.Intervention(sae, [e], 4)
+    with hooks.capture(model.unet) as before:
+        models.sample(model, 4, steps=STEPS, seed=5)
+    with hooks.edit(model.unet, iv.fn(torch.arange(4)), record=True) as after:
+        models.sample(model, 4, steps=STEPS, seed=5)
+    d = (after.activations[after.steps.index(1)] - before.stack()[1]).abs().sum(1).flatten(1)  # (4, 64)
+    assert (d[:, 27] > 0).all() and d[:, torch.arange(64) != 27].max() == 0
+
+
+def test_footprint_errors(setup):
+    model, sae, *_ = setup
+    with pytest.raises(ValueError, match="only applies to mode='add'"):
+        intervention.Edit("gender", {1: [1]}, 2.0, "scale", cls=1, footprint={1: torch.ones(1, 64)}).validate(64)
+    with pytest.raises(ValueError, match=r"footprint\[1\] must be"):
+        intervention.Edit("gender", {1: [1, 2]}, 2.0, "add", cls=1, footprint={1: torch.ones(1, 64)}).validate(64)
+    e = intervention.Edit("gender", {1: [1]}, 2.0, "add", cls=1, footprint={1: torch.ones(1, 16)})
+    with pytest.raises(ValueError, match="positions but h has 64"):
+        intervention.sample(model, sae, [e], 2, steps=STEPS, seed=0)
+    with pytest.raises(ValueError, match="no sample is judged class 1"):
+        intervention.footprint(sae, {0: setup[3][0]}, torch.zeros(48), 1, [1])
