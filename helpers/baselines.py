@@ -1,0 +1,454 @@
+"""The paper's baselines on our pixel-space UNet, all acting on the same bottleneck h (chapter 6).
+
+Each is the cheapest faithful version of its published method; deviations are stated here and
+in chapter 6. Every method samples with :func:`sample`, from the same noise tensor, with the same
+per-sample class draws (:func:`helpers.intervention.assign_classes`) where the method has them.
+
+* :class:`Activation` — rank bottleneck channels by the difference of their mean activation between
+  a class and the rest; scale the class's top channels by β (per-sample class targeting, like DiffLens).
+* :class:`LatentDirection` (Li et al., CVPR 2024) — one learned vector per class added to h at every
+  step, trained with the denoising loss on images of that class, UNet frozen. Their images of a class
+  came from prompting Stable Diffusion; ours are renders of the world conditioned on the class.
+* :class:`HDistribution` (Parihar et al., CVPR 2024) — at each step, h moves along the gradient of a
+  distribution loss between the batch-mean probe prediction and the target distribution (guidance
+  through the per-step linear head only). The loss is on a *batch mean*, so its effect depends on the
+  batch size: compare runs at equal batch size.
+* :class:`LatentEditing` (Kwon et al., ICLR 2023, "Asyrp") — a learned Δh per step and class, used in
+  their asymmetric reverse process (the predicted x0 uses the edited h, the direction term the
+  unedited one) over the first part of sampling. Their CLIP directional loss needs CLIP weights we
+  cannot have; the attribute loss is the judge's cross-entropy on the predicted x0 plus an L1 term to
+  the unedited predicted x0.
+* :class:`Finetuning` (Shen et al., ICLR 2024) — a LoRA adapter (peft) on the up-blocks' convolutions,
+  trained through a few differentiable DDIM steps to align the judged attribute distribution with the
+  target (their dynamic target assignment: each batch's samples are assigned target classes in the
+  target proportions at least cost), with an image-space preservation loss against the frozen model
+  from the same noise. It changes the model, so it has no per-sample class.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+
+from . import hooks, models, world
+from .intervention import assign_classes
+from .probe import HProbe
+
+METHODS = ("Activation", "Latent Direction", "H-Distribution", "Latent Editing", "Finetuning")
+
+
+def _check_attribute(attribute: str) -> int:
+    if attribute not in world.ATTRIBUTES:
+        raise ValueError(f"unknown attribute {attribute!r}; known: {list(world.ATTRIBUTES)}")
+    return len(world.ATTRIBUTES[attribute])
+
+
+def _check_target(attribute: str, target: Sequence[float]) -> torch.Tensor:
+    k = _check_attribute(attribute)
+    t = torch.as_tensor(target, dtype=torch.float64)
+    if t.ndim != 1 or len(t) != k or (t < 0).any() or abs(float(t.sum()) - 1) > 1e-6:
+        raise ValueError(f"target for {attribute!r} must be {k} non-negative probabilities summing to 1, "
+                         f"got {list(target)}")
+    return t.float()
+
+
+# ----------------------------------------------------------------------------- DDIM pieces
+
+
+def ddim(model: models.Diffusion, steps: int) -> DDIMScheduler:
+    s = DDIMScheduler.from_config(model.scheduler.config)
+    s.set_timesteps(steps)
+    return s
+
+
+def split_output(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, kind: str, clip: float | None):
+    """Predicted ``(x0, eps)`` from a UNet output under ``kind`` (epsilon / v_prediction / sample).
+
+    Matches diffusers' DDIM (``use_clipped_model_output=False``): with ``clip`` the x0 estimate is
+    clamped and eps is left as predicted.
+    """
+    a, b = alpha.sqrt(), (1 - alpha).sqrt()
+    if kind == "epsilon":
+        x0, eps = (x - b * out) / a, out
+    elif kind == "v_prediction":
+        x0, eps = a * x - b * out, a * out + b * x
+    elif kind == "sample":
+        x0, eps = out, (x - a * out) / b
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    return x0, eps
+
+
+def _alphas(sched: DDIMScheduler, t) -> tuple[torch.Tensor, torch.Tensor]:
+    prev = int(t) - sched.config.num_train_timesteps // sched.num_inference_steps
+    a = sched.alphas_cumprod[int(t)]
+    ap = sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod
+    return a, ap
+
+
+def ddim_step(sched: DDIMScheduler, out_x0: torch.Tensor, out_eps: torch.Tensor, t, x: torch.Tensor):
+    """One deterministic DDIM step, x0 from ``out_x0`` and the direction from ``out_eps`` (UNet outputs).
+
+    With the same output for both this is diffusers' ``DDIMScheduler.step(eta=0)``; with different
+    ones it is Asyrp's asymmetric step. Differentiable.
+    """
+    a, ap = _alphas(sched, t)
+    kind = sched.config.prediction_type
+    clip = sched.config.clip_sample_range if sched.config.clip_sample else None
+    x0, eps = split_output(out_x0, x, a, kind, clip)
+    if out_eps is not out_x0:
+        _, eps = split_output(out_eps, x, a, kind, clip)
+    return ap.sqrt() * x0 + (1 - ap).sqrt() * eps, x0
+
+
+def sample(model: models.Diffusion, noise: torch.Tensor, steps: int = 25, hook: Callable | None = None,
+           batch_size: int = 128, progress: bool = False) -> torch.Tensor:
+    """DDIM samples from ``noise``; ``hook(ids)`` returns the bottleneck edit for samples ``ids``."""
+    from tqdm.auto import tqdm
+
+    outs = []
+    for s in tqdm(range(0, len(noise), batch_size), disable=not progress, desc="sample"):
+        ids = torch.arange(s, min(len(noise), s + batch_size))
+        if hook is None:
+            outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids)))
+        else:
+            with hooks.edit(model.unet, hook(ids)):
+                outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids)))
+    return torch.cat(outs)
+
+
+def images_of(attribute: str, classes: torch.Tensor, seed: int, spec: world.BiasSpec | None = None,
+              resolution: int = 32) -> torch.Tensor:
+    """World renders in [-1, 1], one per entry of ``classes``, each of that class of ``attribute``.
+
+    Other attributes follow ``spec`` *given* the class (rejection sampling keeps the world's correlations).
+    """
+    spec = spec or world.default_spec()
+    g = torch.Generator().manual_seed(seed)
+    want = torch.as_tensor(classes).long()
+    pool = {a: torch.empty(0, dtype=torch.long) for a in world.ATTRIBUTES}
+    while True:
+        lab = spec.sample_labels(max(256, 8 * len(want)), g)
+        pool = {a: torch.cat([pool[a], lab[a]]) for a in world.ATTRIBUTES}
+        counts = torch.bincount(pool[attribute], minlength=int(want.max()) + 1)
+        if all(counts[c] >= (want == c).sum() for c in want.unique()):
+            break
+    rows = torch.empty(len(want), dtype=torch.long)
+    for c in want.unique():
+        rows[want == c] = (pool[attribute] == c).nonzero().flatten()[: int((want == c).sum())]
+    labels = {a: pool[a][rows] for a in world.ATTRIBUTES}
+    return world.render(labels, g, resolution=resolution) * 2 - 1
+
+
+# ----------------------------------------------------------------------------- Activation
+
+
+@dataclass
+class Activation:
+    """Scale the top channels of each sample's drawn class by ``beta``."""
+
+    attribute: str
+    channels: dict[int, list[int]]
+    beta: float = 2.0
+    name: str = "Activation"
+
+    @classmethod
+    def fit(cls, pooled: torch.Tensor, labels: torch.Tensor, attribute: str, k: int = 8, beta: float = 2.0):
+        """``pooled`` ``(N, steps, C)`` spatial-mean h of harvested samples, ``labels`` their judged classes."""
+        kc = _check_attribute(attribute)
+        labels = torch.as_tensor(labels).long()
+        m = pooled.float().mean(1)  # (N, C): mean over steps
+        chans = {}
+        for c in range(kc):
+            if (labels == c).sum() == 0 or (labels != c).sum() == 0:
+                raise ValueError(f"Activation.fit: class {c} of {attribute!r} has no (or only) samples")
+            diff = m[labels == c].mean(0) - m[labels != c].mean(0)
+            chans[c] = diff.topk(k).indices.tolist()
+        return cls(attribute, chans, beta)
+
+    def hook(self, classes: torch.Tensor):
+        kc = _check_attribute(self.attribute)
+
+        def factory(ids):
+            def fn(h, info):
+                mult = torch.ones(len(ids), h.shape[1], dtype=h.dtype)
+                for c in range(kc):
+                    rows = (classes[ids] == c).nonzero().flatten()
+                    if len(rows):
+                        mult[rows[:, None], torch.tensor(self.channels[c])[None, :]] = self.beta
+                return h * mult[:, :, None, None]
+            return fn
+        return factory
+
+
+# ----------------------------------------------------------------------------- Latent Direction
+
+
+@dataclass
+class LatentDirection:
+    """One learned h-space vector per class, added to h at every step."""
+
+    attribute: str
+    directions: torch.Tensor  # (classes, C, H, W)
+    scale: float = 1.0
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+    name: str = "Latent Direction"
+
+    @classmethod
+    def fit(cls, model: models.Diffusion, attribute: str, iters: int = 300, batch_size: int = 32, lr: float = 0.05,
+            seed: int = 0, progress: bool = True):
+        """Denoising loss on world renders of each class (classes balanced in every batch), UNet frozen."""
+        from tqdm.auto import tqdm
+
+        kc = _check_attribute(attribute)
+        unet, sched = model.unet, model.scheduler
+        with hooks.capture(unet, steps=[0]) as cap:
+            models.sample(model, 1, steps=1, seed=seed)
+        shape = cap.activations[0].shape[1:]
+        d = torch.zeros(kc, *shape, requires_grad=True)
+        opt = torch.optim.Adam([d], lr=lr)
+        req = [p.requires_grad for p in unet.parameters()]
+        unet.requires_grad_(False)
+        g = torch.Generator().manual_seed(seed)
+        hist, t0 = [], time.time()
+        try:
+            for it in tqdm(range(iters), disable=not progress, desc=f"Latent Direction {attribute}"):
+                classes = torch.arange(batch_size) % kc
+                x0 = images_of(attribute, classes, seed * 100_003 + it, resolution=model.sample_size)
+                eps = torch.randn(x0.shape, generator=g)
+                t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=g)
+                with hooks.edit(unet, lambda h, info: h + d[classes]):
+                    loss = models.diffusion_loss(unet, sched, x0, eps, t)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                hist.append(loss.item())
+        finally:
+            for p, r in zip(unet.parameters(), req):
+                p.requires_grad_(r)
+        return cls(attribute, d.detach(), 1.0, hist, time.time() - t0)
+
+    def hook(self, classes: torch.Tensor):
+        def factory(ids):
+            add = self.scale * self.directions[classes[ids]]
+            return lambda h, info: h + add.to(h.dtype)
+        return factory
+
+
+# ----------------------------------------------------------------------------- H-Distribution
+
+
+@dataclass
+class HDistribution:
+    """Distribution guidance in h: ``h ← h − scale · ∇_h KL(target ‖ mean_batch softmax(probe(h)))``."""
+
+    attribute: str
+    probe: HProbe
+    target: Sequence[float]
+    scale: float = 1.0
+    name: str = "H-Distribution"
+
+    def hook(self, classes: torch.Tensor | None = None):
+        t = _check_target(self.attribute, self.target)
+        if self.attribute not in self.probe.classes:
+            raise ValueError(f"HDistribution: the probe has no head for {self.attribute!r}")
+
+        def factory(ids):
+            def fn(h, info):
+                if info.step >= self.probe.cfg.n_steps:
+                    raise ValueError(f"HDistribution: sampling step {info.step} but the probe has heads for "
+                                     f"{self.probe.cfg.n_steps} steps; sample with that many steps")
+                with torch.enable_grad():
+                    hh = h.detach().float().requires_grad_(True)
+                    p = self.probe(hh, info.step)[self.attribute].softmax(-1).mean(0)
+                    loss = (t * (t.clamp(min=1e-8).log() - p.clamp(min=1e-8).log())).sum()
+                    (grad,) = torch.autograd.grad(loss, hh)
+                return (h - self.scale * grad).to(h.dtype)
+            return fn
+        return factory
+
+
+# ----------------------------------------------------------------------------- Latent Editing (Asyrp)
+
+
+@dataclass
+class LatentEditing:
+    """A learned Δh per (class, step) for the first ``edit_steps`` steps, with Asyrp's asymmetric step."""
+
+    attribute: str
+    delta: torch.Tensor  # (classes, edit_steps, C, H, W)
+    steps: int
+    scale: float = 1.0
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+    name: str = "Latent Editing"
+
+    @property
+    def edit_steps(self) -> int:
+        return self.delta.shape[1]
+
+    @classmethod
+    def fit(cls, model: models.Diffusion, judge, attribute: str, steps: int = 25, edit_steps: int = 12,
+            iters: int = 40, batch_size: int = 16, lr: float = 0.05, l1: float = 3.0, seed: int = 0,
+            progress: bool = True):
+        """Train Δh on the unedited chain's x_t: judge CE on the edited x0 estimate + ``l1`` · |x0 − x0_orig|."""
+        from tqdm.auto import tqdm
+
+        kc = _check_attribute(attribute)
+        if not 0 < edit_steps <= steps:
+            raise ValueError(f"LatentEditing: edit_steps must be in 1..{steps}, got {edit_steps}")
+        unet = model.unet
+        sched = ddim(model, steps)
+        with hooks.capture(unet, steps=[0]) as cap:
+            models.sample(model, 1, steps=1, seed=seed)
+        delta = torch.zeros(kc, edit_steps, *cap.activations[0].shape[1:], requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=lr)
+        req = [p.requires_grad for p in unet.parameters()] + [p.requires_grad for p in judge.parameters()]
+        unet.requires_grad_(False)
+        judge.requires_grad_(False)
+        judge.eval()
+        hist, t0 = [], time.time()
+        try:
+            for it in tqdm(range(iters), disable=not progress, desc=f"Latent Editing {attribute}"):
+                classes = torch.arange(batch_size) % kc
+                x = models.make_noise(batch_size, model.sample_size, seed * 100_003 + it)
+                total = 0.0
+                for j, t in enumerate(sched.timesteps[:edit_steps]):
+                    with torch.no_grad():
+                        out = unet(x, t).sample
+                    with hooks.edit(unet, lambda h, info: h + delta[classes, j]):
+                        out_e = unet(x, t).sample
+                    a, _ = _alphas(sched, t)
+                    clip = sched.config.clip_sample_range if sched.config.clip_sample else None
+                    x0e, _ = split_output(out_e, x, a, sched.config.prediction_type, clip)
+                    x0, _ = split_output(out, x, a, sched.config.prediction_type, clip)
+                    logits = judge((x0e.clamp(-1, 1) + 1) / 2)[attribute]
+                    loss = F.cross_entropy(logits, classes) + l1 * (x0e - x0).abs().mean()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    total += loss.item()
+                    with torch.no_grad():
+                        x, _ = ddim_step(sched, out, out, t, x)
+                hist.append(total / edit_steps)
+        finally:
+            ps = list(unet.parameters()) + list(judge.parameters())
+            for p, r in zip(ps, req):
+                p.requires_grad_(r)
+        return cls(attribute, delta.detach(), steps, 1.0, hist, time.time() - t0)
+
+    def sample(self, model: models.Diffusion, noise: torch.Tensor, classes: torch.Tensor, steps: int | None = None,
+               batch_size: int = 128) -> torch.Tensor:
+        """Asymmetric DDIM: for the first ``edit_steps`` steps x0 comes from the edited pass, the
+        direction from the unedited one (two UNet passes per edited step); then plain DDIM."""
+        steps = steps or self.steps
+        if steps != self.steps:
+            raise ValueError(f"LatentEditing: trained for {self.steps} sampling steps, asked for {steps}")
+        sched = ddim(model, steps)
+        outs = []
+        with torch.no_grad():
+            for s in range(0, len(noise), batch_size):
+                ids = torch.arange(s, min(len(noise), s + batch_size))
+                x = noise[ids].clone()
+                cl = classes[ids]
+                for j, t in enumerate(sched.timesteps):
+                    out = model.unet(x, t).sample
+                    if j < self.edit_steps and self.scale != 0:
+                        add = self.scale * self.delta[cl, j]
+                        with hooks.edit(model.unet, lambda h, info: h + add):
+                            out_e = model.unet(x, t).sample
+                    else:
+                        out_e = out
+                    x, _ = ddim_step(sched, out_e, out, t, x)
+                outs.append(((x.clamp(-1, 1) + 1) / 2))
+        return torch.cat(outs)
+
+
+# ----------------------------------------------------------------------------- Finetuning
+
+
+def assign_targets(probs: torch.Tensor, target: Sequence[float]) -> torch.Tensor:
+    """Shen et al.'s dynamic target assignment: classes in ``target`` proportions (largest remainder)
+    given to the batch's samples at least total cost −log p (an optimal assignment, scipy)."""
+    from scipy.optimize import linear_sum_assignment
+
+    n = len(probs)
+    slots = torch.sort(assign_classes(n, target, seed=0)).values
+    cost = -probs.detach().clamp(min=1e-8).log()[:, slots]  # (n samples, n slots)
+    rows, cols = linear_sum_assignment(cost.numpy())
+    out = torch.empty(n, dtype=torch.long)
+    out[torch.as_tensor(rows)] = slots[torch.as_tensor(cols)]
+    return out
+
+
+@dataclass
+class Finetuning:
+    """A LoRA-adapted copy of the UNet (the original model is left untouched)."""
+
+    attribute: str
+    unet: torch.nn.Module
+    target: Sequence[float]
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+    name: str = "Finetuning"
+
+    @classmethod
+    def fit(cls, model: models.Diffusion, judge, attribute: str, target: Sequence[float], iters: int = 60,
+            batch_size: int = 16, train_steps: int = 8, rank: int = 4, lr: float = 1e-3, preserve: float = 10.0,
+            seed: int = 0, progress: bool = True):
+        """Distribution alignment through ``train_steps`` differentiable DDIM steps + image preservation."""
+        from peft import LoraConfig, inject_adapter_in_model
+        from tqdm.auto import tqdm
+
+        t = _check_target(attribute, target)
+        unet = copy.deepcopy(model.unet)
+        unet.requires_grad_(False)
+        convs = [n for n, m in unet.named_modules()
+                 if n.startswith("up_blocks") and isinstance(m, torch.nn.Conv2d) and n.endswith(("conv1", "conv2"))]
+        if not convs:
+            raise ValueError("Finetuning: the UNet has no up-block conv1/conv2 layers to adapt")
+        unet = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=convs), unet)
+        params = [p for n, p in unet.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=lr)
+        req = [p.requires_grad for p in judge.parameters()]
+        judge.requires_grad_(False)
+        judge.eval()
+        sched = ddim(model, train_steps)
+        adapted = models.Diffusion(unet=unet, scheduler=model.scheduler)
+        hist, t0 = [], time.time()
+        try:
+            for it in tqdm(range(iters), disable=not progress, desc=f"Finetuning {attribute}"):
+                noise = models.make_noise(batch_size, model.sample_size, seed * 100_003 + it)
+                with torch.no_grad():
+                    ref = models.sample(model, noise=noise, steps=train_steps, batch_size=batch_size)
+                x = noise
+                for tt in sched.timesteps:
+                    out = unet(x, tt).sample
+                    x, _ = ddim_step(sched, out, out, tt, x)
+                img = (x.clamp(-1, 1) + 1) / 2
+                logits = judge(img)[attribute]
+                assigned = assign_targets(logits.softmax(-1), t)
+                loss = F.cross_entropy(logits, assigned) + preserve * F.mse_loss(img, ref)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                hist.append(loss.item())
+        finally:
+            for p, r in zip(judge.parameters(), req):
+                p.requires_grad_(r)
+        unet.requires_grad_(False)
+        unet.eval()
+        return cls(attribute, adapted.unet, list(map(float, t)), hist, time.time() - t0)
+
+    def model(self, base: models.Diffusion) -> models.Diffusion:
+        return models.Diffusion(unet=self.unet, scheduler=base.scheduler)
