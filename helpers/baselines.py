@@ -450,5 +450,11 @@ class Finetuning:
         unet.eval()
         return cls(attribute, adapted.unet, list(map(float, t)), hist, time.time() - t0)
 
-    def model(self, base: models.Diffusion) -> models.Diffusion:
+    def model(self, base: models.Diffusion, lora_scale: float = 1.0) -> models.Diffusion:
+        """The adapted model; ``lora_scale`` multiplies every adapter's contribution (1 = as trained)."""
+        for m in self.unet.modules():
+            sc = getattr(m, "scaling", None)
+            if isinstance(sc, dict) and hasattr(m, "lora_alpha"):
+                for name in sc:
+                    sc[name] = lora_scale * m.lora_alpha[name] / m.r[name]
         return models.Diffusion(unet=self.unet, scheduler=base.scheduler)

@@ -101,6 +101,32 @@ def fid(real: torch.Tensor, fake: torch.Tensor, judge, batch_size: int = 500) ->
     return float(metric.compute())
 
 
+class _Given(torch.nn.Module):
+    """Identity "feature extractor": lets torchmetrics' FID take features computed earlier."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x):
+        return x.double()
+
+
+def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Domain FID from stored judge features ``(n, d)`` (same number as :func:`fid` on the images)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"fid_from_features: need (n, d) features of equal d, got {tuple(real.shape)}, "
+                         f"{tuple(fake.shape)}")
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError("fid_from_features: need at least 2 feature rows in each set")
+    metric = FrechetInceptionDistance(feature=_Given(real.shape[1]))
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    return float(metric.compute())
+
+
 def similarity(a: torch.Tensor, b: torch.Tensor, judge) -> torch.Tensor:
     """Per-pair cosine similarity ``(n,)`` of judge features (the CLIP-I stand-in)."""
     if a.shape != b.shape:

@@ -63,3 +63,67 @@ def live_beta_slider(render: Callable[[float], bytes], betas: Sequence[float], d
                            description=description, continuous_update=False)
     slider.observe(lambda ch: setattr(out, "value", render(ch["new"])), names="value")
     return W.VBox([slider, out])
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def check_static_slider(html_dir, page: str, chromium: str | None = None, moves: int = 2) -> dict:
+    """Open a built page in headless Chromium with no kernel and no network, move its first β slider
+    ``moves`` times, and return the shown frame's hash after each position plus the slider readout.
+
+    Serves ``html_dir`` on localhost and blocks every other request, so a widget script fetched from
+    a CDN would fail here. Needs ``playwright`` (the test extra) and a Chromium binary (Debian's
+    ``chromium`` package). Raises ``RuntimeError`` when the page has no slider or no visible frame.
+    """
+    import hashlib
+    import http.server
+    import shutil
+    import threading
+    from functools import partial
+    from pathlib import Path
+
+    from playwright import sync_api
+
+    chromium = chromium or shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise RuntimeError("check_static_slider: no chromium binary; apt-get install chromium")
+    html_dir = Path(html_dir)
+    if not (html_dir / page).is_file():
+        raise FileNotFoundError(f"check_static_slider: {html_dir / page} does not exist; build the book first")
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(html_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+            try:
+                pg = browser.new_page()
+                pg.route("**/*", lambda r: r.continue_() if "127.0.0.1" in r.request.url else r.abort())
+                pg.goto(f"http://127.0.0.1:{server.server_port}/{page}")
+                box = pg.locator(".widget-vbox").filter(has=pg.locator(".widget-slider")).first
+                try:
+                    box.locator(".widget-slider").first.wait_for(state="visible", timeout=30_000)
+                except sync_api.TimeoutError as e:
+                    raise RuntimeError(f"check_static_slider: no slider became visible on {page}") from e
+                visible = box.locator(".widget-image:visible")
+
+                def shown():
+                    if visible.count() != 1:
+                        raise RuntimeError(f"check_static_slider: expected one visible frame, saw {visible.count()}")
+                    return hashlib.sha256(visible.first.screenshot()).hexdigest()
+
+                frames = [shown()]
+                handle = box.locator(".noUi-handle, .ui-slider-handle").first
+                handle.focus()
+                for _ in range(moves):
+                    handle.press("ArrowRight")
+                    pg.wait_for_timeout(500)
+                    frames.append(shown())
+                readout = box.locator(".widget-readout").first.inner_text().strip()
+            finally:
+                browser.close()
+    finally:
+        server.shutdown()
+    return {"frames": frames, "readout": readout}

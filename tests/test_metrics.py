@@ -69,6 +69,11 @@ def test_fid_uses_floor_sensibly():
     same = metrics.fid(a, b, judge)
     diff = metrics.fid(a, shifted, judge)
     assert same < 0.01 and diff > 10 * same
+    # from stored features: the same number as from the images
+    fa, fs = judge.features(a), judge.features(shifted)
+    assert metrics.fid_from_features(fa, fs) == pytest.approx(diff, rel=1e-6)
+    with pytest.raises(ValueError, match="equal d"):
+        metrics.fid_from_features(fa, fs[:, :3])
 
 
 def test_keep_rate_and_similarity():

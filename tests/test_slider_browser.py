@@ -1,14 +1,10 @@
 """The β slider works in the *static* book: build a one-page book with the project's config, open
 it in headless Chromium with no kernel and no network, move the slider, and check the shown image
 changes. Needs Debian's chromium (``apt-get install chromium``; ``.ci/run`` installs it)."""
-import hashlib
-import http.server
 import os
 import shutil
 import subprocess
 import sys
-import threading
-from functools import partial
 from pathlib import Path
 
 import nbformat
@@ -17,8 +13,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 CELL = """
 import torch
@@ -51,39 +45,12 @@ def test_static_slider_switches_frames_without_kernel(tmp_path):
         if os.environ.get("DIFFLENS_REQUIRE_BROWSER"):
             pytest.fail("chromium is required here (DIFFLENS_REQUIRE_BROWSER is set): apt-get install chromium")
         pytest.skip("needs Debian's chromium (apt-get install chromium); .ci/run installs it")
-    from playwright import sync_api
     html = build_mini_book(tmp_path / "book")
     page_html = (html / "slider.html").read_text()
     assert "application/vnd.jupyter.widget-state+json" in page_html  # widget state embedded in the page
     assert "cdn.jsdelivr" not in page_html and "cdnjs" not in page_html  # JS served by the book itself
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(html))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-            page = browser.new_page()
-            page.route("**/*", lambda route: route.continue_() if "127.0.0.1" in route.request.url else route.abort())
-            page.goto(f"http://127.0.0.1:{server.server_port}/slider.html")
-            page.locator(".widget-slider").first.wait_for(state="visible", timeout=30_000)
-            assert page.locator(".widget-image:visible").count() == 1  # the Stack shows one frame at a time
-
-            def shown():
-                img = page.locator(".widget-image:visible").first
-                return hashlib.sha256(img.screenshot()).hexdigest()
-
-            before = shown()
-            handle = page.locator(".noUi-handle, .ui-slider-handle").first
-            handle.focus()
-            handle.press("ArrowRight")
-            page.wait_for_timeout(500)
-            after = shown()
-            handle.press("ArrowRight")
-            page.wait_for_timeout(500)
-            last = shown()
-            readout = page.locator(".widget-readout").first.inner_text()
-            browser.close()
-    finally:
-        server.shutdown()
+    from helpers import widgets
+    got = widgets.check_static_slider(html, "slider.html", CHROMIUM)
+    before, after, last = got["frames"]
     assert before != after != last and before != last, "moving the slider did not change the shown frame"
-    assert readout.strip() == "2", readout
+    assert got["readout"] == "2", got["readout"]

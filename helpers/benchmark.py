@@ -1,0 +1,338 @@
+"""Chapter 6: every method on the same model and the same noise — the paper's Finding-1 table, with
+keep-rates on the attributes a debiasing edit must not touch.
+
+Protocol (``run``):
+
+1. **Fit** each trainable baseline once per attribute (Latent Direction, Latent Editing, Finetuning);
+   the training cost on this machine is logged next to the results.
+2. **Validate**: each method's main knob (β, scale, guidance, LoRA scale) is swept on the
+   *validation* noise seed; the setting kept is the one with the lowest FD among those whose
+   keep-rate (other social + nuisance attributes) is ≥ ``KEEP_FLOOR``, or the highest keep-rate when
+   none reaches it. Same rule and same number of settings and samples for every method.
+3. **Test**: the chosen setting of every method, plus the original model, on the *test* noise seed.
+
+Every cell is saved as soon as it is computed (``cells/<split>_<attribute>_<method>_<setting>``), so
+an interrupted run resumes where it stopped. A cell holds the judged probabilities of every
+attribute, the judge features (for FID and similarity) and a few images.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import baselines as B
+from . import cache, io, metrics, models, world
+
+OUT = models.DATA_DIR / "benchmark"
+VAL_SEED = 6_161
+TEST_SEED = 7_171
+KEEP_FLOOR = 0.90
+METHODS = ("Original", *B.METHODS, "DiffLens")
+# the knob of each method and the settings tried on the validation seed (same count for every method)
+KNOBS = {
+    "Activation": ("beta", (1.5, 2.0, 3.0, 4.0)),
+    "Latent Direction": ("scale", (0.5, 1.0, 1.5, 2.0)),
+    "H-Distribution": ("scale", (10.0, 30.0, 100.0, 300.0)),
+    "Latent Editing": ("scale", (0.5, 1.0, 1.5, 2.0)),
+    "Finetuning": ("lora scale", (0.5, 1.0, 1.5, 2.0)),
+    "DiffLens": ("beta", (1.0, 2.0, 3.0, 4.0)),
+}
+
+
+@dataclass
+class Cell:
+    """One (split, attribute, method, setting) run."""
+
+    split: str
+    attribute: str
+    method: str
+    setting: float | None
+    seed: int
+    n: int
+    probs: dict[str, torch.Tensor]
+    features: torch.Tensor
+    images: torch.Tensor  # first few, uint8
+    classes: torch.Tensor | None = None  # per-sample drawn class, where the method has one
+    seconds: float = 0.0
+
+    @property
+    def key(self) -> str:
+        s = "none" if self.setting is None else f"{self.setting:g}"
+        return f"{self.split}_{self.attribute}_{self.method.replace(' ', '-')}_{s}"
+
+    def save(self, folder) -> Path:
+        t = {f"probs.{a}": p for a, p in self.probs.items()}
+        t.update(features=self.features.to(torch.float16), images=self.images)
+        if self.classes is not None:
+            t["classes"] = self.classes
+        return io.save_tensors(Path(folder) / f"{self.key}.safetensors", t, meta={
+            "split": self.split, "attribute": self.attribute, "method": self.method, "setting": self.setting,
+            "seed": self.seed, "n": self.n, "seconds": self.seconds})
+
+    @classmethod
+    def load(cls, path) -> "Cell":
+        t, m = io.load_tensors(path)
+        return cls(m["split"], m["attribute"], m["method"], m["setting"], m["seed"], m["n"],
+                   {a: t[f"probs.{a}"] for a in world.ATTRIBUTES}, t["features"].float(), t["images"],
+                   t.get("classes"), m["seconds"])
+
+
+def cell_metrics(cell: Cell, original: Cell, reference_features: torch.Tensor, judge=None, n_boot: int = 1000) -> dict:
+    """FD (with bootstrap CI) against uniform, FID against the world's renders, similarity to the
+    original sample from the same noise, and keep-rates, for one cell."""
+    if (cell.seed, cell.n) != (original.seed, original.n):
+        raise ValueError(f"cell_metrics: {cell.key} (seed {cell.seed}, n {cell.n}) is not paired with the original "
+                         f"(seed {original.seed}, n {original.n})")
+    a = cell.attribute
+    k = len(world.ATTRIBUTES[a])
+    preds = cell.probs[a].argmax(-1)
+    fd = metrics.fd_bootstrap(preds, k, n_boot=n_boot)
+    others = [b for b in world.SOCIAL if b != a]
+    return {
+        "attribute": a, "method": cell.method, "setting": cell.setting, "n": cell.n, "seed": cell.seed,
+        "FD": metrics.fairness_discrepancy(preds, k), "FD lo": fd["lo"], "FD hi": fd["hi"],
+        "FID": metrics.fid_from_features(reference_features, cell.features),
+        "similarity": float(torch.nn.functional.cosine_similarity(cell.features, original.features, dim=1).mean()),
+        "keep other social": metrics.keep_rate(original.probs, cell.probs, others),
+        "keep nuisance": metrics.keep_rate(original.probs, cell.probs, list(world.NUISANCE)),
+        "keep all": metrics.keep_rate(original.probs, cell.probs, others + list(world.NUISANCE)),
+        "seconds": cell.seconds,
+    }
+
+
+def table(rows: list[dict]):
+    """The Finding-1 table (one row per attribute × method). Refuses rows from different seeds or sample
+    counts: every method must be compared on the same noise."""
+    import pandas as pd
+
+    if not rows:
+        raise ValueError("table: no results")
+    pairs = {(r["seed"], r["n"]) for r in rows}
+    if len(pairs) != 1:
+        raise ValueError(f"table: results come from different (seed, n) pairs {sorted(pairs)}; "
+                         "recompute them on one noise seed and one sample count")
+    df = pd.DataFrame(rows)
+    dup = df.duplicated(["attribute", "method"])
+    if dup.any():
+        raise ValueError(f"table: more than one result for {df[dup][['attribute', 'method']].values.tolist()}")
+    order = {m: i for i, m in enumerate(METHODS)}
+    return df.sort_values(["attribute", "method"], key=lambda s: s.map(order) if s.name == "method" else s)
+
+
+def choose(rows: list[dict], keep_floor: float = KEEP_FLOOR) -> dict:
+    """The validation rule: lowest FD among settings with keep-rate ≥ ``keep_floor``, else highest keep-rate."""
+    if not rows:
+        raise ValueError("choose: no validation results")
+    ok = [r for r in rows if r["keep all"] >= keep_floor]
+    return min(ok, key=lambda r: r["FD"]) if ok else max(rows, key=lambda r: r["keep all"])
+
+
+# ----------------------------------------------------------------------------- running
+
+
+REF_SEED = 8_181  # world renders that FID is measured against (and a second set for the floor)
+CLASS_SEED = 3  # per-sample class draws: the same for every method that has them
+FIT = {  # training settings of the trainable baselines (their cost is logged)
+    "Latent Direction": dict(iters=300, batch_size=32, lr=0.05),
+    "Latent Editing": dict(edit_steps=12, iters=40, batch_size=16, lr=0.05, l1=3.0),
+    "Finetuning": dict(iters=60, batch_size=16, train_steps=8, rank=4, lr=1e-3, preserve=10.0),
+}
+
+
+def uniform(attribute: str) -> list[float]:
+    k = len(world.ATTRIBUTES[attribute])
+    return [1.0 / k] * k
+
+
+def classes_for(attribute: str, n: int) -> torch.Tensor:
+    """The per-sample target classes, exactly as :class:`helpers.intervention.Intervention` draws them."""
+    from .intervention import assign_classes
+
+    return assign_classes(n, uniform(attribute), seed=CLASS_SEED * 7919)
+
+
+class Runner:
+    """Fits, caches and runs every method on one model (the embedded one by default)."""
+
+    def __init__(self, out=OUT, steps: int = 25, batch_size: int = 128, keep_images: int = 12, progress: bool = True,
+                 fit: dict | None = None):
+        from . import dissect, identify
+        from . import harvest as H
+        from . import judge as J
+        from . import probe as P
+        from . import sae as S
+
+        self.out = Path(out)
+        (self.out / "cells").mkdir(parents=True, exist_ok=True)
+        (self.out / "fitted").mkdir(parents=True, exist_ok=True)
+        self.steps, self.batch_size, self.keep, self.progress = steps, batch_size, keep_images, progress
+        self.fit_settings = fit or FIT
+        self.model = models.load_model("embedded")
+        self.judge = J.load_judge()
+        self.sae, _ = S.load_sae(dissect.OUT / "sae.safetensors")
+        self.probe, _ = P.load_probe(identify.OUT / "probe.safetensors")
+        self.summary = H.load_summary(dissect.OUT / "summary.safetensors")
+        self.fitted: dict[tuple[str, str], object] = {}
+        self.log_path = self.out / "log.json"
+        self.log = json.loads(self.log_path.read_text()) if self.log_path.is_file() else {
+            "model_fingerprint": cache.fingerprint(models.EMBEDDED_DIR), "fit_seconds": {}}
+
+    def _save_log(self):
+        io.write_json(self.log_path, self.log)
+
+    # -- fitting (cached in fitted/) --
+    def fitted_method(self, method: str, attribute: str):
+        key = (method, attribute)
+        if key in self.fitted:
+            return self.fitted[key]
+        path = self.out / "fitted" / f"{method.replace(' ', '-')}_{attribute}.safetensors"
+        labels = self.summary.labels()[attribute]
+        if method == "Activation":
+            obj = B.Activation.fit(self.summary.pooled.float(), labels, attribute, k=8)
+        elif method == "H-Distribution":
+            obj = B.HDistribution(attribute, self.probe, uniform(attribute))
+        elif method == "DiffLens":
+            obj = None
+        elif path.is_file():
+            obj = self._load_fitted(method, attribute, path)
+        else:
+            t0 = time.time()
+            kw = self.fit_settings[method]
+            if method == "Latent Direction":
+                obj = B.LatentDirection.fit(self.model, attribute, progress=self.progress, **kw)
+                io.save_tensors(path, {"directions": obj.directions}, meta={"history": obj.history, **kw})
+            elif method == "Latent Editing":
+                obj = B.LatentEditing.fit(self.model, self.judge, attribute, steps=self.steps, progress=self.progress, **kw)
+                io.save_tensors(path, {"delta": obj.delta}, meta={"history": obj.history, "steps": self.steps, **kw})
+            elif method == "Finetuning":
+                obj = B.Finetuning.fit(self.model, self.judge, attribute, uniform(attribute), progress=self.progress, **kw)
+                lora = {n: p.detach() for n, p in obj.unet.named_parameters() if "lora_" in n}
+                io.save_tensors(path, lora, meta={"history": obj.history, **kw})
+            else:
+                raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+            self.log["fit_seconds"][f"{method}/{attribute}"] = time.time() - t0
+            self._save_log()
+        self.fitted[key] = obj
+        return obj
+
+    def _load_fitted(self, method, attribute, path):
+        t, m = io.load_tensors(path)
+        if method == "Latent Direction":
+            return B.LatentDirection(attribute, t["directions"], history=m["history"])
+        if method == "Latent Editing":
+            return B.LatentEditing(attribute, t["delta"], m["steps"], history=m["history"])
+        kw = {k: v for k, v in m.items() if k in ("rank",)}
+        ft = B.Finetuning.fit(self.model, self.judge, attribute, uniform(attribute), iters=0, progress=False,
+                              rank=kw.get("rank", 4))
+        missing = set(t) - {n for n, _ in ft.unet.named_parameters()}
+        if missing:
+            raise ValueError(f"{path}: adapter weights {sorted(missing)[:3]} do not fit this UNet; delete the file")
+        with torch.no_grad():
+            for n, p in ft.unet.named_parameters():
+                if n in t:
+                    p.copy_(t[n])
+        ft.history = m["history"]
+        return ft
+
+    # -- one cell --
+    def cell(self, split: str, attribute: str, method: str, setting: float | None, n: int) -> Cell:
+        from dataclasses import replace
+
+        from . import identify
+        from . import intervention as I
+
+        seed = VAL_SEED if split == "val" else TEST_SEED
+        probe_cell = Cell(split, attribute, method, setting, seed, n, {}, torch.zeros(0), torch.zeros(0))
+        path = self.out / "cells" / f"{probe_cell.key}.safetensors"
+        if path.is_file():
+            c = Cell.load(path)
+            if (c.seed, c.n) == (seed, n):
+                return c
+        noise = models.make_noise(n, self.model.sample_size, seed)
+        classes = classes_for(attribute, n)
+        t0 = time.time()
+        fitted = self.fitted_method(method, attribute) if method != "Original" else None
+        bs = self.batch_size
+        if method == "Original":
+            imgs, classes = B.sample(self.model, noise, self.steps, batch_size=bs), None
+        elif method == "Activation":
+            imgs = B.sample(self.model, noise, self.steps, replace(fitted, beta=setting).hook(classes), bs)
+        elif method == "Latent Direction":
+            imgs = B.sample(self.model, noise, self.steps, replace(fitted, scale=setting).hook(classes), bs)
+        elif method == "H-Distribution":
+            imgs, classes = B.sample(self.model, noise, self.steps, replace(fitted, scale=setting).hook(), bs), None
+        elif method == "Latent Editing":
+            imgs = replace(fitted, scale=setting).sample(self.model, noise, classes, batch_size=bs)
+        elif method == "Finetuning":
+            imgs, classes = B.sample(fitted.model(self.model, setting), noise, self.steps, batch_size=bs), None
+        elif method == "DiffLens":
+            e = identify.edit_for(attribute, setting, target=uniform(attribute))
+            imgs, iv = I.sample(self.model, self.sae, [e], noise=noise, steps=self.steps, batch_size=bs,
+                                class_seed=CLASS_SEED)
+            assert torch.equal(iv.classes(attribute), classes)
+        else:
+            raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+        c = Cell(split, attribute, method, setting, seed, n, self.judge.predict(imgs), self.judge.features(imgs),
+                 (imgs[: self.keep] * 255).round().to(torch.uint8), classes, time.time() - t0)
+        c.save(self.out / "cells")
+        return c
+
+    def reference(self, n: int) -> dict:
+        """Judge features of ``n`` world renders (the FID reference) and of a second set (the floor)."""
+        path = self.out / f"reference_{n}.safetensors"
+        if path.is_file():
+            t, _ = io.load_tensors(path)
+            return {k: v.float() for k, v in t.items()}
+        ref = self.judge.features(world.sample(n, seed=REF_SEED).images)
+        other = self.judge.features(world.sample(n, seed=REF_SEED + 1).images)
+        io.save_tensors(path, {"reference": ref, "second": other})
+        return {"reference": ref, "second": other}
+
+
+def run(out=OUT, n_val: int = 128, n_test: int = 500, attributes=world.SOCIAL, methods=METHODS,
+        progress: bool = True) -> dict:
+    """Validate every method's knob, then test the chosen settings; resumable cell by cell."""
+    from tqdm.auto import tqdm
+
+    r = Runner(out, progress=progress)
+    chosen = r.log.setdefault("chosen", {})
+    todo = [(a, m, s) for a in attributes for m in methods if m != "Original" for s in KNOBS[m][1]]
+    ref_val = r.reference(n_val)
+    for a, m, s in tqdm(todo, desc="validation cells", disable=not progress):
+        r.cell("val", a, m, s, n_val)
+    for a in attributes:
+        orig = r.cell("val", a, "Original", None, n_val)
+        for m in methods:
+            if m == "Original":
+                continue
+            rows = [cell_metrics(r.cell("val", a, m, s, n_val), orig, ref_val["reference"]) for s in KNOBS[m][1]]
+            chosen[f"{a}/{m}"] = choose(rows)["setting"]
+    r._save_log()
+    ref = r.reference(n_test)
+    for a in tqdm(attributes, desc="test", disable=not progress):
+        for m in methods:
+            r.cell("test", a, m, None if m == "Original" else chosen[f"{a}/{m}"], n_test)
+    r.log["n_val"], r.log["n_test"] = n_val, n_test
+    r.log["fid_floor"] = metrics.fid_from_features(ref["reference"], ref["second"])
+    r._save_log()
+    return r.log
+
+
+def results(out=OUT, split: str = "test") -> list[dict]:
+    """Metrics of every saved cell of ``split`` that has its Original partner."""
+    out = Path(out)
+    cells = [Cell.load(p) for p in sorted((out / "cells").glob(f"{split}_*.safetensors"))]
+    rows = []
+    for c in cells:
+        orig = next((o for o in cells if o.method == "Original" and o.attribute == c.attribute
+                     and (o.seed, o.n) == (c.seed, c.n)), None)
+        if orig is None:
+            continue
+        ref_path = out / f"reference_{c.n}.safetensors"
+        ref, _ = io.load_tensors(ref_path)
+        rows.append(cell_metrics(c, orig, ref["reference"].float()))
+    return rows
