@@ -14,6 +14,12 @@ remainder, shuffled, seeded) and that class's features are edited in that sample
 paper's released code drew one class per batch. Several :class:`Edit` objects (several
 attributes) apply together.
 
+**Where to add.** The paper adds β at every position of h. Our features are local (in one image
+a top feature is active at two or three of the 8×8 positions), so adding it everywhere paints it
+into the backdrop. ``Edit.footprint`` (add mode only) gives, per class, a map per feature of where
+and how strongly it fires in images of that class (:func:`footprint`, the mean activation map);
+the edit then adds ``β · map`` instead of a flat β. Chapter 4 measures both.
+
 Cost: one UNet pass per step plus one SAE encode of h (no second pass); ``bench/intervention_overhead.py``.
 """
 from __future__ import annotations
