@@ -1,0 +1,59 @@
+"""The benchmark runner on the shipped model with tiny settings, and the table's refusals."""
+import pytest
+import torch
+
+from helpers import benchmark as BM
+from helpers import world
+
+TINY_FIT = {
+    "Latent Direction": dict(iters=2, batch_size=4, lr=0.05),
+    "Latent Editing": dict(edit_steps=2, iters=1, batch_size=4, lr=0.05, l1=3.0),
+    "Finetuning": dict(iters=1, batch_size=4, train_steps=2, rank=2, lr=1e-3, preserve=10.0),
+}
+
+
+def _row(**kw):
+    r = {"attribute": "gender", "method": "DiffLens", "seed": 1, "n": 10, "FD": 0.1, "keep all": 0.95, "setting": 1.0}
+    r.update(kw)
+    return r
+
+
+def test_table_refuses_mixed_seeds_counts_and_duplicates():
+    BM.table([_row(), _row(method="Original")])
+    with pytest.raises(ValueError, match="different \\(seed, n\\)"):
+        BM.table([_row(), _row(method="Original", seed=2)])
+    with pytest.raises(ValueError, match="different \\(seed, n\\)"):
+        BM.table([_row(), _row(method="Original", n=11)])
+    with pytest.raises(ValueError, match="more than one result"):
+        BM.table([_row(), _row()])
+
+
+def test_choose_rule():
+    rows = [_row(setting=1.0, FD=0.05, **{"keep all": 0.97}), _row(setting=2.0, FD=0.01, **{"keep all": 0.91}),
+            _row(setting=3.0, FD=0.00, **{"keep all": 0.50})]
+    assert BM.choose(rows)["setting"] == 2.0  # lowest FD with keep >= 0.90
+    assert BM.choose([_row(setting=3.0, **{"keep all": 0.5}), _row(setting=4.0, **{"keep all": 0.6})])["setting"] == 4.0
+
+
+def test_every_method_runs_on_the_shipped_model_with_shared_noise(tmp_path):
+    r = BM.Runner(tmp_path, steps=25, batch_size=4, keep_images=2, progress=False, fit=TINY_FIT)
+    orig = r.cell("val", "gender", "Original", None, 4)
+    ref = r.reference(8)
+    for m in BM.METHODS[1:]:
+        c = r.cell("val", "gender", m, BM.KNOBS[m][1][0], 4)
+        assert (c.seed, c.n) == (BM.VAL_SEED, 4) and set(c.probs) == set(world.ATTRIBUTES)
+        row = BM.cell_metrics(c, orig, ref["reference"])
+        assert 0 <= row["keep all"] <= 1 and row["FID"] > 0
+        if c.classes is not None:
+            assert torch.equal(c.classes, BM.classes_for("gender", 4))
+    # resumable: a saved cell is loaded, not recomputed
+    again = r.cell("val", "gender", "Activation", BM.KNOBS["Activation"][1][0], 4)
+    assert again.seconds == BM.Cell.load(next((tmp_path / "cells").glob("val_gender_Activation_*"))).seconds
+    # fitted baselines were cached with their training cost logged
+    assert {"Latent Direction/gender", "Latent Editing/gender", "Finetuning/gender"} <= set(r.log["fit_seconds"])
+    r2 = BM.Runner(tmp_path, steps=25, batch_size=4, progress=False, fit=TINY_FIT)
+    ft = r2.fitted_method("Finetuning", "gender")
+    saved = {n: p for n, p in r.fitted_method("Finetuning", "gender").unet.named_parameters() if "lora_" in n}
+    assert all(torch.equal(p, saved[n]) for n, p in ft.unet.named_parameters() if "lora_" in n)
+    with pytest.raises(ValueError, match="not paired"):
+        BM.cell_metrics(r.cell("val", "gender", "Original", None, 3), orig, ref["reference"])
