@@ -92,7 +92,11 @@ def check_static_slider(html_dir, page: str, chromium: str | None = None, moves:
     html_dir = Path(html_dir)
     if not (html_dir / page).is_file():
         raise FileNotFoundError(f"check_static_slider: {html_dir / page} does not exist; build the book first")
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(html_dir))
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # keep the caller's output readable
+            pass
+
+    handler = partial(Quiet, directory=str(html_dir))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
