@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -55,6 +56,20 @@ def _check_target(attribute: str, target: Sequence[float]) -> torch.Tensor:
         raise ValueError(f"target for {attribute!r} must be {k} non-negative probabilities summing to 1, "
                          f"got {list(target)}")
     return t.float()
+
+
+@contextmanager
+def _frozen(*modules):
+    """Every parameter of ``modules`` has ``requires_grad`` off inside the block, and back as it was after."""
+    params = [p for m in modules for p in m.parameters()]
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in zip(params, before):
+            p.requires_grad_(r)
 
 
 # ----------------------------------------------------------------------------- DDIM pieces
@@ -215,11 +230,9 @@ class LatentDirection:
         shape = cap.activations[0].shape[1:]
         d = torch.zeros(kc, *shape, requires_grad=True)
         opt = torch.optim.Adam([d], lr=lr)
-        req = [p.requires_grad for p in unet.parameters()]
-        unet.requires_grad_(False)
         g = torch.Generator().manual_seed(seed)
         hist, t0 = [], time.time()
-        try:
+        with _frozen(unet):
             for it in tqdm(range(iters), disable=not progress, desc=f"Latent Direction {attribute}"):
                 classes = torch.arange(batch_size) % kc
                 x0 = images_of(attribute, classes, seed * 100_003 + it, resolution=model.sample_size)
@@ -231,9 +244,6 @@ class LatentDirection:
                 loss.backward()
                 opt.step()
                 hist.append(loss.item())
-        finally:
-            for p, r in zip(unet.parameters(), req):
-                p.requires_grad_(r)
         return cls(attribute, d.detach(), 1.0, hist, time.time() - t0)
 
     def hook(self, classes: torch.Tensor):
@@ -311,12 +321,9 @@ class LatentEditing:
             models.sample(model, 1, steps=1, seed=seed)
         delta = torch.zeros(kc, edit_steps, *cap.activations[0].shape[1:], requires_grad=True)
         opt = torch.optim.Adam([delta], lr=lr)
-        req = [p.requires_grad for p in unet.parameters()] + [p.requires_grad for p in judge.parameters()]
-        unet.requires_grad_(False)
-        judge.requires_grad_(False)
         judge.eval()
         hist, t0 = [], time.time()
-        try:
+        with _frozen(unet, judge):
             for it in tqdm(range(iters), disable=not progress, desc=f"Latent Editing {attribute}"):
                 classes = torch.arange(batch_size) % kc
                 x = models.make_noise(batch_size, model.sample_size, seed * 100_003 + it)
@@ -339,10 +346,6 @@ class LatentEditing:
                     with torch.no_grad():
                         x, _ = ddim_step(sched, out, out, t, x)
                 hist.append(total / edit_steps)
-        finally:
-            ps = list(unet.parameters()) + list(judge.parameters())
-            for p, r in zip(ps, req):
-                p.requires_grad_(r)
         return cls(attribute, delta.detach(), steps, 1.0, hist, time.time() - t0)
 
     def sample(self, model: models.Diffusion, noise: torch.Tensor, classes: torch.Tensor, steps: int | None = None,
@@ -420,13 +423,11 @@ class Finetuning:
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=lr)
-        req = [p.requires_grad for p in judge.parameters()]
-        judge.requires_grad_(False)
         judge.eval()
         sched = ddim(model, train_steps)
         adapted = models.Diffusion(unet=unet, scheduler=model.scheduler)
         hist, t0 = [], time.time()
-        try:
+        with _frozen(judge):
             for it in tqdm(range(iters), disable=not progress, desc=f"Finetuning {attribute}"):
                 noise = models.make_noise(batch_size, model.sample_size, seed * 100_003 + it)
                 with torch.no_grad():
@@ -443,9 +444,6 @@ class Finetuning:
                 loss.backward()
                 opt.step()
                 hist.append(loss.item())
-        finally:
-            for p, r in zip(judge.parameters(), req):
-                p.requires_grad_(r)
         unet.requires_grad_(False)
         unet.eval()
         return cls(attribute, adapted.unet, list(map(float, t)), hist, time.time() - t0)
