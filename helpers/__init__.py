@@ -13,8 +13,10 @@ One module per noun, each introduced by a chapter:
 * ``probe``   — per-timestep linear classifier on h (chapter 4)
 * ``attribution`` — integrated gradients (captum) over SAE latents, rankings per class (chapter 4)
 * ``intervention`` — error-preserving scale/add edits with per-sample class targeting (chapters 4–5)
-* ``widgets`` — β sliders that also work in the static book (chapter 5)
-* ``dissect``, ``identify``, ``sweeps`` — each chapter's experiments, run by its RECOMPUTE flag (chapters 2–5)
+* ``widgets`` — β sliders that also work in the static book, and their headless-browser check (chapter 5)
+* ``baselines`` — Activation, Latent Direction, H-Distribution, Latent Editing, Finetuning (chapter 6)
+* ``dissect``, ``identify``, ``sweeps``, ``benchmark`` — each chapter's experiments, run by its RECOMPUTE
+  flag (chapters 2–6)
 * ``plots``   — image grids
 * ``io``      — atomic writes and safetensors checkpoints
 """
