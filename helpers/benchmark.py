@@ -36,7 +36,8 @@ METHODS = ("Original", *B.METHODS, "DiffLens")
 KNOBS = {
     "Activation": ("beta", (1.5, 2.0, 3.0, 4.0)),
     "Latent Direction": ("scale", (0.5, 1.0, 1.5, 2.0)),
-    "H-Distribution": ("scale", (10.0, 30.0, 100.0, 300.0)),
+    # the KL gradient through the batch mean is ~1e-3 per sample against |h| ≈ 114, hence large scales
+    "H-Distribution": ("scale", (1e3, 3e3, 1e4, 3e4)),
     "Latent Editing": ("scale", (0.5, 1.0, 1.5, 2.0)),
     "Finetuning": ("lora scale", (0.5, 1.0, 1.5, 2.0)),
     "DiffLens": ("beta", (2.0, 3.0, 4.0, 6.0)),
