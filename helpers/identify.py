@@ -92,14 +92,8 @@ def save_footprints(sae, rankings: dict, h_by_step, labels: dict, out) -> None:
 
 def active_share(sae, h_by_step, labels, cls: int, feats) -> torch.Tensor:
     """Per feature: the share of an image's positions where it is active, averaged over the class's images."""
-    ids = (torch.as_tensor(labels).long() == cls).nonzero().flatten()
-    out = 0
-    for h in h_by_step.values():
-        hb = h[ids].float()
-        with torch.no_grad():
-            z = sae.encode(S.to_rows(hb)).view(len(hb), -1, sae.cfg.d_sae)[:, :, feats]
-        out = out + (z > 0).float().mean((0, 1))
-    return out / len(h_by_step)
+    shares = [(z > 0).float().mean((0, 1)) for z in I.class_latents(sae, h_by_step, labels, cls, feats)]
+    return sum(shares) / len(shares)
 
 
 def features(attribute: str, cls: int, k: int | None = None, folder=OUT) -> tuple[list[int], torch.Tensor]:

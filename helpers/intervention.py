@@ -221,19 +221,22 @@ def footprint(sae: TopKSAE, h_by_step: dict[int, torch.Tensor], labels: torch.Te
     ``h_by_step`` maps step → h ``(N, C, H, W)`` (e.g. from the harvest), ``labels`` ``(N,)``
     the judged classes; the map is averaged over the class's samples and the given steps.
     """
+    maps = [z.mean(0) for z in class_latents(sae, h_by_step, labels, cls, features)]
+    return (sum(maps) / len(maps)).T.contiguous()
+
+
+def class_latents(sae: TopKSAE, h_by_step: dict[int, torch.Tensor], labels: torch.Tensor, cls: int,
+                  features: Sequence[int]):
+    """Per step: the listed features' latents ``(samples judged cls, H·W, len(features))``."""
     labels = torch.as_tensor(labels).long()
     ids = (labels == cls).nonzero().flatten()
     if len(ids) == 0:
         raise ValueError(f"footprint: no sample is judged class {cls}; cannot tell where its features fire")
     feats = torch.as_tensor(list(map(int, features)), dtype=torch.long)
-    acc = None
     for h in h_by_step.values():
         hb = h[ids].float()
-        b, pos = hb.shape[0], hb.shape[2] * hb.shape[3]
         with torch.no_grad():
-            z = sae.encode(to_rows(hb)).view(b, pos, -1)[:, :, feats]
-        acc = z.mean(0) if acc is None else acc + z.mean(0)
-    return (acc / len(h_by_step)).T.contiguous()
+            yield sae.encode(to_rows(hb)).view(len(hb), hb.shape[2] * hb.shape[3], -1)[:, :, feats]
 
 
 def sample(model: models.Diffusion, sae: TopKSAE, edits: Sequence[Edit], n: int | None = None, steps: int = 25,
