@@ -57,3 +57,19 @@ def test_every_method_runs_on_the_shipped_model_with_shared_noise(tmp_path):
     assert all(torch.equal(p, saved[n]) for n, p in ft.unet.named_parameters() if "lora_" in n)
     with pytest.raises(ValueError, match="not paired"):
         BM.cell_metrics(r.cell("val", "gender", "Original", None, 3), orig, ref["reference"])
+
+
+def test_learned_baselines_train_on_the_second_judge_and_stale_fits_are_refused(tmp_path):
+    from helpers import io
+
+    r = BM.Runner(tmp_path, steps=25, batch_size=4, progress=False, fit=TINY_FIT)
+    assert r.trainer_judge is not r.judge
+    assert not torch.equal(r.trainer_judge.heads["gender"].weight[:, :8], r.judge.heads["gender"].weight[:, :8])
+    r.fitted_method("Latent Editing", "gender")
+    path = tmp_path / "fitted" / "Latent-Editing_gender.safetensors"
+    t, meta = io.load_tensors(path)
+    assert meta["judge"] == BM.TRAINER_JUDGE.name
+    meta.pop("judge")
+    io.save_tensors(path, t, meta=meta)  # as if trained against the scoring judge
+    with pytest.raises(ValueError, match="delete it"):
+        BM.Runner(tmp_path, steps=25, batch_size=4, progress=False, fit=TINY_FIT).fitted_method("Latent Editing", "gender")
