@@ -9,7 +9,8 @@ leaves a hook on the model.
 * :func:`edit` replaces ``h`` by ``fn(h, info)`` while sampling.
 
 Works on any diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` (anything with a
-``mid_block``).
+``mid_block``). Under classifier-free guidance (:func:`guided`) they see only the conditional
+half of each batch.
 """
 from __future__ import annotations
 
@@ -110,6 +111,34 @@ def load_shards(folder) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in ("h", "step", "timestep", "sample")}
 
 
+_GUIDED = "_difflens_guided"  # attribute set on a UNet while it runs classifier-free guided batches
+
+
+@contextmanager
+def guided(unet, active: bool = True):
+    """Mark ``unet``'s calls inside the block as classifier-free-guided batches ``[uncond; cond]``.
+
+    diffusers' text-to-image pipelines run the unconditional and the conditional (prompt) halves
+    of a guided step as one batch, in that order. Inside this block the bottleneck hooks see and
+    edit only the **conditional half** and pass the unconditional half through untouched:
+
+    * the prompt's content (a doctor's gender, say) lives in the conditional activations; the
+      unconditional half is the same for every prompt, so capturing it would mix prompt-free
+      activations into the SAE's and the probe's training data;
+    * guidance output is ``ε_u + g·(ε_c − ε_u)``: an edit of the conditional half alone is
+      amplified by ``g``, while the same edit on both halves would largely cancel in the
+      difference — editing only ``cond`` is also what DiffLens' released SD code does.
+
+    Capture records and ``fn`` receive ``(batch, C, H, W)`` for the conditional samples only.
+    """
+    old = getattr(unet, _GUIDED, False)
+    setattr(unet, _GUIDED, bool(active))
+    try:
+        yield unet
+    finally:
+        setattr(unet, _GUIDED, old)
+
+
 def _mid_block(unet) -> torch.nn.Module:
     mid = getattr(unet, "mid_block", None)
     if mid is None:
@@ -145,6 +174,12 @@ def bottleneck_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor |
         if keep is not None and step not in keep:
             return None
         info = StepInfo(step=step, timestep=state["t"])
+        full = output
+        half = getattr(unet, _GUIDED, False)
+        if half:
+            if output.shape[0] % 2:
+                raise ValueError(f"guided UNet call with an odd batch {output.shape[0]}; expected [uncond; cond]")
+            output = full[full.shape[0] // 2:]
         h = output
         if fn is not None:
             new = fn(h, info)
@@ -158,7 +193,9 @@ def bottleneck_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor |
             cache.steps.append(step)
             cache.timesteps.append(info.timestep)
             cache.activations.append(h.detach().cpu())
-        return h if h is not output else None
+        if h is output:
+            return None
+        return torch.cat([full[: full.shape[0] // 2], h]) if half else h
 
     handles = []
     try:

@@ -56,11 +56,25 @@ class Diffusion:
     scheduler: object  # a diffusers scheduler; sampling uses DDIM built from its config
     name: str = "model"
     pipeline: object | None = None  # the full diffusers pipeline when one was loaded
+    # text-to-image pipelines (Stable Diffusion): what every sample is generated from
+    prompt: str | None = None  # e.g. "a photo of a doctor"; required to sample a text-conditioned model
+    guidance_scale: float = 7.5  # classifier-free guidance (1 = none)
+    negative_prompt: str | None = None
 
     @property
     def sample_size(self) -> int:
         s = self.unet.config.sample_size
         return s if isinstance(s, int) else s[0]
+
+    @property
+    def text_conditioned(self) -> bool:
+        """True for a text-to-image pipeline (a UNet that takes ``encoder_hidden_states``)."""
+        return self.pipeline is not None and getattr(self.pipeline, "text_encoder", None) is not None
+
+    @property
+    def channels(self) -> int:
+        """Channels of the noise the UNet denoises (3 for pixel models, 4 for SD's latents)."""
+        return int(self.unet.config.in_channels)
 
 
 def build_unet(cfg: EmbeddedConfig) -> UNet2DModel:
@@ -88,13 +102,24 @@ def build_scheduler(cfg: EmbeddedConfig) -> DDPMScheduler:
 
 
 def load_model(name_or_path: str | os.PathLike = "embedded", device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> Diffusion:
+               dtype: torch.dtype = torch.float32, prompt: str | None = None, guidance_scale: float = 7.5,
+               negative_prompt: str | None = None) -> Diffusion:
     """Load a diffusion model ready to sample.
 
     ``"embedded"`` loads the shipped portrait model. Otherwise ``name_or_path`` is a local
     folder or a Hub repo id holding either a diffusers pipeline (``model_index.json``) or a
     bare ``UNet2DModel`` (``config.json``; a ``scheduler/`` or ``scheduler_config.json`` next
-    to it is used when present, else a default DDPM scheduler).
+    to it is used when present, else a default DDPM scheduler). Examples:
+
+    * ``load_model("google/ddpm-celebahq-256")`` — an unconditional pixel DDPM (``DDPMPipeline``);
+    * ``load_model("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cuda", dtype=torch.float16,
+      prompt="a photo of a doctor")`` — Stable Diffusion: a text-conditioned ``UNet2DConditionModel``
+      in the VAE's latent space, sampled with classifier-free guidance; :func:`sample` returns the
+      VAE-decoded images and the bottleneck hooks see the conditional half (see
+      :func:`helpers.hooks.guided`). Its safety checker is switched off (it blanks images the
+      judge must read).
+
+    ``dtype=torch.float16`` halves memory on a GPU; on CPU keep float32.
     """
     name = str(name_or_path)
     if name == "embedded":
@@ -108,7 +133,7 @@ def load_model(name_or_path: str | os.PathLike = "embedded", device: str | torch
     else:
         path = Path(name).expanduser()
     if path.exists():
-        return _load_local(path, name, device, dtype)
+        return _with_prompt(_load_local(path, name, device, dtype), prompt, guidance_scale, negative_prompt)
     looks_like_repo = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not path.suffix
     if not looks_like_repo:
         raise FileNotFoundError(
@@ -124,7 +149,14 @@ def load_model(name_or_path: str | os.PathLike = "embedded", device: str | torch
             f"load_model: could not fetch {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
             "Without internet, download it elsewhere and pass the local folder instead."
         ) from None
-    return _from_pipeline(pipe, name, device)
+    return _with_prompt(_from_pipeline(pipe, name, device), prompt, guidance_scale, negative_prompt)
+
+
+def _with_prompt(model: Diffusion, prompt, guidance_scale, negative_prompt) -> Diffusion:
+    if prompt is not None and not model.text_conditioned:
+        raise ValueError(f"load_model: {model.name!r} is unconditional; it takes no prompt (drop prompt=...)")
+    model.prompt, model.guidance_scale, model.negative_prompt = prompt, float(guidance_scale), negative_prompt
+    return model
 
 
 def _dtype_kw(dtype: torch.dtype) -> dict:
@@ -175,8 +207,15 @@ def _from_pipeline(pipe, name: str, device) -> Diffusion:
     unet = getattr(pipe, "unet", None)
     if unet is None:
         raise ValueError(f"load_model: the pipeline in {name!r} has no `unet`; only UNet-based models are supported")
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None  # it replaces flagged images by black ones, which the judge would then read
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    unet.eval().requires_grad_(False)
+    for part in ("unet", "vae", "text_encoder"):
+        m = getattr(pipe, part, None)
+        if m is not None:
+            m.eval().requires_grad_(False)
     return Diffusion(unet=unet, scheduler=pipe.scheduler, name=name, pipeline=pipe)
 
 
@@ -206,7 +245,9 @@ def sample(model: Diffusion, n: int | None = None, steps: int = 25, seed: int = 
     if noise is None:
         if n is None:
             raise ValueError("sample: give n (with seed) or an explicit noise tensor")
-        noise = make_noise(n, model.sample_size, seed, model.unet.config.in_channels)
+        noise = make_noise(n, model.sample_size, seed, model.channels)
+    if model.text_conditioned:
+        return _sample_text(model, noise, steps, batch_size, progress)
     ddim = DDIMScheduler.from_config(model.scheduler.config)
     ddim.set_timesteps(steps)
     dev = next(model.unet.parameters()).device
@@ -223,6 +264,29 @@ def sample(model: Diffusion, n: int | None = None, steps: int = 25, seed: int = 
         outs.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())
     bar.close()
     return torch.cat(outs) if outs else noise.new_zeros((0, *noise.shape[1:]))
+
+
+def _sample_text(model: Diffusion, noise: torch.Tensor, steps: int, batch_size: int, progress: bool) -> torch.Tensor:
+    """Text-to-image DDIM through the diffusers pipeline itself (prompt encoding, classifier-free
+    guidance, VAE decoding), from the given latent noise; bottleneck hooks see the conditional half."""
+    from . import hooks
+
+    if model.prompt is None:
+        raise ValueError(f"sample: {model.name!r} is a text-to-image model; give it a prompt, e.g. "
+                         "load_model(path, prompt='a photo of a doctor') or model.prompt = '...'")
+    pipe = model.pipeline
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    dev, dtype = pipe.unet.device, pipe.unet.dtype
+    outs = []
+    for s in tqdm(range(0, len(noise), batch_size), disable=not progress, desc="DDIM (text)"):
+        x = noise[s:s + batch_size].to(dev, dtype)
+        b = len(x)
+        with hooks.guided(pipe.unet, active=model.guidance_scale > 1):
+            img = pipe(prompt=[model.prompt] * b, negative_prompt=None if model.negative_prompt is None
+                       else [model.negative_prompt] * b, latents=x, num_inference_steps=steps,
+                       guidance_scale=model.guidance_scale, eta=0.0, output_type="pt").images
+        outs.append(img.float().clamp(0, 1).cpu())
+    return torch.cat(outs) if outs else torch.zeros(0, 3, 1, 1)
 
 
 # ----------------------------------------------------------------------------- training
