@@ -10,6 +10,7 @@ weights, so a retrained model never reuses a stale harvest.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,28 +48,34 @@ class Summary:
 
 
 def run(model: models.Diffusion, settings: HarvestSettings, folder, judge=None, progress: bool = True,
-        meta: dict | None = None) -> Path:
-    """Harvest into ``folder`` (built atomically); returns the folder."""
+        meta: dict | None = None, sample_ids: torch.Tensor | None = None) -> Path:
+    """Harvest into ``folder`` (built atomically); returns the folder.
+
+    ``sample_ids`` harvests only those samples of the ``settings.n`` (one process's share under a
+    multi-GPU launcher; :func:`merge` joins the parts); the summary's rows follow that order.
+    """
     from tqdm.auto import tqdm
 
     judge = judge or J.load_judge()
     s = settings
     unet = model.unet
+    all_ids = torch.arange(s.n) if sample_ids is None else torch.as_tensor(sample_ids, dtype=torch.long)
     noise = models.make_noise(s.n, model.sample_size, s.seed, unet.config.in_channels)
     width = unet.config.block_out_channels[-1]
-    pooled = torch.zeros(s.n, s.steps, width, dtype=torch.float16)
+    pooled = torch.zeros(len(all_ids), s.steps, width, dtype=torch.float16)
     timesteps = torch.zeros(s.steps)
     images = []
     with cache.building(folder) as tmp:
         writer = hooks.ShardWriter(tmp / "shards", rows=s.shard_rows, dtype=getattr(torch, s.shard_dtype),
                                    meta={"settings": asdict(s), **(meta or {})})
-        bar = tqdm(total=s.n, desc="harvest", unit="sample", disable=not progress)
-        for start in range(0, s.n, s.batch_size):
-            ids = torch.arange(start, min(s.n, start + s.batch_size))
+        bar = tqdm(total=len(all_ids), desc="harvest", unit="sample", disable=not progress)
+        for start in range(0, len(all_ids), s.batch_size):
+            rows = torch.arange(start, min(len(all_ids), start + s.batch_size))
+            ids = all_ids[rows]
 
-            def keep(h, info, ids=ids):
+            def keep(h, info, ids=ids, rows=rows):
                 writer.add(h, info.step, info.timestep, sample=ids)
-                pooled[ids, info.step] = h.detach().float().mean((2, 3)).to(torch.float16).cpu()
+                pooled[rows, info.step] = h.detach().float().mean((2, 3)).to(torch.float16).cpu()
                 timesteps[info.step] = float(torch.as_tensor(info.timestep).flatten()[0])
                 return None
 
@@ -80,9 +87,34 @@ def run(model: models.Diffusion, settings: HarvestSettings, folder, judge=None, 
         writer.close()
         images = torch.cat(images)
         probs = judge.predict(images.float() / 255)
-        tensors = {"images": images, "pooled": pooled, "timesteps": timesteps}
+        tensors = {"images": images, "pooled": pooled, "timesteps": timesteps, "sample": all_ids}
         tensors.update({f"probs.{a}": p for a, p in probs.items()})
         io.save_tensors(tmp / "summary.safetensors", tensors, meta={"settings": asdict(s), **(meta or {})})
+    return Path(folder)
+
+
+def merge(parts, folder) -> Path:
+    """Join per-process harvests (:func:`run` with ``sample_ids``) into one ``folder``, rows in sample order.
+
+    The shards stay where they are: the merged manifest points at them (``../part/shards/...``)."""
+    parts = [Path(p) for p in parts]
+    sums = [io.load_tensors(p / "summary.safetensors") for p in parts]
+    ids = torch.cat([t["sample"] for t, _ in sums])
+    order = torch.argsort(ids)
+    if not torch.equal(ids[order], torch.arange(len(ids))):
+        raise ValueError(f"merge: the parts do not cover samples 0..{len(ids) - 1} exactly once")
+    t0, meta = sums[0]
+    merged = {k: torch.cat([t[k] for t, _ in sums])[order] for k in t0 if k != "timesteps"}
+    merged["timesteps"] = t0["timesteps"]
+    shards, rows = [], 0
+    for p in parts:
+        man = json.loads((p / "shards" / "manifest.json").read_text())
+        shards += [{"file": f"../../{p.name}/shards/{s['file']}", "rows": s["rows"]} for s in man["shards"]]
+        rows += man["rows"]
+    with cache.building(folder) as tmp:
+        (tmp / "shards").mkdir()
+        io.write_json(tmp / "shards" / "manifest.json", {"shards": shards, "rows": rows, "meta": {"parts": len(parts)}})
+        io.save_tensors(tmp / "summary.safetensors", merged, meta=meta)
     return Path(folder)
 
 
