@@ -30,6 +30,7 @@ class HarvestSettings:
     batch_size: int = 100  # samples per sampling batch
     shard_dtype: str = "float16"  # dtype of the stored h shards
     shard_rows: int = 2000  # (sample, step) captures per shard
+    shard_steps: tuple[int, ...] | None = None  # steps whose full h is stored (None: all); pooled h keeps every step
 
 
 @dataclass
@@ -74,7 +75,8 @@ def run(model: models.Diffusion, settings: HarvestSettings, folder, judge=None, 
             ids = all_ids[rows]
 
             def keep(h, info, ids=ids, rows=rows):
-                writer.add(h, info.step, info.timestep, sample=ids)
+                if s.shard_steps is None or info.step in s.shard_steps:
+                    writer.add(h, info.step, info.timestep, sample=ids)
                 pooled[rows, info.step] = h.detach().float().mean((2, 3)).to(torch.float16).cpu()
                 timesteps[info.step] = float(torch.as_tensor(info.timestep).flatten()[0])
                 return None

@@ -61,6 +61,9 @@ class HarvestCfg:
     seed: int = 1234
     batch_size: int = 100
     shard_dtype: str = "float16"
+    # steps whose full h is stored for the SAE and IG (empty: every step). SD at 50 steps stores
+    # 50 × 64 positions × 1280 channels × 2 bytes = 8 MB per sample for all steps; pick a few.
+    shard_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -162,6 +165,14 @@ def config_from_dict(raw: dict, where: str = "config") -> Config:
     late = [s for s in cfg.attribution.steps if not 0 <= s < steps]
     if late:
         raise ValueError(f"{where}: [attribution] steps {late} are outside the harvest's 0..{steps - 1}")
+    stored = cfg.harvest.shard_steps
+    bad = [s for s in stored if not 0 <= s < steps]
+    if bad:
+        raise ValueError(f"{where}: [harvest] shard_steps {bad} are outside 0..{steps - 1}")
+    missing = [s for s in cfg.attribution.steps if stored and s not in stored]
+    if missing:
+        raise ValueError(f"{where}: [attribution] steps {missing} are not in [harvest] shard_steps {stored}; "
+                         "add them there (IG needs the full h of those steps)")
     if not 0 <= cfg.intervention.from_step < steps:
         raise ValueError(f"{where}: [intervention] from_step must be in 0..{steps - 1}")
     return cfg
@@ -186,6 +197,7 @@ spec = "clip:weights/clip-vit-large-patch14"   # hf download openai/clip-vit-lar
 n = 2000
 steps = 50
 batch_size = 32
+shard_steps = [0, 10, 20, 30, 40]   # full h of these steps only: 2000 × 5 × 64 × 1280 × 2 B = 1.6 GB
 
 [sae]
 expansion = 4        # SD's mid block is 1280 channels at 8x8: 5120 latents
@@ -216,6 +228,7 @@ spec = "fairface:weights/res34_fair_align_multi_7_20190809.pt"
 n = 2000
 steps = 50
 batch_size = 64
+shard_steps = [0, 10, 20, 30, 40]
 
 [attribution]
 steps = [0, 10, 20, 30, 40]
@@ -330,7 +343,7 @@ class Run:
 
         h = self.cfg.harvest
         settings = H.HarvestSettings(n=h.n, steps=h.steps, seed=h.seed, batch_size=h.batch_size,
-                                     shard_dtype=h.shard_dtype)
+                                     shard_dtype=h.shard_dtype, shard_steps=tuple(h.shard_steps) or None)
         folder = self.out / "harvest"
         if folder.exists():
             shutil.rmtree(folder)

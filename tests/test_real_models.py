@@ -173,9 +173,12 @@ def test_runner_on_tiny_pixel_ddpm_and_harvest_parts_merge(ddpm_dir, tmp_path):
     from helpers import harvest as H
 
     cfg = runner.config_from_dict(_tiny_cfg(tmp_path / "run", ddpm_dir, attributes=["gender"],
-                                            stages=["harvest", "sae", "probe"]))
+                                            stages=["harvest", "sae", "probe"], harvest={"shard_steps": [0, 2]}))
     runner.Run(cfg, progress=False).all()
     assert json.loads((tmp_path / "run/state.json").read_text()).keys() == {"harvest", "sae", "probe"}
+    rows = H.load_rows(tmp_path / "run/harvest")
+    assert set(rows["step"].tolist()) == {0, 2}  # only the listed steps' full h were stored
+    assert H.load_summary(tmp_path / "run/harvest").pooled.shape[1] == 4  # pooled h keeps every step
     # what each process of a multi-GPU launch does, then the main process's merge
     m, j = models.load_model(ddpm_dir), judges.load("world")
     s = H.HarvestSettings(n=6, steps=2, batch_size=4)
@@ -203,6 +206,7 @@ def test_runner_on_tiny_pixel_ddpm_and_harvest_parts_merge(ddpm_dir, tmp_path):
     ({"harvest": {"n": 10, "stepz": 3}}, "unknown setting"),
     ({"colour": "red"}, "unknown key"),
     ({"attribution": {"steps": [0, 9]}}, "outside the harvest"),
+    ({"harvest": {"n": 4, "shard_steps": [0]}}, "not in [harvest] shard_steps"),
 ])
 def test_bad_configs_get_one_clear_error(tmp_path, capsys, change, message):
     d = _tiny_cfg(tmp_path / "run", "embedded", harvest={"n": 4, "steps": 4, "batch_size": 4})
