@@ -129,7 +129,10 @@ def load_config(path) -> Config:
     if not path.is_file():
         raise FileNotFoundError(f"config {path} does not exist; write one with `python -m helpers example-config sd`")
     if path.suffix == ".toml":
-        import tomllib
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise ValueError(f"config {path}: reading TOML needs Python 3.11+; write the same settings as .json") from None
 
         try:
             raw = tomllib.loads(path.read_text())
