@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -278,6 +279,9 @@ class Run:
         self.state_path = self.out / "state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         self._model = self._judge = None
+        self.device = cfg.model.device  # this process's device (one GPU per process under a launcher)
+        # under torchrun / accelerate launch every process harvests its share; only rank 0 does the rest
+        self.is_main = int(os.environ.get("RANK", "0")) == 0
 
     # -- what each stage depends on (its settings and every earlier stage's) --
     def key(self, stage: str) -> str:
@@ -292,7 +296,8 @@ class Run:
 
     def _mark(self, stage: str, info: dict) -> None:
         self.state[stage] = {"key": self.key(stage), **info}
-        io.write_json(self.state_path, self.state)
+        if self.is_main:
+            io.write_json(self.state_path, self.state)
 
     @property
     def model(self):
@@ -300,7 +305,7 @@ class Run:
 
         if self._model is None:
             m = self.cfg.model
-            self._model = models.load_model(m.path, device=m.device, dtype=getattr(torch, m.dtype), prompt=m.prompt,
+            self._model = models.load_model(m.path, device=self.device, dtype=getattr(torch, m.dtype), prompt=m.prompt,
                                             guidance_scale=m.guidance_scale, negative_prompt=m.negative_prompt)
         return self._model
 
@@ -309,7 +314,7 @@ class Run:
         from . import judges
 
         if self._judge is None:
-            kw = {} if self.cfg.judge.spec == "world" else {"device": self.cfg.model.device}
+            kw = {} if self.cfg.judge.spec == "world" else {"device": self.device}
             self._judge = judges.load(self.cfg.judge.spec, **kw)
             missing = [a for a in self.cfg.attributes if a not in getattr(self._judge, "heads", {})
                        and a not in getattr(self._judge, "attributes", {})]
@@ -325,6 +330,8 @@ class Run:
     def stage(self, name: str) -> None:
         if name not in STAGES:
             raise ValueError(f"unknown stage {name!r}; stages are {list(STAGES)}")
+        if name != "harvest" and not self.is_main:
+            return
         for before in STAGES[: STAGES.index(name)]:
             if not self.done(before):
                 raise RuntimeError(f"stage {name!r} needs {before!r} first (not run, or its settings changed); "
@@ -353,9 +360,13 @@ class Run:
         try:
             from accelerate import PartialState
 
-            state = PartialState()
+            # cpu=True lets torchrun / accelerate start several CPU processes (gloo); on GPUs each
+            # process takes its own device
+            state = PartialState(cpu=self.cfg.model.device == "cpu")
         except Exception:  # accelerate missing or no launcher: one process
             state = None
+        if state is not None and state.num_processes > 1 and self.cfg.model.device.startswith("cuda"):
+            self.device = str(state.device)
         if state is None or state.num_processes == 1:
             H.run(self.model, settings, folder, judge=self.judge, progress=self.progress)
             return {"samples": h.n, "processes": 1}
@@ -367,6 +378,10 @@ class Run:
         if state.is_main_process:
             H.merge([self.out / f"harvest-part-{r}" for r in range(state.num_processes)], folder)
         state.wait_for_everyone()
+        # the remaining stages run on rank 0 alone: leave the process group, or torchmetrics would
+        # try to sync its FID state with processes that have finished
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         return {"samples": h.n, "processes": state.num_processes}
 
     def _sae(self) -> dict:
@@ -527,5 +542,6 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
         print(f"error: {err}", flush=True)
         return 2
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "key"} for k, v in state.items()}, indent=1))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "key"} for k, v in state.items()}, indent=1))
     return 0
