@@ -241,7 +241,9 @@ steps = [0, 10, 20, 30, 40]
 from_step = 10
 n = 500
 ''',
-    "embedded": '''# The book's own portrait model on CPU (a few minutes with these small settings)
+    "embedded": '''# The book's own portrait model on CPU: ~3 minutes on 2 cores with these small settings, which check the
+# plumbing but are too small to move the distribution (measured: FD 0.287 before and after; the SAE
+# reaches FVU 0.44 in 300 steps). Chapters 3-5 use 1000 samples x 25 steps and 5000 SAE steps.
 out = "runs/embedded-small"
 attributes = ["gender"]
 
