@@ -160,12 +160,19 @@ def bottleneck_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor |
     stream to disk instead of the cache. Hooks are removed on exit, also after an exception.
     """
     mid = _mid_block(unet)
+    for m, what in ((unet, "the UNet"), (mid, "its mid block")):
+        if getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule":
+            raise ValueError(
+                f"{what} was compiled as a whole with torch.compile; hooks installed afterwards are silently "
+                "skipped by the compiled code (dynamo does not guard on module hooks). Compile the blocks around "
+                "the bottleneck instead: helpers.models.compile_blocks(model).")
     keep = None if steps is None else set(int(s) for s in steps)
     cache = Cache()
-    state = {"step": -1, "t": None}
+    state = {"step": -1, "t": None, "half": False}
 
     def pre(module, args, kwargs):
         state["step"] += 1
+        state["half"] = getattr(module, _GUIDED, False)  # read here, not in the mid-block hook (torch.compile)
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         state["t"] = torch.as_tensor(t).detach().cpu() if t is not None else None
 
@@ -175,7 +182,7 @@ def bottleneck_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor |
             return None
         info = StepInfo(step=step, timestep=state["t"])
         full = output
-        half = getattr(unet, _GUIDED, False)
+        half = state["half"]
         if half:
             if output.shape[0] % 2:
                 raise ValueError(f"guided UNet call with an odd batch {output.shape[0]}; expected [uncond; cond]")

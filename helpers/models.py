@@ -222,6 +222,25 @@ def _from_pipeline(pipe, name: str, device) -> Diffusion:
 # ----------------------------------------------------------------------------- sampling
 
 
+def compile_blocks(model: Diffusion, **compile_kw) -> Diffusion:
+    """``torch.compile`` the UNet's down and up blocks and the mid block's layers, in place.
+
+    The bottleneck hooks (:mod:`helpers.hooks`) are Python callbacks on ``unet`` and
+    ``unet.mid_block``; compiling the whole UNet would make torch.compile skip hooks installed
+    later (it does not guard on module hooks), so edits would silently do nothing — the hooks
+    refuse such a UNet. Compiling the blocks around the hook points keeps the heavy layers
+    compiled and the hooks eager. Returns ``model``.
+    """
+    unet = model.unet
+    for block in list(unet.down_blocks) + list(unet.up_blocks):
+        block.compile(**compile_kw)
+    for part in ("resnets", "attentions"):
+        for layer in getattr(unet.mid_block, part, None) or []:
+            if layer is not None:
+                layer.compile(**compile_kw)
+    return model
+
+
 def make_noise(n: int, size: int, seed: int = 0, channels: int = 3) -> torch.Tensor:
     """Initial noise ``(n, channels, size, size)``; sample ``i`` depends only on ``(seed, i)``.
 

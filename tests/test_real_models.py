@@ -256,3 +256,38 @@ def test_runner_under_torchrun_splits_the_harvest_over_two_processes(ddpm_dir, t
     assert sorted(len(p.pooled) for p in parts) == [5, 5]
     rows = H.load_rows(tmp_path / "run/harvest")
     assert sorted(set(rows["sample"].tolist())) == list(range(10))
+
+
+def test_sd_in_float16_samples_and_captures(sd_dir):
+    m = models.load_model(sd_dir, dtype=torch.float16, prompt="a photo of a doctor", guidance_scale=5.0)
+    assert m.unet.dtype == m.pipeline.vae.dtype == m.pipeline.text_encoder.dtype == torch.float16
+    with hooks.capture(m.unet) as cap:
+        a = models.sample(m, n=2, steps=2, seed=3)
+    with hooks.edit(m.unet, lambda h, info: h):
+        b = models.sample(m, n=2, steps=2, seed=3)
+    assert cap.activations[0].dtype == torch.float16 and torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_hooks_refuse_a_wholesale_compiled_unet(ddpm_dir):
+    m = models.load_model(ddpm_dir)
+    m.unet.compile()  # lazy: nothing is compiled until the first call
+    with pytest.raises(ValueError, match="compile_blocks"):
+        with hooks.capture(m.unet):
+            pass
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("DIFFLENS_SLOW"),
+                    reason="compiling takes ~2 min on 2 CPU cores; run with DIFFLENS_SLOW=1")
+def test_compile_blocks_keeps_hooks_working(ddpm_dir):
+    m = models.load_model(ddpm_dir)
+    base = models.sample(m, n=2, steps=3)
+    with hooks.edit(m.unet, lambda h, info: h * 0.5):
+        eager_edit = models.sample(m, n=2, steps=3)
+    models.compile_blocks(m)
+    with hooks.capture(m.unet) as cap:
+        compiled = models.sample(m, n=2, steps=3)
+    with hooks.edit(m.unet, lambda h, info: h * 0.5):
+        compiled_edit = models.sample(m, n=2, steps=3)
+    assert cap.steps == [0, 1, 2]
+    torch.testing.assert_close(compiled, base, atol=1e-4, rtol=0)
+    torch.testing.assert_close(compiled_edit, eager_edit, atol=1e-4, rtol=0)
