@@ -244,8 +244,8 @@ def test_runner_under_torchrun_splits_the_harvest_over_two_processes(ddpm_dir, t
     d = _tiny_cfg(tmp_path / "run", ddpm_dir, attributes=["gender"], stages=["harvest", "sae", "probe"],
                   harvest={"n": 10, "steps": 3, "batch_size": 4}, attribution={"steps": [0, 2]})
     (tmp_path / "c.json").write_text(json.dumps(d))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "helpers", "run",
-                        str(tmp_path / "c.json"), "--no-progress"], capture_output=True, text=True, timeout=300,
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "helpers", "run", str(tmp_path / "c.json"), "--no-progress"], capture_output=True, text=True, timeout=300,
                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     state = json.loads((tmp_path / "run/state.json").read_text())
