@@ -289,7 +289,9 @@ class Run:
     def key(self, stage: str) -> str:
         c = asdict(self.cfg)
         upto = STAGES[: STAGES.index(stage) + 1]
-        parts = {"model": c["model"], "judge": c["judge"], "attributes": c["attributes"]}
+        parts = {"model": c["model"], "judge": c["judge"]}
+        if stage not in ("harvest", "sae"):  # adding an attribute must not redo a (GPU-hours) harvest
+            parts["attributes"] = c["attributes"]
         parts.update({s: c[s] for s in upto if s in c})
         return _hash(parts)
 

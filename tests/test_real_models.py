@@ -167,6 +167,10 @@ def test_runner_end_to_end_on_tiny_sd_then_resumes(sd_dir, tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps(d))
     assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 0
     assert capsys.readouterr().out.count("up to date") == 4
+    d["attributes"] = ["gender"]  # fewer attributes: harvest and SAE are reused
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("up to date") == 2
 
 
 def test_runner_on_tiny_pixel_ddpm_and_harvest_parts_merge(ddpm_dir, tmp_path):
