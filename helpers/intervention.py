@@ -122,6 +122,15 @@ class _Plan:
     sel: torch.Tensor | None = None  # ids of the latents any class edits
     coef: torch.Tensor | None = None  # add mode: (classes, positions or 1, len(sel)) amount added per unit β
 
+    def to(self, device) -> None:
+        """Move the edit tensors next to the SAE (once; a no-op when they are already there)."""
+        if self.masks.device == torch.device(device):
+            return
+        self.classes, self.masks = self.classes.to(device), self.masks.to(device)
+        self.amounts = None if self.amounts is None else self.amounts.to(device)
+        self.sel = None if self.sel is None else self.sel.to(device)
+        self.coef = None if self.coef is None else self.coef.to(device)
+
 
 class Intervention:
     """A set of :class:`Edit` objects bound to an SAE and to ``n`` samples (class draws fixed)."""
@@ -159,12 +168,16 @@ class Intervention:
         """The class drawn for every sample for ``attribute``'s edit."""
         for p in self.plans:
             if p.edit.attribute == attribute:
-                return p.classes
+                return p.classes.cpu()
         raise ValueError(f"Intervention: no edit for {attribute!r}")
 
     def fn(self, ids: torch.Tensor):
         """The hook function for samples ``ids`` (the current sampling batch)."""
         sae = self.sae
+        dev = sae.W_dec.device  # on a GPU the plans move there once; sample ids may stay on the CPU
+        for p in self.active:
+            p.to(dev)
+        ids = torch.as_tensor(ids).to(dev)
 
         def apply(h, info):
             plans = [p for p in self.active if p.steps is None or info.step in p.steps]
@@ -191,7 +204,7 @@ class Intervention:
                 # Scaling changes only the k active latents of each row: (β − 1)·s on those that are edited.
                 with torch.no_grad():
                     vals, idx = sae.encode_topk(rows)  # (b·pos, k)
-                    row_sample = torch.arange(b).repeat_interleave(pos)
+                    row_sample = torch.arange(b, device=h.device).repeat_interleave(pos)
                     factor = torch.ones_like(vals)
                     for p in plans:
                         hit = p.masks[p.classes[ids]][row_sample[:, None], idx]  # (b·pos, k)

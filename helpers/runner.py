@@ -401,7 +401,7 @@ class Run:
         cfg = S.SAEConfig(d_in=width, expansion=c.expansion, k=c.k or S.scaled_k(width))
         tc = S.SAETrainConfig(steps=c.train_steps, batch_size=min(c.batch_size, len(x)), lr=c.lr,
                               dead_rows=min(S.SAETrainConfig.dead_rows, 50 * len(x)))
-        dev = self.cfg.model.device
+        dev = self.device
         sae, hist = S.train_sae(x.to(dev), cfg, tc, progress=self.progress)
         ev = S.evaluate(sae, held.to(dev)) if len(held) else {}
         S.save_sae(sae.cpu(), self.out / "sae.safetensors", meta={"held_out": ev, "rows": len(x)})
@@ -459,7 +459,7 @@ class Run:
         c, folder = self.cfg.intervention, self.out / "intervention"
         folder.mkdir(exist_ok=True)
         sae, _ = S.load_sae(self.out / "sae.safetensors")
-        sae.to(self.cfg.model.device)
+        sae.to(self.device)
         steps = self.cfg.harvest.steps
         noise = models.make_noise(c.n, self.model.sample_size, c.seed, self.model.channels)
         orig = models.sample(self.model, noise=noise, steps=steps, batch_size=c.batch_size, progress=self.progress)
