@@ -116,6 +116,7 @@ def rank(sae: TopKSAE | None, probe: HProbe, h_by_step: dict[int, torch.Tensor],
     k = len(world.ATTRIBUTES[attribute])
     labels = torch.as_tensor(labels).long()
     g = torch.Generator().manual_seed(seed)
+    device = next(probe.parameters()).device  # h batches go where the probe (and SAE) are
     units = sae.cfg.d_sae if sae is not None else next(iter(h_by_step.values())).shape[1]
     scores = torch.zeros(k, units)
     counts, deltas = [], []
@@ -129,14 +130,14 @@ def rank(sae: TopKSAE | None, probe: HProbe, h_by_step: dict[int, torch.Tensor],
             continue
         for step, h in h_by_step.items():
             for s in range(0, len(ids), batch):
-                hb = h[ids[s:s + batch]].float()
+                hb = h[ids[s:s + batch]].float().to(device)
                 if sae is not None:
                     a, d = latent_ig(sae, probe, hb, step, attribute, c, n_steps=n_steps)
                     a = a.sum(1)
                 else:
                     a, d = channel_ig(probe, hb, step, attribute, c, n_steps=n_steps)
-                scores[c] += a.sum(0)
-                deltas.append(d.abs())
+                scores[c] += a.sum(0).cpu()
+                deltas.append(d.abs().cpu())
                 bar.update(len(hb))
         scores[c] /= len(ids) * len(h_by_step)
     bar.close()

@@ -246,10 +246,11 @@ def class_latents(sae: TopKSAE, h_by_step: dict[int, torch.Tensor], labels: torc
     if len(ids) == 0:
         raise ValueError(f"footprint: no sample is judged class {cls}; cannot tell where its features fire")
     feats = torch.as_tensor(list(map(int, features)), dtype=torch.long)
+    dev = sae.W_dec.device
     for h in h_by_step.values():
-        hb = h[ids].float()
+        hb = h[ids].float().to(dev)
         with torch.no_grad():
-            yield sae.encode(to_rows(hb)).view(len(hb), hb.shape[2] * hb.shape[3], -1)[:, :, feats]
+            yield sae.encode(to_rows(hb)).view(len(hb), hb.shape[2] * hb.shape[3], -1)[:, :, feats.to(dev)].cpu()
 
 
 def sample(model: models.Diffusion, sae: TopKSAE, edits: Sequence[Edit], n: int | None = None, steps: int = 25,

@@ -437,6 +437,8 @@ class Run:
         summary, labels, n = self._labels_split()
         sae, _ = S.load_sae(self.out / "sae.safetensors")
         probe, _ = P.load_probe(self.out / "probe.safetensors")
+        sae.to(self.device)
+        probe.to(self.device)
         hs = ID.h_by_step(self.out / "harvest", self.cfg.attribution.steps, torch.arange(n))
         folder = self.out / "attribution"
         folder.mkdir(exist_ok=True)
