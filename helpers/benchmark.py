@@ -74,7 +74,7 @@ class Cell:
         return f"{self.split}_{self.attribute}_{self.method.replace(' ', '-')}_{s}"
 
     def save(self, folder) -> Path:
-        t = {f"probs.{a}": p for a, p in self.probs.items()}
+        t = io.prefixed("probs", self.probs)
         t.update(features=self.features.to(torch.float16), images=self.images)
         if self.classes is not None:
             t["classes"] = self.classes

@@ -90,7 +90,7 @@ def run(model: models.Diffusion, settings: HarvestSettings, folder, judge=None, 
         images = torch.cat(images)
         probs = judge.predict(images.float() / 255)
         tensors = {"images": images, "pooled": pooled, "timesteps": timesteps, "sample": all_ids}
-        tensors.update({f"probs.{a}": p for a, p in probs.items()})
+        tensors.update(io.prefixed("probs", probs))
         io.save_tensors(tmp / "summary.safetensors", tensors, meta={"settings": asdict(s), **(meta or {})})
     return Path(folder)
 
@@ -128,7 +128,7 @@ def load_summary(path) -> Summary:
     if not path.is_file():
         raise FileNotFoundError(f"load_summary: no harvest summary at {path}; run the harvest (chapter 2) first")
     t, meta = io.load_tensors(path)
-    probs = {k[6:]: v for k, v in t.items() if k.startswith("probs.")}
+    probs = io.unprefixed("probs", t)
     return Summary(images=t["images"], probs=probs, pooled=t["pooled"], timesteps=t["timesteps"],
                    settings=meta.get("settings", {}))
 

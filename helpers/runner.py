@@ -481,7 +481,7 @@ class Run:
 
     def _save_images(self, path, images, classes):
         probs = self.judge.predict(images)
-        t = {f"probs.{a}": p for a, p in probs.items()}
+        t = io.prefixed("probs", probs)
         t["features"] = self.judge.features(images)
         t["images"] = (images * 255).round().to(torch.uint8)
         if classes is not None:
@@ -493,14 +493,14 @@ class Run:
 
         folder = self.out / "intervention"
         o, _ = io.load_tensors(folder / "original.safetensors")
-        oprobs = {k[6:]: v for k, v in o.items() if k.startswith("probs.")}
+        oprobs = io.unprefixed("probs", o)
         res = {}
         for a in self.cfg.attributes:
             p = folder / f"edited_{a}.safetensors"
             if not p.is_file():
                 continue
             e, _ = io.load_tensors(p)
-            eprobs = {k[6:]: v for k, v in e.items() if k.startswith("probs.")}
+            eprobs = io.unprefixed("probs", e)
             k = eprobs[a].shape[1]
             others = [b for b in eprobs if b != a]
             row = {"FD original": M.fairness_discrepancy(oprobs[a].argmax(-1), k),

@@ -33,10 +33,6 @@ BETAS = {"add": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0), "scale": (0.0, 1.0, 2.0, 4.
 BETA_MULTI = {"gender": 3.0, "age": 3.0, "race": 4.0}
 
 
-def _probs_tensors(prefix: str, probs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{a}": p for a, p in probs.items()}
-
-
 def run(out=OUT, n: int = 128, keep: int = 12, steps: int = 25, quick: bool = False,
         progress: bool = True) -> dict:
     out = Path(out)
@@ -57,7 +53,7 @@ def run(out=OUT, n: int = 128, keep: int = 12, steps: int = 25, quick: bool = Fa
     base = models.sample(model, noise=noise, steps=steps, batch_size=n)
     pb = judge.predict(base)
     io.save_tensors(out / "base.safetensors", {"images": (base[:keep] * 255).round().to(torch.uint8),
-                                               **_probs_tensors("probs", pb)}, meta={"n": n, "seed": SWEEP_SEED})
+                                               **io.prefixed("probs", pb)}, meta={"n": n, "seed": SWEEP_SEED})
     for a in world.SOCIAL:
         t1 = time.time()
         c = ID.minority(summary.probs[a])
@@ -68,7 +64,7 @@ def run(out=OUT, n: int = 128, keep: int = 12, steps: int = 25, quick: bool = Fa
                 e = I.Edit(a, {c: feats}, beta=beta, mode=mode, cls=c, footprint={c: fp} if mode == "add" else None)
                 imgs, _ = I.sample(model, sae, [e], noise=noise, steps=steps, batch_size=n)
                 tensors[f"{mode}.{j}.images"] = (imgs[:keep] * 255).round().to(torch.uint8)
-                tensors.update(_probs_tensors(f"{mode}.{j}", judge.predict(imgs)))
+                tensors.update(io.prefixed(f"{mode}.{j}", judge.predict(imgs)))
         io.save_tensors(out / f"sweep_{a}.safetensors", tensors,
                         meta={"attribute": a, "class_id": c, "class": world.ATTRIBUTES[a][c], "features": feats,
                               "betas": {m: list(b) for m, b in betas.items()}, "n": n, "keep": keep})
@@ -82,7 +78,7 @@ def run(out=OUT, n: int = 128, keep: int = 12, steps: int = 25, quick: bool = Fa
     tensors = {}
     for name, es in [(a, [edits[a]]) for a in world.SOCIAL] + [("all", list(edits.values()))]:
         imgs, iv = I.sample(model, sae, es, noise=noise, steps=steps, batch_size=n, class_seed=1)
-        tensors.update(_probs_tensors(name, judge.predict(imgs)))
+        tensors.update(io.prefixed(name, judge.predict(imgs)))
         tensors[f"{name}.images"] = (imgs[:keep] * 255).round().to(torch.uint8)
         for e in es:
             tensors[f"{name}.assigned.{e.attribute}"] = iv.classes(e.attribute)
