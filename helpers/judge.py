@@ -22,6 +22,39 @@ from .models import DATA_DIR
 JUDGE_PATH = DATA_DIR / "judge.safetensors"
 
 
+class Batched:
+    """``predict`` and ``features`` for every judge (this world's and the real-image ones in
+    :mod:`helpers.judges`): batched, in eval mode, without grad, results on the CPU.
+
+    A judge supplies ``attributes`` (``{attr: class names}``), ``forward(images) -> {attr: logits}``
+    and ``encode(images) -> (batch, features)``, and moves a batch to its own device itself.
+    """
+
+    attributes: dict[str, tuple[str, ...]]
+    batch_size = 512
+
+    def _batches(self, images: torch.Tensor, batch_size: int | None, fn):
+        bs = batch_size or self.batch_size
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return [fn(images[s:s + bs]) for s in range(0, len(images), bs)]
+        finally:
+            self.train(was)
+
+    def predict(self, images: torch.Tensor, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """Class probabilities ``{attr: (batch, n_classes)}``."""
+        outs = self._batches(images, batch_size,
+                             lambda x: {a: v.float().softmax(-1).cpu() for a, v in self(x).items()})
+        return {a: torch.cat([o[a] for o in outs]) if outs else torch.zeros(0, len(c))
+                for a, c in self.attributes.items()}
+
+    def features(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """``encode`` batched: ``(batch, features)``."""
+        return torch.cat(self._batches(images, batch_size, lambda x: self.encode(x).float().cpu()))
+
+
 @dataclass
 class JudgeConfig:
     """Judge architecture and training settings."""
@@ -36,7 +69,7 @@ class JudgeConfig:
     seed: int = 0  # data seed
 
 
-class Judge(nn.Module):
+class Judge(Batched, nn.Module):
     """A CNN trunk with one linear head per attribute in :data:`world.ATTRIBUTES`.
 
     ``forward(images)`` takes ``(batch, 3, H, W)`` in [0, 1] and returns
@@ -59,6 +92,7 @@ class Judge(nn.Module):
         self.proj = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * side * side, cfg.features), nn.SiLU())
         self.heads = nn.ModuleDict({a: nn.Linear(cfg.features, len(c)) for a, c in world.ATTRIBUTES.items()})
         self.num_features = cfg.features  # read by torchmetrics' FrechetInceptionDistance
+        self.attributes = dict(world.ATTRIBUTES)
 
     def _check(self, images: torch.Tensor) -> torch.Tensor:
         r = self.cfg.resolution
@@ -69,7 +103,7 @@ class Judge(nn.Module):
                                    align_corners=False)
         if images.dtype == torch.uint8:
             images = images.float() / 255
-        return images.float()
+        return images.float().to(self.proj[1].weight.device)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Image features ``(batch, features)`` for FID and similarity."""
@@ -78,24 +112,6 @@ class Judge(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.encode(images)
         return {a: h(f) for a, h in self.heads.items()}
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 512) -> dict[str, torch.Tensor]:
-        """Class probabilities ``{attr: (batch, n_classes)}`` (no grad, batched)."""
-        was = self.training
-        self.eval()
-        outs: dict[str, list] = {a: [] for a in world.ATTRIBUTES}
-        for s in range(0, len(images), batch_size):
-            for a, logit in self(images[s:s + batch_size]).items():
-                outs[a].append(logit.softmax(-1))
-        self.train(was)
-        return {a: torch.cat(v) if v else torch.zeros(0, len(world.ATTRIBUTES[a])) for a, v in outs.items()}
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """:meth:`encode` in eval mode, batched, without grad."""
-        self.eval()
-        return torch.cat([self.encode(images[s:s + batch_size]) for s in range(0, len(images), batch_size)])
 
 
 def augment(x: torch.Tensor, g: torch.Generator, max_noise: float) -> torch.Tensor:

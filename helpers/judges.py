@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .judge import Batched
+
 CLASSES = {
     "gender": ("male", "female"),
     "age": ("young", "adult", "old"),
@@ -58,8 +60,8 @@ FAIRFACE_GROUPS = {
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class _Base(torch.nn.Module):
-    attributes: dict[str, tuple[str, ...]]
+class _Base(Batched, torch.nn.Module):
+    batch_size = 64
 
     def __init__(self, crop: Callable | None = None):
         super().__init__()
@@ -77,19 +79,6 @@ class _Base(torch.nn.Module):
         x = F.interpolate(images.float().to(dev), size=(size, size), mode="bilinear", antialias=True,
                           align_corners=False)
         return (x - torch.tensor(mean, device=dev)[:, None, None]) / torch.tensor(std, device=dev)[:, None, None]
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
-        """Class probabilities ``{attr: (n, classes)}``."""
-        outs: dict[str, list] = {a: [] for a in self.attributes}
-        for s in range(0, len(images), batch_size):
-            for a, logit in self(images[s:s + batch_size]).items():
-                outs[a].append(logit.float().softmax(-1).cpu())
-        return {a: torch.cat(v) if v else torch.zeros(0, len(self.attributes[a])) for a, v in outs.items()}
-
-    @torch.no_grad()
-    def features(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        return torch.cat([self.encode(images[s:s + batch_size]).float().cpu() for s in range(0, len(images), batch_size)])
 
 
 def _need(path, what: str, how: str) -> Path:

@@ -8,20 +8,20 @@
 Stages, in order (each writes under ``out``; a finished stage is skipped on the next run unless its
 settings — or those of a stage before it — changed, in which case it and everything after it rerun):
 
-=============== ================================================ ==========================================
-stage           does                                              writes
-=============== ================================================ ==========================================
-``harvest``     sample with the bottleneck captured; judge images ``harvest/`` (summary + h shards)
-``sae``         train a TopK SAE on the harvested h               ``sae.safetensors``, ``sae.json``
-``probe``       per-step linear probe on pooled h                 ``probe.safetensors``
-``attribution`` IG over SAE latents → ranked features, footprints ``attribution/``
-``intervention`` original and edited samples from the same noise  ``intervention/``
-``metrics``     FD, keep-rate, similarity (CLIP-I with a CLIP     ``metrics.json``
-                judge), CLIP-T, FID of edited vs original
-=============== ================================================ ==========================================
+================ ================================================== ==========================================
+stage            does                                               writes
+================ ================================================== ==========================================
+``harvest``      sample with the bottleneck captured; judge images  ``harvest/`` (summary + h shards)
+``sae``          train a TopK SAE on the harvested h                ``sae.safetensors`` (held-out in metadata)
+``probe``        per-step linear probe on pooled h                  ``probe.safetensors``
+``attribution``  IG over SAE latents → ranked features, footprints  ``attribution/``
+``intervention`` original and edited samples from the same noise    ``intervention/``
+``metrics``      FD, keep-rate, similarity (CLIP-I with a CLIP      ``metrics.json``
+                 judge), CLIP-T, FID of edited vs original
+================ ================================================== ==========================================
 
 Multi-GPU: under ``accelerate launch`` (or ``torchrun``) every process harvests its share of the
-samples (``accelerate.PartialState.split_between_processes``) into ``harvest/part-<rank>``; the main
+samples (``accelerate.PartialState.split_between_processes``) into ``harvest-part-<rank>``; the main
 process merges them and runs the remaining stages (SAE, probe and IG are minutes on one GPU).
 """
 from __future__ import annotations
@@ -320,8 +320,7 @@ class Run:
         if self._judge is None:
             kw = {} if self.cfg.judge.spec == "world" else {"device": self.device}
             self._judge = judges.load(self.cfg.judge.spec, **kw)
-            missing = [a for a in self.cfg.attributes if a not in getattr(self._judge, "heads", {})
-                       and a not in getattr(self._judge, "attributes", {})]
+            missing = [a for a in self.cfg.attributes if a not in self._judge.attributes]
             if missing:
                 raise ValueError(f"judge {self.cfg.judge.spec!r} does not read {missing}")
         return self._judge
@@ -393,7 +392,7 @@ class Run:
         from . import sae as S
 
         c, folder = self.cfg.sae, self.out / "harvest"
-        n_train = int(self.cfg.probe.train_share * self.cfg.harvest.n)
+        _, _, n_train = self._labels_split()
         rows = H.load_rows(folder, max_rows=c.max_rows or None)
         train = rows["sample"] < n_train
         x, held = rows["x"][train].float(), rows["x"][~train].float()
@@ -405,10 +404,11 @@ class Run:
         sae, hist = S.train_sae(x.to(dev), cfg, tc, progress=self.progress)
         ev = S.evaluate(sae, held.to(dev)) if len(held) else {}
         S.save_sae(sae.cpu(), self.out / "sae.safetensors", meta={"held_out": ev, "rows": len(x)})
-        io.write_json(self.out / "sae.json", {"config": asdict(cfg), "held_out": ev, "train_rows": len(x)})
         return {"held_out": ev}
 
     def _labels_split(self):
+        """The harvest summary, its labels and the number of leading samples that train the SAE and the
+        probe (the rest are held out); the one place the split is computed."""
         from . import harvest as H
 
         summary = H.load_summary(self.out / "harvest")
