@@ -31,7 +31,8 @@ OUT = models.DATA_DIR / "benchmark"
 VAL_SEED = 6_161
 TEST_SEED = 7_171
 KEEP_FLOOR = 0.90
-METHODS = ("Original", *B.METHODS, "DiffLens")
+METHODS = ("Original", *B.METHODS, "DiffLens", "DiffLens swap")
+BASELINES = B.METHODS
 # the knob of each method and the settings tried on the validation seed (same count for every method)
 KNOBS = {
     "Activation": ("beta", (1.5, 2.0, 3.0, 4.0)),
@@ -44,6 +45,11 @@ KNOBS = {
     "Latent Editing": ("scale", (0.25, 0.5, 0.75, 1.0)),
     "Finetuning": ("lora scale", (0.5, 1.0, 1.5, 2.0)),
     "DiffLens": ("beta", (2.0, 3.0, 4.0, 6.0)),
+    # DiffLens + suppression of the other classes' features (``Edit.suppress_others``, not in the paper).
+    # Added after DiffLens' validation cells showed its edits work only from the majority class (female →
+    # male: 0 of 19 at β = 6). Grid set from 24 female samples of the validation seed (β = 2: 0.75 turned
+    # male, β = 4: 0.88; plain add β = 4: 0.04), before any of its cells were run.
+    "DiffLens swap": ("beta", (1.0, 2.0, 3.0, 4.0)),
 }
 # DiffLens edits from this sampling step on. Read off the validation prototype (seed 777, n = 64, gender
 # and age): editing the first steps, where layout is decided, changes backdrop, position and the other
@@ -223,7 +229,7 @@ class Runner:
             obj = B.Activation.fit(self.summary.pooled.float(), labels, attribute, k=8)
         elif method == "H-Distribution":
             obj = B.HDistribution(attribute, self.probe, uniform(attribute))
-        elif method == "DiffLens":
+        elif method in ("DiffLens", "DiffLens swap"):
             obj = None
         elif path.is_file():
             obj = self._load_fitted(method, attribute, path)
@@ -301,8 +307,8 @@ class Runner:
             imgs = replace(fitted, scale=setting).sample(self.model, noise, classes, batch_size=bs)
         elif method == "Finetuning":
             imgs, classes = B.sample(fitted.model(self.model, setting), noise, self.steps, batch_size=bs), None
-        elif method == "DiffLens":
-            e = identify.edit_for(attribute, setting, target=uniform(attribute),
+        elif method in ("DiffLens", "DiffLens swap"):
+            e = identify.edit_for(attribute, setting, target=uniform(attribute), swap=method == "DiffLens swap",
                                   steps=range(min(DIFFLENS_FROM_STEP, self.steps - 1), self.steps))
             imgs, iv = I.sample(self.model, self.sae, [e], noise=noise, steps=self.steps, batch_size=bs,
                                 class_seed=CLASS_SEED)
@@ -368,3 +374,44 @@ def results(out=OUT, split: str = "test") -> list[dict]:
         ref, _ = io.load_tensors(ref_path)
         rows.append(cell_metrics(c, orig, ref["reference"].float()))
     return rows
+
+
+def changes(out=OUT, split: str = "test") -> list[dict]:
+    """For every saved cell of ``split``, the share of samples whose judged class differs from the
+    original sample from the same noise, per attribute (the target's own column is the intended change;
+    every other column is leakage). ``1 - keep`` broken down by attribute."""
+    out = Path(out)
+    cells = [Cell.load(p) for p in sorted((out / "cells").glob(f"{split}_*.safetensors"))]
+    rows = []
+    for c in cells:
+        orig = next((o for o in cells if o.method == "Original" and o.attribute == c.attribute
+                     and (o.seed, o.n) == (c.seed, c.n)), None)
+        if orig is None or c.method == "Original":
+            continue
+        row = {"attribute": c.attribute, "method": c.method, "setting": c.setting}
+        row.update({b: 1 - metrics.keep_rate(orig.probs, c.probs, [b]) for b in world.ATTRIBUTES})
+        rows.append(row)
+    return rows
+
+
+def hit_rates(cell: Cell, original: Cell) -> "pd.DataFrame":
+    """For a method that draws a class per sample: of the samples originally judged ``from`` and asked to
+    become ``to``, the share judged ``to`` after the edit (rows ``from``, columns ``to``; the diagonal is
+    the share that stayed put when asked to). NaN where no sample had that pair."""
+    import pandas as pd
+
+    if cell.classes is None:
+        raise ValueError(f"hit_rates: {cell.key} has no per-sample class draws ({cell.method} edits the "
+                         "batch or the model, not one sample towards one class)")
+    if (cell.seed, cell.n) != (original.seed, original.n):
+        raise ValueError(f"hit_rates: {cell.key} is not paired with the original ({original.key})")
+    a = cell.attribute
+    names = world.ATTRIBUTES[a]
+    before, after, drawn = original.probs[a].argmax(-1), cell.probs[a].argmax(-1), cell.classes.long()
+    out = pd.DataFrame(index=pd.Index(names, name="judged before"), columns=pd.Index(names, name="asked to become"),
+                       dtype=float)
+    for i, f in enumerate(names):
+        for j, t in enumerate(names):
+            m = (before == i) & (drawn == j)
+            out.loc[f, t] = float((after[m] == j).float().mean()) if m.any() else float("nan")
+    return out

@@ -111,18 +111,19 @@ def features(attribute: str, cls: int, k: int | None = None, folder=OUT) -> tupl
 
 
 def edit_for(attribute: str, beta: float, cls: int | None = None, target=None, k: int | None = None,
-             flat: bool = False, steps=None, folder=OUT) -> "I.Edit":
+             flat: bool = False, steps=None, swap: bool = False, folder=OUT) -> "I.Edit":
     """An add-mode :class:`~helpers.intervention.Edit` on the ranked features (footprint unless ``flat``).
 
     With ``cls`` every sample is pushed towards that class; with ``target`` each sample draws its class
-    and that class's features are edited. ``steps`` limits the edit to those sampling steps.
+    and that class's features are edited. ``steps`` limits the edit to those sampling steps. ``swap``
+    also zeroes the other classes' ranked features in each sample (``Edit.suppress_others``).
     """
-    classes = [cls] if cls is not None else range(len(world.ATTRIBUTES[attribute]))
+    classes = range(len(world.ATTRIBUTES[attribute])) if cls is None or swap else [cls]
     feats, fps = {}, {}
     for c in classes:
         feats[c], fps[c] = features(attribute, c, k, folder)
     return I.Edit(attribute, feats, beta=beta, mode="add", cls=cls, target=target,
-                  footprint=None if flat else fps, steps=None if steps is None else list(steps))
+                  footprint=None if flat else fps, steps=None if steps is None else list(steps), suppress_others=swap)
 
 
 def check(model, sae, judge, channel_rankings: dict, summary, h_by_step, n_label: int, n: int, steps: int,

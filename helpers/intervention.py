@@ -20,6 +20,14 @@ into the backdrop. ``Edit.footprint`` (add mode only) gives, per class, a map pe
 and how strongly it fires in images of that class (:func:`footprint`, the mean activation map);
 the edit then adds ``β · map`` instead of a flat β. Chapter 4 measures both.
 
+**Swap** (``Edit.suppress_others``, not in the paper). Adding class c's features to a sample leaves
+the features of the class it already shows in place. On this model that is enough to turn male
+samples female, but added "male" features barely turn female samples male: the long-hair features
+stay and the judge still reads female (chapter 6 measures the hit rate per original → asked-for
+class). With ``suppress_others`` every other class's ranked features are also set to 0 in a sample
+assigned class c. Features that are not active are unaffected, so this needs no knowledge of the
+sample's own class; it costs one SAE encode per step (the zeroing is a sparse top-k edit).
+
 Cost: one UNet pass per step (no second pass). Add edits are linear in the latents, so they need
 only the edited latents' decoder rows; scale edits encode h with the SAE and decode only the
 changed active latents.
@@ -55,6 +63,7 @@ class Edit:
     cls: int | None = None
     steps: Sequence[int] | None = None
     footprint: dict[int, torch.Tensor] | None = None  # class -> (len(features[class]), H·W), add mode only
+    suppress_others: bool = False  # also set every other class's features to 0 in a sample assigned class c
 
     def validate(self, d_sae: int) -> None:
         if self.attribute not in world.ATTRIBUTES:
@@ -97,6 +106,8 @@ class Edit:
 
     def is_noop(self) -> bool:
         ident = (self.mode == "scale" and float(self.beta) == 1.0) or (self.mode == "add" and float(self.beta) == 0.0)
+        if self.suppress_others and sum(1 for f in self.features.values() if len(f)) > 1:
+            return False  # the suppression edits even at the identity β
         return ident or not any(len(f) for f in self.features.values())
 
 
@@ -121,6 +132,7 @@ class _Plan:
     amounts: torch.Tensor | None = None  # (classes, positions, d_sae): footprint maps, add mode
     sel: torch.Tensor | None = None  # ids of the latents any class edits
     coef: torch.Tensor | None = None  # add mode: (classes, positions or 1, len(sel)) amount added per unit β
+    zero: torch.Tensor | None = None  # suppress_others: (classes, d_sae) bool, latents set to 0 for each class
 
     def to(self, device) -> None:
         """Move the edit tensors next to the SAE (once; a no-op when they are already there)."""
@@ -130,6 +142,7 @@ class _Plan:
         self.amounts = None if self.amounts is None else self.amounts.to(device)
         self.sel = None if self.sel is None else self.sel.to(device)
         self.coef = None if self.coef is None else self.coef.to(device)
+        self.zero = None if self.zero is None else self.zero.to(device)
 
 
 class Intervention:
@@ -160,8 +173,11 @@ class Intervention:
             coef = None
             if e.mode == "add":
                 coef = amounts[:, :, sel] if amounts is not None else masks[:, sel].float()[:, None, :]
+            zero = None
+            if e.suppress_others:  # every class's features but c's own (a latent two classes share stays)
+                zero = masks.any(0, keepdim=True) & ~masks
             self.plans.append(_Plan(e, classes, masks, None if e.steps is None else set(map(int, e.steps)), amounts,
-                                    sel, coef))
+                                    sel, coef, zero))
         self.active = [p for p in self.plans if not p.edit.is_noop()]
 
     def classes(self, attribute: str) -> torch.Tensor:
@@ -189,6 +205,19 @@ class Intervention:
                 if p.amounts is not None and p.amounts.shape[1] != pos:
                     raise ValueError(f"Edit footprint has {p.amounts.shape[1]} positions but h has {pos} "
                                      f"({h.shape[2]}×{h.shape[3]}); make the footprint from this model's h")
+            zplans = [p for p in plans if p.zero is not None]
+            row_sample = torch.arange(b, device=h.device).repeat_interleave(pos)
+
+            def topk_factor(vals, idx, scale_plans):
+                # Scaling (and suppression) change only the k active latents of each row: a factor per latent.
+                factor = torch.ones_like(vals)
+                for p in scale_plans:
+                    hit = p.masks[p.classes[ids]][row_sample[:, None], idx]  # (b·pos, k)
+                    factor = torch.where(hit, factor * p.edit.beta, factor)
+                for p in zplans:
+                    factor = torch.where(p.zero[p.classes[ids]][row_sample[:, None], idx], 0.0, factor)
+                return factor
+
             if all(p.edit.mode == "add" for p in plans):
                 # Adding is linear in z: Dec(z + a) − Dec(z) = a · W_dec, whatever z is. So add edits need no
                 # SAE encode, only the edited latents' decoder rows (this is what keeps the overhead small).
@@ -198,17 +227,16 @@ class Intervention:
                         d = p.edit.beta * (p.coef[p.classes[ids]] @ sae.W_dec[p.sel])  # (b, positions or 1, C)
                         delta = d if delta is None else delta + d
                     delta = (delta * sae.input_scale).expand(b, pos, -1).reshape(b * pos, -1)
+                    if zplans:  # zeroing active latents of other classes: −s·W_dec on each (relative to the unedited z)
+                        vals, idx = sae.encode_topk(to_rows(h).float())
+                        w = vals * (topk_factor(vals, idx, []) - 1)
+                        delta = delta + F.embedding_bag(idx, sae.W_dec, per_sample_weights=w, mode="sum") * sae.input_scale
                 return h + from_rows(delta, h.shape).to(h.dtype)
             rows = to_rows(h).float()
             if all(p.edit.mode == "scale" for p in plans):
-                # Scaling changes only the k active latents of each row: (β − 1)·s on those that are edited.
                 with torch.no_grad():
                     vals, idx = sae.encode_topk(rows)  # (b·pos, k)
-                    row_sample = torch.arange(b, device=h.device).repeat_interleave(pos)
-                    factor = torch.ones_like(vals)
-                    for p in plans:
-                        hit = p.masks[p.classes[ids]][row_sample[:, None], idx]  # (b·pos, k)
-                        factor = torch.where(hit, factor * p.edit.beta, factor)
+                    factor = topk_factor(vals, idx, plans)
                     delta = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals * (factor - 1), mode="sum")
                 return h + from_rows(delta * sae.input_scale, h.shape).to(h.dtype)
             with torch.no_grad():  # add and scale edits mixed: the general (dense) path
@@ -221,6 +249,8 @@ class Intervention:
                     else:
                         edited = z_new * p.edit.beta if p.edit.mode == "scale" else z_new + p.edit.beta
                     z_new = torch.where(mask, edited, z_new)
+                for p in zplans:
+                    z_new = torch.where(p.zero[p.classes[ids]].repeat_interleave(pos, dim=0), 0.0, z_new)
                 delta = ((z_new - z) @ sae.W_dec) * sae.input_scale  # Dec(z') − Dec(z); b_dec cancels
             return h + from_rows(delta, h.shape).to(h.dtype)
 

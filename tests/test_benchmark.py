@@ -73,3 +73,30 @@ def test_learned_baselines_train_on_the_second_judge_and_stale_fits_are_refused(
     io.save_tensors(path, t, meta=meta)  # as if trained against the scoring judge
     with pytest.raises(ValueError, match="delete it"):
         BM.Runner(tmp_path, steps=25, batch_size=4, progress=False, fit=TINY_FIT).fitted_method("Latent Editing", "gender")
+
+
+def _cell(method, gender, classes=None, smile=None):
+    def onehot(ix, k):
+        return torch.nn.functional.one_hot(torch.tensor(ix), k).float()
+    n = len(gender)
+    probs = {a: onehot([0] * n, len(c)) for a, c in world.ATTRIBUTES.items()}
+    probs["gender"] = onehot(gender, 2)
+    if smile is not None:
+        probs["smile"] = onehot(smile, 2)
+    return BM.Cell("val", "gender", method, None if method == "Original" else 1.0, 1, n, probs,
+                   torch.zeros(n, 4), torch.zeros(0), None if classes is None else torch.tensor(classes))
+
+
+def test_hit_rates_and_changes_count_by_original_and_asked_for_class(tmp_path):
+    orig = _cell("Original", [0, 0, 0, 0, 1, 1])
+    # asked: 0→1 (x2), 0→0, 0→1, 1→0, 1→1; the edit turns two of the three 0→1 samples and no 1→0 sample
+    edit = _cell("DiffLens", [1, 1, 0, 0, 1, 1], classes=[1, 1, 0, 1, 0, 1], smile=[0, 1, 0, 0, 0, 0])
+    hr = BM.hit_rates(edit, orig)
+    assert hr.loc["male", "female"] == pytest.approx(2 / 3) and hr.loc["female", "male"] == 0.0
+    assert hr.loc["male", "male"] == 1.0 and hr.loc["female", "female"] == 1.0
+    with pytest.raises(ValueError, match="no per-sample class draws"):
+        BM.hit_rates(_cell("Finetuning", [0] * 6), orig)
+    for c in (orig, edit):
+        c.save(tmp_path / "cells")
+    (row,) = BM.changes(tmp_path, split="val")
+    assert row["gender"] == pytest.approx(2 / 6) and row["smile"] == pytest.approx(1 / 6) and row["age"] == 0.0

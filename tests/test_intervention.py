@@ -1,4 +1,5 @@
 """Probe, integrated gradients and interventions on a tiny UNet and a tiny SAE."""
+import dataclasses
 import math
 
 import pytest
@@ -151,3 +152,45 @@ def test_footprint_errors(setup):
         intervention.sample(model, sae, [e], 2, steps=STEPS, seed=0)
     with pytest.raises(ValueError, match="no sample is judged class 1"):
         intervention.footprint(sae, {0: setup[3][0]}, torch.zeros(48), 1, [1])
+
+
+def test_suppress_others_zeroes_the_other_classes_features(setup):
+    """Swap edits: a sample assigned class c loses the other classes' features (exactly, on the first edited
+    step), whichever code path applies the edit (add, scale, or mixed)."""
+    model, sae, probe, h, y = setup
+    step = 1
+    z_all = sae.encode(S.to_rows(h[step])).view(48, 64, -1)
+    busy = (z_all[:4] > 0).float().sum((0, 1)).argsort(descending=True)  # latents active in the first samples
+    feats = {0: busy[:3].tolist(), 1: busy[3:6].tolist()}
+    assert (z_all[:4][..., busy[:6]] > 0).any()
+    with hooks.capture(model.unet) as before:
+        models.sample(model, 4, steps=STEPS, seed=5)
+    h0 = before.stack()[step]
+    z = sae.encode(S.to_rows(h0)).view(4, 64, -1)
+    extra = busy[6].item()
+
+    def run(edits):
+        iv = intervention.Intervention(sae, edits, 4)
+        with hooks.edit(model.unet, iv.fn(torch.arange(4)), record=True) as after:
+            models.sample(model, 4, steps=STEPS, seed=5)
+        return iv.classes("gender"), after.activations[after.steps.index(step)]
+
+    swap = dict(attribute="gender", features=feats, target=[0.5, 0.5], steps=[step], suppress_others=True)
+    for edits, scale_extra in (
+        ([intervention.Edit(beta=0.0, mode="add", **swap)], 1.0),
+        ([intervention.Edit(beta=1.0, mode="scale", **swap)], 1.0),
+        ([intervention.Edit(beta=0.0, mode="add", **swap),
+          intervention.Edit("age", {0: [extra]}, beta=1.5, mode="scale", cls=0, steps=[step])], 1.5),
+    ):
+        classes, got = run(edits)
+        assert sorted(classes.tolist()) == [0, 0, 1, 1]
+        z_new = z.clone()
+        z_new[..., extra] *= scale_extra
+        for i, c in enumerate(classes.tolist()):
+            z_new[i][:, feats[1 - c]] = 0
+        want = h0 + S.from_rows(((z_new - z).view(256, -1) @ sae.W_dec) * sae.input_scale, h0.shape)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        assert (got - h0).abs().max() > 0  # the suppressed features were active: something changed
+    # without suppress_others, add β = 0 is the identity
+    plain = intervention.Edit("gender", feats, beta=0.0, mode="add", target=[0.5, 0.5])
+    assert plain.is_noop() and not dataclasses.replace(plain, suppress_others=True).is_noop()
