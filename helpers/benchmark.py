@@ -47,7 +47,7 @@ KNOBS = {
     "DiffLens": ("beta", (2.0, 3.0, 4.0, 6.0)),
     # DiffLens + suppression of the other classes' features (``Edit.suppress_others``, not in the paper).
     # Added after DiffLens' validation cells showed its edits work only from the majority class (female →
-    # male: 0 of 19 at β = 6). Grid set from 24 female samples of the validation seed (β = 2: 0.75 turned
+    # male: 1 of 16 at β = 6). Grid set from 24 female samples of the validation seed (β = 2: 0.75 turned
     # male, β = 4: 0.88; plain add β = 4: 0.04), before any of its cells were run.
     "DiffLens swap": ("beta", (1.0, 2.0, 3.0, 4.0)),
 }
