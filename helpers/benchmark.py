@@ -360,18 +360,22 @@ def run(out=OUT, n_val: int = 128, n_test: int = 500, attributes=world.SOCIAL, m
     return r.log
 
 
-def results(out=OUT, split: str = "test") -> list[dict]:
-    """Metrics of every saved cell of ``split`` that has its Original partner."""
-    out = Path(out)
-    cells = [Cell.load(p) for p in sorted((out / "cells").glob(f"{split}_*.safetensors"))]
-    rows = []
+def _paired(out, split: str):
+    """Every saved cell of ``split`` with its Original partner (same attribute, seed and n); cells without
+    one are skipped."""
+    cells = [Cell.load(p) for p in sorted((Path(out) / "cells").glob(f"{split}_*.safetensors"))]
     for c in cells:
         orig = next((o for o in cells if o.method == "Original" and o.attribute == c.attribute
                      and (o.seed, o.n) == (c.seed, c.n)), None)
-        if orig is None:
-            continue
-        ref_path = out / f"reference_{c.n}.safetensors"
-        ref, _ = io.load_tensors(ref_path)
+        if orig is not None:
+            yield c, orig
+
+
+def results(out=OUT, split: str = "test") -> list[dict]:
+    """Metrics of every saved cell of ``split`` that has its Original partner."""
+    rows = []
+    for c, orig in _paired(out, split):
+        ref, _ = io.load_tensors(Path(out) / f"reference_{c.n}.safetensors")
         rows.append(cell_metrics(c, orig, ref["reference"].float()))
     return rows
 
@@ -380,13 +384,9 @@ def changes(out=OUT, split: str = "test") -> list[dict]:
     """For every saved cell of ``split``, the share of samples whose judged class differs from the
     original sample from the same noise, per attribute (the target's own column is the intended change;
     every other column is leakage). ``1 - keep`` broken down by attribute."""
-    out = Path(out)
-    cells = [Cell.load(p) for p in sorted((out / "cells").glob(f"{split}_*.safetensors"))]
     rows = []
-    for c in cells:
-        orig = next((o for o in cells if o.method == "Original" and o.attribute == c.attribute
-                     and (o.seed, o.n) == (c.seed, c.n)), None)
-        if orig is None or c.method == "Original":
+    for c, orig in _paired(out, split):
+        if c.method == "Original":
             continue
         row = {"attribute": c.attribute, "method": c.method, "setting": c.setting}
         row.update({b: 1 - metrics.keep_rate(orig.probs, c.probs, [b]) for b in world.ATTRIBUTES})
