@@ -31,7 +31,8 @@ OUT = models.DATA_DIR / "benchmark"
 VAL_SEED = 6_161
 TEST_SEED = 7_171
 KEEP_FLOOR = 0.90
-METHODS = ("Original", *B.METHODS, "DiffLens", "DiffLens swap")
+METHODS = ("Original", *B.METHODS, "DiffLens", "DiffLens swap", "DiffLens surplus")
+DIFFLENS = ("DiffLens", "DiffLens swap", "DiffLens surplus")
 BASELINES = B.METHODS
 # the knob of each method and the settings tried on the validation seed (same count for every method)
 KNOBS = {
@@ -50,6 +51,12 @@ KNOBS = {
     # male: 1 of 16 at β = 6). Grid set from 24 female samples of the validation seed (β = 2: 0.75 turned
     # male, β = 4: 0.88; plain add β = 4: 0.04), before any of its cells were run.
     "DiffLens swap": ("beta", (1.0, 2.0, 3.0, 4.0)),
+    # swap, and only the majority classes' surplus is asked to change (``intervention.assign_surplus``); each
+    # sample's own class is the second judge's reading of its unedited sample (one extra sampling pass,
+    # counted in the cell's time). Added after the swap cells showed minority → majority flips cancelling
+    # majority → minority ones under independent per-sample draws; grid set from the swap hit rates on the
+    # validation seed (male → female 0.62 at β 3, 0.93 at β 4), before any of its cells were run.
+    "DiffLens surplus": ("beta", (2.0, 3.0, 4.0, 6.0)),
 }
 # DiffLens edits from this sampling step on. Read off the validation prototype (seed 777, n = 64, gender
 # and age): editing the first steps, where layout is decided, changes backdrop, position and the other
@@ -229,7 +236,7 @@ class Runner:
             obj = B.Activation.fit(self.summary.pooled.float(), labels, attribute, k=8)
         elif method == "H-Distribution":
             obj = B.HDistribution(attribute, self.probe, uniform(attribute))
-        elif method in ("DiffLens", "DiffLens swap"):
+        elif method in DIFFLENS:
             obj = None
         elif path.is_file():
             obj = self._load_fitted(method, attribute, path)
@@ -307,11 +314,16 @@ class Runner:
             imgs = replace(fitted, scale=setting).sample(self.model, noise, classes, batch_size=bs)
         elif method == "Finetuning":
             imgs, classes = B.sample(fitted.model(self.model, setting), noise, self.steps, batch_size=bs), None
-        elif method in ("DiffLens", "DiffLens swap"):
-            e = identify.edit_for(attribute, setting, target=uniform(attribute), swap=method == "DiffLens swap",
+        elif method in DIFFLENS:
+            e = identify.edit_for(attribute, setting, target=uniform(attribute), swap=method != "DiffLens",
                                   steps=range(min(DIFFLENS_FROM_STEP, self.steps - 1), self.steps))
+            if method == "DiffLens surplus":
+                unedited = B.sample(self.model, noise, self.steps, batch_size=bs)
+                e = replace(e, source=self.trainer_judge.predict(unedited)[attribute].argmax(-1))
             imgs, iv = I.sample(self.model, self.sae, [e], noise=noise, steps=self.steps, batch_size=bs,
                                 class_seed=CLASS_SEED)
+            if method == "DiffLens surplus":
+                classes = iv.classes(attribute)
             assert torch.equal(iv.classes(attribute), classes)
         else:
             raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
@@ -397,7 +409,8 @@ def changes(out=OUT, split: str = "test") -> list[dict]:
 def hit_rates(cell: Cell, original: Cell) -> "pd.DataFrame":
     """For a method that draws a class per sample: of the samples originally judged ``from`` and asked to
     become ``to``, the share judged ``to`` after the edit (rows ``from``, columns ``to``; the diagonal is
-    the share that stayed put when asked to). NaN where no sample had that pair."""
+    the share that stayed put when asked to). NaN where no sample had that pair; samples left unedited
+    (class ``-1``, the surplus variant) are not counted."""
     import pandas as pd
 
     if cell.classes is None:

@@ -64,6 +64,7 @@ class Edit:
     steps: Sequence[int] | None = None
     footprint: dict[int, torch.Tensor] | None = None  # class -> (len(features[class]), H·W), add mode only
     suppress_others: bool = False  # also set every other class's features to 0 in a sample assigned class c
+    source: torch.Tensor | None = None  # (n,) each sample's own (unedited) class: move only the surplus
 
     def validate(self, d_sae: int) -> None:
         if self.attribute not in world.ATTRIBUTES:
@@ -90,6 +91,15 @@ class Edit:
             if not torch.isfinite(t).all() or (t < 0).any() or abs(float(t.sum()) - 1) > 1e-6:
                 raise ValueError(f"Edit: target must be non-negative and sum to 1, got {list(self.target)} "
                                  f"(sum {float(t.sum()):.6f})")
+            if self.source is not None:
+                src = torch.as_tensor(self.source)
+                in_range = len(src) == 0 or (0 <= int(src.min()) and int(src.max()) < k)
+                if src.ndim != 1 or src.dtype.is_floating_point or not in_range:
+                    raise ValueError(f"Edit: source must be a 1-d tensor of class ids 0..{k - 1} (each sample's own "
+                                     f"class, e.g. a judge's reading of the unedited sample), got {src.dtype} "
+                                     f"{tuple(src.shape)}")
+        elif self.source is not None:
+            raise ValueError("Edit: source (each sample's own class) only applies with a target distribution")
         elif not isinstance(self.cls, int) or not 0 <= self.cls < k:
             raise ValueError(f"Edit: cls must be one of 0..{k - 1} {world.ATTRIBUTES[self.attribute]}, got {self.cls!r}")
         if self.footprint is not None:
@@ -123,10 +133,39 @@ def assign_classes(n: int, target: Sequence[float], seed: int = 0) -> torch.Tens
     return ids[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
 
 
+def assign_surplus(source: torch.Tensor, target: Sequence[float], seed: int = 0) -> torch.Tensor:
+    """Move only the surplus: ``source`` holds each sample's own class; classes with more samples than
+    ``n · target`` (largest remainder) give up that many, chosen at random (seeded), and those samples are
+    assigned, shuffled, to the classes short of their count. Every other sample gets ``-1`` (no edit).
+
+    With a uniform target over two classes and a 75/25 source, a quarter of the samples is asked to change,
+    where independent per-sample draws (:func:`assign_classes`) ask half — including minority samples asked
+    to become the majority class.
+    """
+    source = torch.as_tensor(source).long()
+    n = len(source)
+    want = torch.bincount(assign_classes(n, target, seed=seed), minlength=len(target))
+    have = torch.bincount(source, minlength=len(target))
+    g = torch.Generator().manual_seed(seed + 1)
+    out = torch.full((n,), -1, dtype=torch.long)
+    movers = []
+    for c in range(len(target)):
+        if have[c] > want[c]:
+            idx = (source == c).nonzero().flatten()
+            movers.append(idx[torch.randperm(len(idx), generator=g)[: int(have[c] - want[c])]])
+    if not movers:
+        return out
+    movers = torch.cat(movers)
+    movers = movers[torch.randperm(len(movers), generator=g)]
+    short = torch.repeat_interleave(torch.arange(len(target)), (want - have).clamp(min=0))
+    out[movers] = short
+    return out
+
+
 @dataclass
 class _Plan:
     edit: Edit
-    classes: torch.Tensor  # (n,) class per sample
+    classes: torch.Tensor  # (n,) class per sample; ``k`` (one past the last class) = not edited
     masks: torch.Tensor  # (classes, d_sae) bool: features edited for each class
     steps: set[int] | None = field(default=None)
     amounts: torch.Tensor | None = None  # (classes, positions, d_sae): footprint maps, add mode
@@ -155,8 +194,16 @@ class Intervention:
         for j, e in enumerate(edits):
             e.validate(m)
             k = len(world.ATTRIBUTES[e.attribute])
-            classes = (assign_classes(n, e.target, seed=seed * 7919 + j) if e.target is not None
-                       else torch.full((n,), e.cls, dtype=torch.long))
+            if e.source is not None:
+                if len(e.source) != n:
+                    raise ValueError(f"Edit: source has {len(e.source)} classes for {n} samples; give one per sample")
+                classes = assign_surplus(e.source, e.target, seed=seed * 7919 + j)
+            elif e.target is not None:
+                classes = assign_classes(n, e.target, seed=seed * 7919 + j)
+            else:
+                classes = torch.full((n,), e.cls, dtype=torch.long)
+            classes = torch.where(classes < 0, k, classes)  # row k of every table below is "no edit"
+            k += 1
             masks = torch.zeros(k, m, dtype=torch.bool)
             for c, feats in e.features.items():
                 masks[c, list(map(int, feats))] = True
@@ -176,15 +223,17 @@ class Intervention:
             zero = None
             if e.suppress_others:  # every class's features but c's own (a latent two classes share stays)
                 zero = masks.any(0, keepdim=True) & ~masks
+                zero[-1] = False
             self.plans.append(_Plan(e, classes, masks, None if e.steps is None else set(map(int, e.steps)), amounts,
                                     sel, coef, zero))
         self.active = [p for p in self.plans if not p.edit.is_noop()]
 
     def classes(self, attribute: str) -> torch.Tensor:
-        """The class drawn for every sample for ``attribute``'s edit."""
+        """The class drawn for every sample for ``attribute``'s edit (``-1``: not edited)."""
         for p in self.plans:
             if p.edit.attribute == attribute:
-                return p.classes.cpu()
+                c = p.classes.cpu()
+                return torch.where(c == p.masks.shape[0] - 1, -1, c)
         raise ValueError(f"Intervention: no edit for {attribute!r}")
 
     def fn(self, ids: torch.Tensor):

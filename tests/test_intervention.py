@@ -194,3 +194,38 @@ def test_suppress_others_zeroes_the_other_classes_features(setup):
     # without suppress_others, add β = 0 is the identity
     plain = intervention.Edit("gender", feats, beta=0.0, mode="add", target=[0.5, 0.5])
     assert plain.is_noop() and not dataclasses.replace(plain, suppress_others=True).is_noop()
+
+
+def test_assign_surplus_moves_only_the_majority_surplus():
+    src = torch.tensor([0] * 75 + [1] * 25)
+    a = intervention.assign_surplus(src, [0.5, 0.5], seed=1)
+    assert int((a == 1).sum()) == 25 and int((a == 0).sum()) == 0  # 25 of the 75 class-0 samples move
+    assert (src[a == 1] == 0).all() and (a[src == 1] == -1).all()
+    final = torch.where(a >= 0, a, src)
+    assert torch.bincount(final).tolist() == [50, 50]
+    # three classes, two short: the surplus is split by the missing counts
+    src3 = torch.tensor([1] * 70 + [0] * 20 + [2] * 10)
+    a3 = intervention.assign_surplus(src3, [1 / 3, 1 / 3, 1 / 3], seed=0)
+    assert torch.bincount(torch.where(a3 >= 0, a3, src3), minlength=3).tolist() in ([33, 34, 33], [34, 33, 33], [33, 33, 34])
+    assert (src3[a3 >= 0] == 1).all()
+    assert (intervention.assign_surplus(torch.tensor([0, 1]), [0.5, 0.5]) == -1).all()  # already on target
+    assert not torch.equal(a, intervention.assign_surplus(src, [0.5, 0.5], seed=2))
+
+
+def test_surplus_edit_leaves_unmoved_samples_bit_identical(setup):
+    model, sae, *_ = setup
+    src = torch.tensor([0, 0, 0, 1, 0, 0])
+    e = intervention.Edit("gender", {0: [1, 2], 1: [3, 4]}, beta=4.0, mode="add", target=[0.5, 0.5], source=src,
+                          suppress_others=True)
+    got, iv = intervention.sample(model, sae, [e], 6, steps=STEPS, seed=5, batch_size=6)
+    plain = models.sample(model, 6, steps=STEPS, seed=5, batch_size=6)
+    cls = iv.classes("gender")
+    assert sorted(cls.tolist()) == [-1, -1, -1, -1, 1, 1] and (src[cls == 1] == 0).all()
+    assert torch.equal(got[cls == -1], plain[cls == -1])
+    assert (got[cls == 1] - plain[cls == 1]).abs().amax() > 0
+    for bad, msg in ((torch.tensor([0, 2, 0, 0, 0, 0]), "class ids 0..1"), (torch.tensor([0.0] * 6), "class ids"),
+                     (torch.tensor([0, 1]), "2 classes for 6 samples")):
+        with pytest.raises(ValueError, match=msg):
+            intervention.Intervention(sae, [dataclasses.replace(e, source=bad)], 6)
+    with pytest.raises(ValueError, match="only applies with a target"):
+        intervention.Intervention(sae, [intervention.Edit("gender", {0: [1]}, beta=1.0, cls=0, source=src)], 6)
