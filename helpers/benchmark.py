@@ -383,12 +383,38 @@ def _paired(out, split: str):
             yield c, orig
 
 
+def target_spec(attribute: str) -> world.BiasSpec:
+    """The default spec with ``attribute`` uniform (everything else, correlations included, unchanged): what
+    a perfect debiasing of ``attribute`` would produce."""
+    from dataclasses import replace
+
+    spec = world.default_spec()
+    return replace(spec, probs={**spec.probs, attribute: uniform(attribute)}, name=f"default, {attribute} uniform")
+
+
+def target_reference(attribute: str, n: int, out=OUT, judge=None) -> torch.Tensor:
+    """Judge features of ``n`` renders of :func:`target_spec` (cached next to the cells)."""
+    path = Path(out) / f"reference_{n}_{attribute}-uniform.safetensors"
+    if path.is_file():
+        return io.load_tensors(path)[0]["reference"].float()
+    if judge is None:
+        from .judge import load_judge
+        judge = load_judge()
+    f = judge.features(world.sample(n, spec=target_spec(attribute), seed=REF_SEED).images)
+    io.save_tensors(path, {"reference": f})
+    return f
+
+
 def results(out=OUT, split: str = "test") -> list[dict]:
-    """Metrics of every saved cell of ``split`` that has its Original partner."""
+    """Metrics of every saved cell of ``split`` that has its Original partner, plus ``FID target``: FID
+    against renders with the target attribute already uniform. The main FID column compares with the
+    world's (biased) renders, so it rises with any change of the distribution — debiasing included."""
     rows = []
     for c, orig in _paired(out, split):
         ref, _ = io.load_tensors(Path(out) / f"reference_{c.n}.safetensors")
-        rows.append(cell_metrics(c, orig, ref["reference"].float()))
+        row = cell_metrics(c, orig, ref["reference"].float())
+        row["FID target"] = metrics.fid_from_features(target_reference(c.attribute, c.n, out), c.features)
+        rows.append(row)
     return rows
 
 

@@ -102,3 +102,13 @@ def test_hit_rates_and_changes_count_by_original_and_asked_for_class(tmp_path):
         c.save(tmp_path / "cells")
     (row,) = BM.changes(tmp_path, split="val")
     assert row["gender"] == pytest.approx(2 / 6) and row["smile"] == pytest.approx(1 / 6) and row["age"] == 0.0
+
+
+def test_target_spec_makes_only_the_target_uniform():
+    spec = BM.target_spec("race")
+    d = world.default_spec()
+    assert spec.probs["race"] == BM.uniform("race") and spec.probs["gender"] == d.probs["gender"]
+    assert spec.conditionals == d.conditionals
+    b = world.sample(4000, spec=spec, seed=0)
+    share = torch.bincount(b.labels["race"], minlength=4).float() / 4000
+    assert (share - 0.25).abs().max() < 0.03
