@@ -1,9 +1,14 @@
-"""Sample the embedded model on the evaluation seeds, store the samples and print the quality report.
+"""Sample the embedded model on the evaluation noise, store the samples and the quality reports.
 
-    python scripts/evaluate_embedded.py --n 2000 --steps 25
+    python scripts/evaluate_embedded.py --n 2000 --steps 25 100     # evaluation sets + quality reports
+    python scripts/evaluate_embedded.py --sweep 10 25 50 100         # class shares vs DDIM steps (n = 500)
 
-Writes ``data/embedded_samples.safetensors`` (uint8 images + settings), which chapter 1
-loads, and ``data/embedded_quality.json`` (the report below, for notes and later chapters).
+Evaluation sets go to ``data/embedded_eval/samples_<steps>.safetensors`` (uint8 images + settings, read by
+chapter 1) and their reports to ``data/embedded_eval/quality.json`` (one report per step count). The sweep
+writes ``data/embedded_eval/steps.json``: judged class shares, confident shares and the largest gap to the
+spec for the first ``--sweep-n`` samples of the same noise at each step count; a step count that already
+has an evaluation set reuses its first samples (per-sample noise, deterministic DDIM: the same images).
+Every file is written atomically, and a report is added to ``quality.json`` without touching the others.
 """
 import argparse
 import json
@@ -15,28 +20,80 @@ from helpers import io, judge as J, metrics, models, world
 
 EVAL_SEED = 2025  # sampling-noise seed of the evaluation set
 REF_SEEDS = (9_001, 9_002)  # fresh-render seeds of the two reference sets
+EVAL_DIR = models.DATA_DIR / "embedded_eval"
+
+
+def samples_path(steps: int):
+    return EVAL_DIR / f"samples_{steps}.safetensors"
+
+
+def _read_json(path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def evaluate(model, judge, n: int, steps: int, threads: int) -> dict:
+    t0 = time.time()
+    imgs = models.sample(model, n, steps=steps, seed=EVAL_SEED, progress=True)
+    secs = time.time() - t0
+    trained = json.loads((models.EMBEDDED_DIR / "training.json").read_text())["steps"]
+    meta = {"n": n, "steps": steps, "seed": EVAL_SEED, "model_train_steps": trained,
+            "sampling_seconds": secs, "threads": threads}
+    io.save_tensors(samples_path(steps), {"images": (imgs * 255).round().to(torch.uint8)}, meta=meta)
+    spec = world.default_spec()
+    ref = world.sample(n, spec, seed=REF_SEEDS[0]).images
+    ref2 = world.sample(n, spec, seed=REF_SEEDS[1]).images
+    report = metrics.quality_report((imgs * 255).round() / 255, judge, spec, ref, ref2)
+    report["settings"] = meta
+    return report
+
+
+def sweep_point(model, judge, n: int, steps: int) -> dict:
+    stored = samples_path(steps)
+    t0 = time.time()
+    if stored.is_file() and io.load_tensors(stored)[1]["n"] >= n:
+        imgs, source = io.load_tensors(stored)[0]["images"][:n].float() / 255, stored.name
+    else:
+        imgs = (models.sample(model, n, steps=steps, seed=EVAL_SEED, progress=True) * 255).round() / 255
+        source = "sampled"
+    secs = time.time() - t0
+    spec = world.default_spec()
+    probs = judge.predict(imgs)
+    marg = metrics.marginals(probs, world.SOCIAL)
+    conf = metrics.confident_share(probs, world.SOCIAL, 0.9)
+    return {"n": n, "steps": steps, "seed": EVAL_SEED, "source": source, "seconds": secs,
+            "attributes": {a: {"spec": spec.marginal(a).tolist(), "model": marg[a].tolist(),
+                               "max_abs_gap": float(abs(marg[a] - spec.marginal(a)).max()),
+                               "confident": conf[a]} for a in world.SOCIAL}}
+
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    ap.add_argument("--n", type=int, default=2000, help="samples per evaluation set")
+    ap.add_argument("--steps", type=int, nargs="*", default=[], help="DDIM step counts to evaluate")
+    ap.add_argument("--sweep", type=int, nargs="*", default=[], help="DDIM step counts for the share sweep")
+    ap.add_argument("--sweep-n", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(models.DATA_DIR / "embedded_samples.safetensors"))
     a = ap.parse_args()
+    if not a.steps and not a.sweep:
+        ap.error("nothing to do: give --steps (evaluation sets) and/or --sweep (share vs steps)")
+    if any(s < 1 for s in a.steps + a.sweep) or a.n < 2 or a.sweep_n < 2:
+        ap.error("step counts must be ≥ 1 and sample counts ≥ 2")
     torch.set_num_threads(a.threads)
     model = models.load_model("embedded")
-    t0 = time.time()
-    imgs = models.sample(model, a.n, steps=a.steps, seed=EVAL_SEED, progress=True)
-    secs = time.time() - t0
-    trained = json.loads((models.EMBEDDED_DIR / "training.json").read_text())["steps"]
-    meta = {"n": a.n, "steps": a.steps, "seed": EVAL_SEED, "model_train_steps": trained,
-            "sampling_seconds": secs, "threads": a.threads}
-    io.save_tensors(a.out, {"images": (imgs * 255).round().to(torch.uint8)}, meta=meta)
     judge = J.load_judge()
-    spec = world.default_spec()
-    ref = world.sample(a.n, spec, seed=REF_SEEDS[0]).images
-    ref2 = world.sample(a.n, spec, seed=REF_SEEDS[1]).images
-    report = metrics.quality_report((imgs * 255).round() / 255, judge, spec, ref, ref2)
-    report["settings"] = meta
-    io.write_json(models.DATA_DIR / "embedded_quality.json", report)
-    print(json.dumps(report, indent=1))
+    EVAL_DIR.mkdir(parents=True, exist_ok=True)
+    for steps in a.steps:
+        report = evaluate(model, judge, a.n, steps, a.threads)
+        quality = _read_json(EVAL_DIR / "quality.json")
+        quality[str(steps)] = report
+        io.write_json(EVAL_DIR / "quality.json", quality)
+        print(json.dumps({k: v for k, v in report.items() if k != "attributes"}, indent=1))
+        for attr, r in report["attributes"].items():
+            print(f"{steps} steps {attr}: model {[round(x, 3) for x in r['model']]} spec {r['spec']} "
+                  f"gap {r['max_abs_gap']:.3f}")
+    for steps in a.sweep:
+        point = sweep_point(model, judge, a.sweep_n, steps)
+        sweep = _read_json(EVAL_DIR / "steps.json")
+        sweep[str(steps)] = point
+        io.write_json(EVAL_DIR / "steps.json", sweep)
+        print(steps, {k: [round(x, 3) for x in v["model"]] for k, v in point["attributes"].items()})
