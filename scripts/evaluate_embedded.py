@@ -50,8 +50,9 @@ def evaluate(model, judge, n: int, steps: int, threads: int) -> dict:
 def sweep_point(model, judge, n: int, steps: int) -> dict:
     stored = samples_path(steps)
     t0 = time.time()
-    if stored.is_file() and io.load_tensors(stored)[1]["n"] >= n:
-        imgs, source = io.load_tensors(stored)[0]["images"][:n].float() / 255, stored.name
+    tensors, meta = io.load_tensors(stored) if stored.is_file() else (None, {"n": 0})
+    if meta["n"] >= n:
+        imgs, source = tensors["images"][:n].float() / 255, stored.name
     else:
         imgs = (models.sample(model, n, steps=steps, seed=EVAL_SEED, progress=True) * 255).round() / 255
         source = "sampled"
