@@ -159,6 +159,13 @@ def marginals(probs: dict[str, torch.Tensor], attrs: Sequence[str]) -> dict[str,
     return out
 
 
+def class_shares(probs: dict[str, torch.Tensor], spec, attrs: Sequence[str]) -> dict[str, dict]:
+    """Per attribute, the spec's class shares, the judged shares and the largest absolute gap between them."""
+    marg = marginals(probs, attrs)
+    return {a: {"spec": spec.marginal(a).tolist(), "model": marg[a].tolist(),
+                "max_abs_gap": float(np.abs(marg[a] - spec.marginal(a)).max())} for a in attrs}
+
+
 def quality_report(samples: torch.Tensor, judge, spec, reference: torch.Tensor, floor_reference: torch.Tensor,
                    attrs: Sequence[str] = ("gender", "age", "race"), threshold: float = 0.9,
                    n_boot: int = 2000) -> dict:
@@ -170,14 +177,12 @@ def quality_report(samples: torch.Tensor, judge, spec, reference: torch.Tensor, 
     """
     probs = judge.predict(samples)
     ref_probs = judge.predict(reference)
-    marg = marginals(probs, attrs)
+    shares = class_shares(probs, spec, attrs)
     out = {"n": len(samples), "confident": confident_share(probs, attrs, threshold), "attributes": {}}
     for a in attrs:
         k = probs[a].shape[1]
         out["attributes"][a] = {
-            "spec": spec.marginal(a).tolist(),
-            "model": marg[a].tolist(),
-            "max_abs_gap": float(np.abs(marg[a] - spec.marginal(a)).max()),
+            **shares[a],
             "fd_model": fd_bootstrap(probs[a], k, n_boot=n_boot),
             "fd_data": fd_bootstrap(ref_probs[a], k, n_boot=n_boot),
             "fd_spec": float(np.linalg.norm(spec.marginal(a) - 1.0 / k)),

@@ -38,11 +38,12 @@ def evaluate(model, judge, n: int, steps: int, threads: int) -> dict:
     trained = json.loads((models.EMBEDDED_DIR / "training.json").read_text())["steps"]
     meta = {"n": n, "steps": steps, "seed": EVAL_SEED, "model_train_steps": trained,
             "sampling_seconds": secs, "threads": threads}
-    io.save_tensors(samples_path(steps), {"images": (imgs * 255).round().to(torch.uint8)}, meta=meta)
+    q = (imgs * 255).round()  # what is stored, and what is judged
+    io.save_tensors(samples_path(steps), {"images": q.to(torch.uint8)}, meta=meta)
     spec = world.default_spec()
     ref = world.sample(n, spec, seed=REF_SEEDS[0]).images
     ref2 = world.sample(n, spec, seed=REF_SEEDS[1]).images
-    report = metrics.quality_report((imgs * 255).round() / 255, judge, spec, ref, ref2)
+    report = metrics.quality_report(q / 255, judge, spec, ref, ref2)
     report["settings"] = meta
     return report
 
@@ -57,14 +58,11 @@ def sweep_point(model, judge, n: int, steps: int) -> dict:
         imgs = (models.sample(model, n, steps=steps, seed=EVAL_SEED, progress=True) * 255).round() / 255
         source = "sampled"
     secs = time.time() - t0
-    spec = world.default_spec()
     probs = judge.predict(imgs)
-    marg = metrics.marginals(probs, world.SOCIAL)
+    shares = metrics.class_shares(probs, world.default_spec(), world.SOCIAL)
     conf = metrics.confident_share(probs, world.SOCIAL, 0.9)
     return {"n": n, "steps": steps, "seed": EVAL_SEED, "source": source, "seconds": secs,
-            "attributes": {a: {"spec": spec.marginal(a).tolist(), "model": marg[a].tolist(),
-                               "max_abs_gap": float(abs(marg[a] - spec.marginal(a)).max()),
-                               "confident": conf[a]} for a in world.SOCIAL}}
+            "attributes": {a: {**shares[a], "confident": conf[a]} for a in world.SOCIAL}}
 
 
 if __name__ == "__main__":
