@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from helpers import attribution, dissect, hooks, identify, models
+from helpers import attribution, hooks, models
+from helpers.chapters import dissect, identify
 from helpers import probe as P
 from helpers import sae as S
 

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from helpers import dissect, intervention, models
+from helpers import intervention, models
+from helpers.chapters import dissect
 from helpers import sae as S
 
 if __name__ == "__main__":
@@ -40,13 +41,13 @@ if __name__ == "__main__":
         models.sample(model, noise=noise, steps=a.steps, batch_size=a.n)
         t["plain"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        intervention.sample(model, sae, [edit], noise=noise, steps=a.steps, batch_size=a.n)
+        intervention.sample_edited(model, sae, [edit], noise=noise, steps=a.steps, batch_size=a.n)
         t["edited"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        intervention.sample(model, sae, [edit_fp], noise=noise, steps=a.steps, batch_size=a.n)
+        intervention.sample_edited(model, sae, [edit_fp], noise=noise, steps=a.steps, batch_size=a.n)
         t["footprint"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        intervention.sample(model, sae, [edit_sc], noise=noise, steps=a.steps, batch_size=a.n)
+        intervention.sample_edited(model, sae, [edit_sc], noise=noise, steps=a.steps, batch_size=a.n)
         t["scale"].append(time.perf_counter() - t0)
     p = statistics.median(t["plain"])
     print(f"n={a.n} steps={a.steps} threads={a.threads}: runs (s) " + ", ".join(f"{k} {[round(x, 2) for x in v]}"

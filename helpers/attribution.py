@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from . import io, world
-from .probe import HProbe, check_class
+from . import io
+from .probe import HProbe
 from .sae import TopKSAE, from_rows, to_rows
 
 
@@ -40,7 +40,7 @@ def latent_ig(sae: TopKSAE, probe: HProbe, h: torch.Tensor, step: int, attribute
     """
     from captum.attr import IntegratedGradients
 
-    check_class(attribute, cls)
+    probe.check_class(attribute, cls)
     if h.ndim != 4 or h.shape[1] != sae.cfg.d_in:
         raise ValueError(f"latent_ig: h must be (batch, {sae.cfg.d_in}, H, W), got {tuple(h.shape)}")
     shape = h.shape
@@ -64,7 +64,7 @@ def channel_ig(probe: HProbe, h: torch.Tensor, step: int, attribute: str, cls: i
     """The same attribution over raw channels (baseline: h with every channel at zero): ``(B, C)``."""
     from captum.attr import IntegratedGradients
 
-    check_class(attribute, cls)
+    probe.check_class(attribute, cls)
     ig = IntegratedGradients(lambda x: probe.class_prob(x, step, attribute, cls))
     attr, delta = ig.attribute(h.float(), baselines=torch.zeros_like(h, dtype=torch.float), n_steps=n_steps,
                                return_convergence_delta=True)
@@ -109,11 +109,11 @@ def rank(sae: TopKSAE | None, probe: HProbe, h_by_step: dict[int, torch.Tensor],
     """
     from tqdm.auto import tqdm
 
-    if attribute not in world.ATTRIBUTES:
-        raise ValueError(f"rank: unknown attribute {attribute!r}; known: {list(world.ATTRIBUTES)}")
+    if attribute not in probe.classes:
+        raise ValueError(f"rank: the probe has no head for {attribute!r}; heads: {list(probe.classes)}")
     if not h_by_step:
         raise ValueError("rank: h_by_step is empty; give h for at least one sampling step")
-    k = len(world.ATTRIBUTES[attribute])
+    k = probe.classes[attribute]
     labels = torch.as_tensor(labels).long()
     g = torch.Generator().manual_seed(seed)
     device = next(probe.parameters()).device  # h batches go where the probe (and SAE) are

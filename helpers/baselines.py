@@ -29,8 +29,8 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,17 +40,71 @@ from . import hooks, models, world
 from .intervention import assign_classes
 from .probe import HProbe
 
-METHODS = ("Activation", "Latent Direction", "H-Distribution", "Latent Editing", "Finetuning")
+
+@dataclass
+class Context:
+    """What every method may use to fit — one object, so every method gets the same information.
+
+    A method is fitted with ``Method.from_context(ctx, **fit_settings)`` and then gives images with
+    ``fitted.sample_edited(model, noise, steps, setting, classes)``: ``setting`` is its strength knob
+    (``Method.knob``), ``classes`` the per-sample asked-for class (``-1``: leave that sample alone), which
+    methods that edit the whole batch or the model (``per_sample = False``) ignore.
+    """
+
+    model: models.Diffusion
+    attribute: str
+    classes: tuple[str, ...]  # the attribute's class names (the judge's)
+    target: Sequence[float]  # target distribution over the classes
+    steps: int = 25  # sampling steps
+    site: str = hooks.DEFAULT_SITE  # where the hook-based methods act
+    pooled: torch.Tensor | None = None  # (N, steps, C) harvested spatial-mean h at the site
+    labels: torch.Tensor | None = None  # (N,) judged classes of the harvested samples
+    images: torch.Tensor | None = None  # (N, 3, H, W) uint8 harvested images (training data where needed)
+    probe: HProbe | None = None  # the h-probe (H-Distribution steers with it)
+    judge: object | None = None  # the judge learned methods train against (chapter 6: a second judge)
+    images_of: Callable | None = None  # (classes, seed) -> images in [-1, 1] of those classes; default: harvested
+    progress: bool = True
+
+    def need(self, method: str, *fields_: str) -> None:
+        missing = [f for f in fields_ if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"{method} needs {missing} in its fitting context (the harvest, probe or judge)")
+
+    def training_images(self, classes: torch.Tensor, seed: int) -> torch.Tensor:
+        """Images in [-1, 1] of the given classes: ``images_of`` if set, else harvested images judged so."""
+        if self.images_of is not None:
+            return self.images_of(classes, seed)
+        self.need("training images", "images", "labels")
+        g = torch.Generator().manual_seed(seed)
+        out = torch.empty(len(classes), *self.images.shape[1:])
+        for c in torch.as_tensor(classes).unique():
+            pool = (self.labels == c).nonzero().flatten()
+            if len(pool) == 0:
+                raise ValueError(f"no harvested image is judged {self.classes[int(c)]!r}; cannot train on that class")
+            rows = (torch.as_tensor(classes) == c).nonzero().flatten()
+            out[rows] = self.images[pool[torch.randint(len(pool), (len(rows),), generator=g)]].float() / 255
+        return out * 2 - 1
 
 
-def _check_attribute(attribute: str) -> int:
+def _pixel_only(method: str, model: models.Diffusion) -> None:
+    if model.text_conditioned or model.channels != 3:
+        raise ValueError(f"{method} trains through the UNet in pixel space; this model ({model.name!r}) is "
+                         "text-conditioned or works in a latent space, which this implementation does not cover "
+                         "yet. Use Activation, H-Distribution or DiffLens on it.")
+
+
+def _check_attribute(attribute: str, classes: Sequence[str] | None = None) -> int:
+    if classes is not None:
+        return len(classes)
     if attribute not in world.ATTRIBUTES:
-        raise ValueError(f"unknown attribute {attribute!r}; known: {list(world.ATTRIBUTES)}")
+        raise ValueError(f"unknown attribute {attribute!r} (not one of the world's {list(world.ATTRIBUTES)}); "
+                         "give the judge's class names (classes=...)")
     return len(world.ATTRIBUTES[attribute])
 
 
-def _check_target(attribute: str, target: Sequence[float]) -> torch.Tensor:
-    k = _check_attribute(attribute)
+def _check_target(attribute: str, target: Sequence[float], classes: Sequence[str] | None = None) -> torch.Tensor:
+    k = _check_attribute(attribute, classes if classes is not None else
+                         (None if attribute in world.ATTRIBUTES else [""] * len(target)))
     t = torch.as_tensor(target, dtype=torch.float64)
     if t.ndim != 1 or len(t) != k or (t < 0).any() or abs(float(t.sum()) - 1) > 1e-6:
         raise ValueError(f"target for {attribute!r} must be {k} non-negative probabilities summing to 1, "
@@ -124,19 +178,30 @@ def ddim_step(sched: DDIMScheduler, out_x0: torch.Tensor, out_eps: torch.Tensor,
 
 
 def sample(model: models.Diffusion, noise: torch.Tensor, steps: int = 25, hook: Callable | None = None,
-           batch_size: int = 128, progress: bool = False) -> torch.Tensor:
-    """DDIM samples from ``noise``; ``hook(ids)`` returns the bottleneck edit for samples ``ids``."""
+           batch_size: int = 128, progress: bool = False, site: str = hooks.DEFAULT_SITE) -> torch.Tensor:
+    """DDIM samples from ``noise``; ``hook(ids)`` returns the edit at ``site`` for samples ``ids``."""
     from tqdm.auto import tqdm
 
     outs = []
-    for s in tqdm(range(0, len(noise), batch_size), disable=not progress, desc="sample"):
+    bar = tqdm(total=len(noise) * steps, disable=not progress, desc="sample", unit="img-step")
+    for s in range(0, len(noise), batch_size):
         ids = torch.arange(s, min(len(noise), s + batch_size))
         if hook is None:
-            outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids)))
+            outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids), bar=bar))
         else:
-            with hooks.edit(model.unet, hook(ids)):
-                outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids)))
+            with hooks.edit(model.unet, hook(ids), site=site):
+                outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids), bar=bar))
+    bar.close()
     return torch.cat(outs)
+
+
+def _asked(classes: torch.Tensor | None, n: int) -> torch.Tensor:
+    if classes is None:
+        raise ValueError("this method edits each sample towards its own asked-for class; pass classes (n,)")
+    classes = torch.as_tensor(classes).long()
+    if len(classes) != n:
+        raise ValueError(f"classes has {len(classes)} entries for {n} samples")
+    return classes
 
 
 def images_of(attribute: str, classes: torch.Tensor, seed: int, spec: world.BiasSpec | None = None,
@@ -173,11 +238,17 @@ class Activation:
     channels: dict[int, list[int]]
     beta: float = 2.0
     name: str = "Activation"
+    site: str = hooks.DEFAULT_SITE
+    knob: ClassVar[str] = "beta"
+    default: ClassVar[float] = 2.0
+    per_sample: ClassVar[bool] = True
+    learns_from_judge: ClassVar[bool] = False
 
     @classmethod
-    def fit(cls, pooled: torch.Tensor, labels: torch.Tensor, attribute: str, k: int = 8, beta: float = 2.0):
+    def fit(cls, pooled: torch.Tensor, labels: torch.Tensor, attribute: str, k: int = 8, beta: float = 2.0,
+            classes: Sequence[str] | None = None, site: str = hooks.DEFAULT_SITE):
         """``pooled`` ``(N, steps, C)`` spatial-mean h of harvested samples, ``labels`` their judged classes."""
-        kc = _check_attribute(attribute)
+        kc = _check_attribute(attribute, classes)
         labels = torch.as_tensor(labels).long()
         m = pooled.float().mean(1)  # (N, C): mean over steps
         chans = {}
@@ -185,11 +256,21 @@ class Activation:
             if (labels == c).sum() == 0 or (labels != c).sum() == 0:
                 raise ValueError(f"Activation.fit: class {c} of {attribute!r} has no (or only) samples")
             diff = m[labels == c].mean(0) - m[labels != c].mean(0)
-            chans[c] = diff.topk(k).indices.tolist()
-        return cls(attribute, chans, beta)
+            chans[c] = diff.topk(min(k, m.shape[1])).indices.tolist()
+        return cls(attribute, chans, beta, site=site)
+
+    @classmethod
+    def from_context(cls, ctx: Context, k: int = 8):
+        ctx.need(cls.name, "pooled", "labels")
+        return cls.fit(ctx.pooled, ctx.labels, ctx.attribute, k=k, classes=ctx.classes, site=ctx.site)
+
+    def sample_edited(self, model, noise, steps, setting=None, classes=None, batch_size=128, progress=False):
+        """Samples with the asked-for class's channels scaled by ``setting`` (β)."""
+        me = self if setting is None else replace(self, beta=setting)
+        return sample(model, noise, steps, me.hook(_asked(classes, len(noise))), batch_size, progress, self.site)
 
     def hook(self, classes: torch.Tensor):
-        kc = _check_attribute(self.attribute)
+        kc = len(self.channels)
 
         def factory(ids):
             def fn(h, info):
@@ -216,16 +297,26 @@ class LatentDirection:
     history: list = field(default_factory=list)
     seconds: float = 0.0
     name: str = "Latent Direction"
+    site: str = hooks.DEFAULT_SITE
+    knob: ClassVar[str] = "scale"
+    default: ClassVar[float] = 1.0
+    per_sample: ClassVar[bool] = True
 
     @classmethod
     def fit(cls, model: models.Diffusion, attribute: str, iters: int = 300, batch_size: int = 32, lr: float = 0.05,
-            seed: int = 0, progress: bool = True):
-        """Denoising loss on world renders of each class (classes balanced in every batch), UNet frozen."""
+            seed: int = 0, progress: bool = True, images_of: Callable | None = None,
+            classes: Sequence[str] | None = None, site: str = hooks.DEFAULT_SITE):
+        """Denoising loss on images of each class (classes balanced in every batch), UNet frozen.
+
+        ``images_of(classes, seed)`` gives training images in [-1, 1]; default: world renders of the class."""
         from tqdm.auto import tqdm
 
-        kc = _check_attribute(attribute)
+        _pixel_only(cls.name, model)
+        kc = _check_attribute(attribute, classes)
+        if images_of is None:
+            images_of = lambda cl, sd: globals()["images_of"](attribute, cl, sd, resolution=model.sample_size)  # noqa: E731
         unet, sched = model.unet, model.scheduler
-        with hooks.capture(unet, steps=[0]) as cap:
+        with hooks.capture(unet, steps=[0], site=site) as cap:
             models.sample(model, 1, steps=1, seed=seed)
         shape = cap.activations[0].shape[1:]
         d = torch.zeros(kc, *shape, requires_grad=True)
@@ -235,20 +326,41 @@ class LatentDirection:
         with _frozen(unet):
             for it in tqdm(range(iters), disable=not progress, desc=f"Latent Direction {attribute}"):
                 classes = torch.arange(batch_size) % kc
-                x0 = images_of(attribute, classes, seed * 100_003 + it, resolution=model.sample_size)
+                x0 = images_of(classes, seed * 100_003 + it)
                 eps = torch.randn(x0.shape, generator=g)
                 t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=g)
-                with hooks.edit(unet, lambda h, info: h + d[classes]):
+                with hooks.edit(unet, lambda h, info: h + d[classes], site=site):
                     loss = models.diffusion_loss(unet, sched, x0, eps, t)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 hist.append(loss.item())
-        return cls(attribute, d.detach(), 1.0, hist, time.time() - t0)
+        return cls(attribute, d.detach(), 1.0, hist, time.time() - t0, site=site)
+
+    @classmethod
+    def from_context(cls, ctx: Context, **fit):
+        return cls.fit(ctx.model, ctx.attribute, images_of=ctx.training_images, classes=ctx.classes, site=ctx.site,
+                       progress=ctx.progress, **fit)
+
+    learns_from_judge: ClassVar[bool] = False
+
+    def to_tensors(self) -> tuple[dict, dict]:
+        return {"directions": self.directions}, {"history": self.history, "site": self.site}
+
+    @classmethod
+    def from_tensors(cls, ctx: Context, tensors: dict, meta: dict):
+        return cls(ctx.attribute, tensors["directions"], history=meta["history"], site=meta.get("site", ctx.site))
+
+    def sample_edited(self, model, noise, steps, setting=None, classes=None, batch_size=128, progress=False):
+        """Samples with the asked-for class's direction added at every step, times ``setting``."""
+        me = self if setting is None else replace(self, scale=setting)
+        return sample(model, noise, steps, me.hook(_asked(classes, len(noise))), batch_size, progress, self.site)
 
     def hook(self, classes: torch.Tensor):
+        d = torch.cat([self.directions, torch.zeros_like(self.directions[:1])])  # class -1: nothing added
+
         def factory(ids):
-            add = self.scale * self.directions[classes[ids]]
+            add = self.scale * d[torch.where(classes[ids] < 0, len(d) - 1, classes[ids])]
             return lambda h, info: h + add.to(h.dtype)
         return factory
 
@@ -265,11 +377,26 @@ class HDistribution:
     target: Sequence[float]
     scale: float = 1.0
     name: str = "H-Distribution"
+    site: str = hooks.DEFAULT_SITE  # where the probe's pooled h was harvested
+    knob: ClassVar[str] = "scale"
+    default: ClassVar[float] = 1e4
+    per_sample: ClassVar[bool] = False
+    learns_from_judge: ClassVar[bool] = False
+
+    @classmethod
+    def from_context(cls, ctx: Context):
+        ctx.need(cls.name, "probe")
+        return cls(ctx.attribute, ctx.probe, list(ctx.target), site=ctx.site)
+
+    def sample_edited(self, model, noise, steps, setting=None, classes=None, batch_size=128, progress=False):
+        """Samples guided towards the target distribution with strength ``setting`` (whole batch; ``classes`` unused)."""
+        me = self if setting is None else replace(self, scale=setting)
+        return sample(model, noise, steps, me.hook(), batch_size, progress, self.site)
 
     def hook(self, classes: torch.Tensor | None = None):
-        t = _check_target(self.attribute, self.target)
         if self.attribute not in self.probe.classes:
             raise ValueError(f"HDistribution: the probe has no head for {self.attribute!r}")
+        t = _check_target(self.attribute, self.target, self.probe.class_names[self.attribute])
 
         def factory(ids):
             def fn(h, info):
@@ -300,6 +427,10 @@ class LatentEditing:
     history: list = field(default_factory=list)
     seconds: float = 0.0
     name: str = "Latent Editing"
+    site: str = hooks.DEFAULT_SITE
+    knob: ClassVar[str] = "scale"
+    default: ClassVar[float] = 1.0
+    per_sample: ClassVar[bool] = True
 
     @property
     def edit_steps(self) -> int:
@@ -308,16 +439,17 @@ class LatentEditing:
     @classmethod
     def fit(cls, model: models.Diffusion, judge, attribute: str, steps: int = 25, edit_steps: int = 12,
             iters: int = 40, batch_size: int = 16, lr: float = 0.05, l1: float = 3.0, seed: int = 0,
-            progress: bool = True):
+            progress: bool = True, classes: Sequence[str] | None = None, site: str = hooks.DEFAULT_SITE):
         """Train Δh on the unedited chain's x_t: judge CE on the edited x0 estimate + ``l1`` · |x0 − x0_orig|."""
         from tqdm.auto import tqdm
 
-        kc = _check_attribute(attribute)
+        _pixel_only(cls.name, model)
+        kc = _check_attribute(attribute, classes)
         if not 0 < edit_steps <= steps:
             raise ValueError(f"LatentEditing: edit_steps must be in 1..{steps}, got {edit_steps}")
         unet = model.unet
         sched = ddim(model, steps)
-        with hooks.capture(unet, steps=[0]) as cap:
+        with hooks.capture(unet, steps=[0], site=site) as cap:
             models.sample(model, 1, steps=1, seed=seed)
         delta = torch.zeros(kc, edit_steps, *cap.activations[0].shape[1:], requires_grad=True)
         opt = torch.optim.Adam([delta], lr=lr)
@@ -331,7 +463,7 @@ class LatentEditing:
                 for j, t in enumerate(sched.timesteps[:edit_steps]):
                     with torch.no_grad():
                         out = unet(x, t).sample
-                    with hooks.edit(unet, lambda h, info: h + delta[classes, j]):
+                    with hooks.edit(unet, lambda h, info: h + delta[classes, j], site=site):
                         out_e = unet(x, t).sample
                     a, _ = _alphas(sched, t)
                     clip = sched.config.clip_sample_range if sched.config.clip_sample else None
@@ -346,12 +478,32 @@ class LatentEditing:
                     with torch.no_grad():
                         x, _ = ddim_step(sched, out, out, t, x)
                 hist.append(total / edit_steps)
-        return cls(attribute, delta.detach(), steps, 1.0, hist, time.time() - t0)
+        return cls(attribute, delta.detach(), steps, 1.0, hist, time.time() - t0, site=site)
 
-    def sample(self, model: models.Diffusion, noise: torch.Tensor, classes: torch.Tensor, steps: int | None = None,
-               batch_size: int = 128) -> torch.Tensor:
+    learns_from_judge: ClassVar[bool] = True
+
+    @classmethod
+    def from_context(cls, ctx: Context, **fit):
+        ctx.need(cls.name, "judge")
+        return cls.fit(ctx.model, ctx.judge, ctx.attribute, steps=ctx.steps, classes=ctx.classes, site=ctx.site,
+                       progress=ctx.progress, **fit)
+
+    def to_tensors(self) -> tuple[dict, dict]:
+        return {"delta": self.delta}, {"history": self.history, "steps": self.steps, "site": self.site}
+
+    @classmethod
+    def from_tensors(cls, ctx: Context, tensors: dict, meta: dict):
+        return cls(ctx.attribute, tensors["delta"], meta["steps"], history=meta["history"],
+                   site=meta.get("site", ctx.site))
+
+    def sample_edited(self, model: models.Diffusion, noise: torch.Tensor, steps: int | None = None, setting=None,
+                      classes: torch.Tensor | None = None, batch_size: int = 128, progress: bool = False) -> torch.Tensor:
         """Asymmetric DDIM: for the first ``edit_steps`` steps x0 comes from the edited pass, the
-        direction from the unedited one (two UNet passes per edited step); then plain DDIM."""
+        direction from the unedited one (two UNet passes per edited step); then plain DDIM.
+        ``setting`` scales the learned Δh; a sample asked for class ``-1`` is left alone."""
+        if setting is not None:
+            return replace(self, scale=setting).sample_edited(model, noise, steps, None, classes, batch_size, progress)
+        classes = _asked(classes, len(noise))
         steps = steps or self.steps
         if steps != self.steps:
             raise ValueError(f"LatentEditing: trained for {self.steps} sampling steps, asked for {steps}")
@@ -362,11 +514,13 @@ class LatentEditing:
                 ids = torch.arange(s, min(len(noise), s + batch_size))
                 x = noise[ids].clone()
                 cl = classes[ids]
+                d = torch.cat([self.delta, torch.zeros_like(self.delta[:1])])  # class -1: no edit
+                cl = torch.where(cl < 0, len(d) - 1, cl)
                 for j, t in enumerate(sched.timesteps):
                     out = model.unet(x, t).sample
                     if j < self.edit_steps and self.scale != 0:
-                        add = self.scale * self.delta[cl, j]
-                        with hooks.edit(model.unet, lambda h, info: h + add):
+                        add = self.scale * d[cl, j]
+                        with hooks.edit(model.unet, lambda h, info: h + add, site=self.site):
                             out_e = model.unet(x, t).sample
                     else:
                         out_e = out
@@ -402,6 +556,36 @@ class Finetuning:
     history: list = field(default_factory=list)
     seconds: float = 0.0
     name: str = "Finetuning"
+    knob: ClassVar[str] = "lora scale"
+    default: ClassVar[float] = 1.0
+    per_sample: ClassVar[bool] = False
+
+    learns_from_judge: ClassVar[bool] = True
+
+    @classmethod
+    def from_context(cls, ctx: Context, **fit):
+        ctx.need(cls.name, "judge")
+        return cls.fit(ctx.model, ctx.judge, ctx.attribute, list(ctx.target), progress=ctx.progress, **fit)
+
+    def to_tensors(self) -> tuple[dict, dict]:
+        return {n: p.detach() for n, p in self.unet.named_parameters() if "lora_" in n}, {"history": self.history}
+
+    @classmethod
+    def from_tensors(cls, ctx: Context, tensors: dict, meta: dict, rank: int = 4):
+        ft = cls.fit(ctx.model, ctx.judge, ctx.attribute, list(ctx.target), iters=0, progress=False, rank=rank)
+        missing = set(tensors) - {n for n, _ in ft.unet.named_parameters()}
+        if missing:
+            raise ValueError(f"adapter weights {sorted(missing)[:3]} do not fit this UNet")
+        with torch.no_grad():
+            for n, p in ft.unet.named_parameters():
+                if n in tensors:
+                    p.copy_(tensors[n])
+        ft.history = meta["history"]
+        return ft
+
+    def sample_edited(self, model, noise, steps, setting=None, classes=None, batch_size=128, progress=False):
+        """Samples from the adapted model with the adapters scaled by ``setting`` (``classes`` unused)."""
+        return sample(self.model(model, 1.0 if setting is None else setting), noise, steps, None, batch_size, progress)
 
     @classmethod
     def fit(cls, model: models.Diffusion, judge, attribute: str, target: Sequence[float], iters: int = 60,
@@ -411,6 +595,7 @@ class Finetuning:
         from peft import LoraConfig, inject_adapter_in_model
         from tqdm.auto import tqdm
 
+        _pixel_only(cls.name, model)
         t = _check_target(attribute, target)
         unet = copy.deepcopy(model.unet)
         unet.requires_grad_(False)
@@ -456,3 +641,13 @@ class Finetuning:
                 for name in sc:
                     sc[name] = lora_scale * m.lora_alpha[name] / m.r[name]
         return models.Diffusion(unet=self.unet, scheduler=base.scheduler)
+
+
+METHODS = {m.name: m for m in (Activation, LatentDirection, HDistribution, LatentEditing, Finetuning)}
+
+
+def method(name: str):
+    """The baseline class called ``name`` (one of :data:`METHODS`)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown baseline {name!r}; the baselines are {list(METHODS)}")
+    return METHODS[name]

@@ -11,13 +11,13 @@ weights, so a retrained model never reuses a stale harvest.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from . import cache, hooks, io, models
-from . import judge as J
 
 HARVEST_SEED = 1_234  # noise seed of the harvest set (distinct from evaluation seeds)
 
@@ -27,10 +27,10 @@ class HarvestSettings:
     n: int = 1000  # samples
     steps: int = 25  # DDIM steps (every step is captured)
     seed: int = HARVEST_SEED
-    batch_size: int = 100  # samples per sampling batch
+    batch_size: int = 100  # samples per sampling batch (one shard each: the unit a resumed harvest skips)
     shard_dtype: str = "float16"  # dtype of the stored h shards
-    shard_rows: int = 2000  # (sample, step) captures per shard
     shard_steps: tuple[int, ...] | None = None  # steps whose full h is stored (None: all); pooled h keeps every step
+    site: str = hooks.DEFAULT_SITE  # where h is captured (helpers.hooks.sites)
 
 
 @dataclass
@@ -48,51 +48,131 @@ class Summary:
         return {a: p.argmax(-1) for a, p in self.probs.items()}
 
 
-def run(model: models.Diffusion, settings: HarvestSettings, folder, judge=None, progress: bool = True,
+_OURS = {"summary.safetensors", "shards"}  # what a finished harvest folder holds
+
+
+def _work_folder(folder: Path) -> Path:
+    """Where an unfinished harvest into ``folder`` keeps its finished batches (a resume picks them up)."""
+    return folder.parent / f".{folder.name}.harvest-partial"
+
+
+def _claim(folder: Path) -> None:
+    """Refuse to write over a folder this project did not make."""
+    if folder.exists():
+        if not folder.is_dir():
+            raise FileExistsError(f"harvest: {folder} is a file; pass a new folder for the harvest")
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in _OURS)
+        if foreign:
+            raise FileExistsError(
+                f"harvest: {folder} already holds files a harvest did not write ({foreign[:5]}); "
+                "pass a new or empty folder (nothing there is deleted)")
+
+
+def run(model: models.Diffusion, settings: HarvestSettings, folder, judge, progress: bool = True,
         meta: dict | None = None, sample_ids: torch.Tensor | None = None) -> Path:
-    """Harvest into ``folder`` (built atomically); returns the folder.
+    """Harvest into ``folder``; returns the folder. ``judge`` reads every image (its ``.attributes``).
+
+    Resumable batch by batch: each finished batch (its h shard, images and pooled h) is saved in a hidden
+    work folder next to ``folder``; an interrupted harvest rerun with the same settings samples only the
+    batches that are missing. ``folder`` appears only when the harvest is complete. An existing ``folder``
+    holding anything but a previous harvest's files is refused, never deleted.
 
     ``sample_ids`` harvests only those samples of the ``settings.n`` (one process's share under a
     multi-GPU launcher; :func:`merge` joins the parts); the summary's rows follow that order.
     """
+    import shutil
+
     from tqdm.auto import tqdm
 
-    judge = judge or J.load_judge()
+    if judge is None:
+        raise ValueError("harvest.run: pass the judge that reads the images (helpers.judges.load(...)); "
+                         "there is no default judge")
     s = settings
+    folder = Path(folder)
+    _claim(folder)
     unet = model.unet
     all_ids = torch.arange(s.n) if sample_ids is None else torch.as_tensor(sample_ids, dtype=torch.long)
+    work = _work_folder(folder)
+    key = {"settings": asdict(s), "ids": cache.key(all_ids.tolist()), "model": model.name}
+    if work.exists():
+        old = work / "harvest.json"
+        if not old.is_file() or json.loads(old.read_text()) != json.loads(json.dumps(key)):
+            shutil.rmtree(work)  # our own work folder from other settings: nothing in it can be reused
+    (work / "shards").mkdir(parents=True, exist_ok=True)
+    (work / "batches").mkdir(exist_ok=True)
+    io.write_json(work / "harvest.json", key)
     noise = models.make_noise(s.n, model.sample_size, s.seed, unet.config.in_channels)
-    width = unet.config.block_out_channels[-1]
-    pooled = torch.zeros(len(all_ids), s.steps, width, dtype=torch.float16)
-    timesteps = torch.zeros(s.steps)
-    images = []
-    with cache.building(folder) as tmp:
-        writer = hooks.ShardWriter(tmp / "shards", rows=s.shard_rows, dtype=getattr(torch, s.shard_dtype),
-                                   meta={"settings": asdict(s), **(meta or {})})
-        bar = tqdm(total=len(all_ids), desc="harvest", unit="sample", disable=not progress)
-        for start in range(0, len(all_ids), s.batch_size):
-            rows = torch.arange(start, min(len(all_ids), start + s.batch_size))
-            ids = all_ids[rows]
+    starts = list(range(0, len(all_ids), s.batch_size))
+    done = {b for b in range(len(starts)) if (work / "batches" / f"batch-{b:05d}.safetensors").is_file()
+            and (work / "shards" / f"shard-{b:05d}.safetensors").is_file()}
+    bar = tqdm(total=len(all_ids), desc="harvest", unit="sample", disable=not progress)
+    bar.update(sum(min(s.batch_size, len(all_ids) - starts[b]) for b in done))
+    for b, start in enumerate(starts):
+        if b in done:
+            continue
+        ids = all_ids[start:start + s.batch_size]
+        steps_seen: list[int] = []
+        buf = {"h": [], "step": [], "timestep": [], "sample": []}
+        pooled, timesteps = {}, {}
 
-            def keep(h, info, ids=ids, rows=rows):
-                if s.shard_steps is None or info.step in s.shard_steps:
-                    writer.add(h, info.step, info.timestep, sample=ids)
-                pooled[rows, info.step] = h.detach().float().mean((2, 3)).to(torch.float16).cpu()
-                timesteps[info.step] = float(torch.as_tensor(info.timestep).flatten()[0])
-                return None
+        def keep(h, info, ids=ids):
+            if s.shard_steps is None or info.step in s.shard_steps:
+                buf["h"].append(h.detach().to("cpu", getattr(torch, s.shard_dtype)))
+                buf["step"].append(torch.full((len(ids),), info.step, dtype=torch.long))
+                buf["timestep"].append(torch.full((len(ids),), float(torch.as_tensor(info.timestep).flatten()[0])))
+                buf["sample"].append(ids.clone())
+            pooled[info.step] = h.detach().float().mean((2, 3)).to(torch.float16).cpu()
+            timesteps[info.step] = float(torch.as_tensor(info.timestep).flatten()[0])
+            steps_seen.append(info.step)
+            return None
 
-            with hooks.bottleneck_hooks(unet, keep):
-                imgs = models.sample(model, noise=noise[ids], steps=s.steps, batch_size=len(ids))
-            images.append((imgs * 255).round().to(torch.uint8))
-            bar.update(len(ids))
-        bar.close()
-        writer.close()
-        images = torch.cat(images)
-        probs = judge.predict(images.float() / 255)
-        tensors = {"images": images, "pooled": pooled, "timesteps": timesteps, "sample": all_ids}
-        tensors.update(io.prefixed("probs", probs))
-        io.save_tensors(tmp / "summary.safetensors", tensors, meta={"settings": asdict(s), **(meta or {})})
-    return Path(folder)
+        with hooks.site_hooks(unet, keep, site=s.site):
+            imgs = models.sample(model, noise=noise[ids], steps=s.steps, batch_size=len(ids),
+                                 progress=progress and model.text_conditioned)
+        if sorted(pooled) != list(range(s.steps)):
+            raise RuntimeError(f"harvest: the hook at {s.site!r} fired at steps {sorted(pooled)}, expected "
+                               f"0..{s.steps - 1} (one UNet call per sampling step)")
+        io.save_tensors(work / "shards" / f"shard-{b:05d}.safetensors",
+                        {k: torch.cat(v) for k, v in buf.items()} if buf["h"] else
+                        {"h": torch.zeros(0, pooled[0].shape[1], 1, 1), "step": torch.zeros(0, dtype=torch.long),
+                         "timestep": torch.zeros(0), "sample": torch.zeros(0, dtype=torch.long)})
+        io.save_tensors(work / "batches" / f"batch-{b:05d}.safetensors",
+                        {"images": (imgs * 255).round().to(torch.uint8),
+                         "pooled": torch.stack([pooled[t] for t in range(s.steps)], 1),
+                         "timesteps": torch.tensor([timesteps[t] for t in range(s.steps)])})
+        bar.update(len(ids))
+    bar.close()
+    parts = [io.load_tensors(work / "batches" / f"batch-{b:05d}.safetensors")[0] for b in range(len(starts))]
+    images = torch.cat([p["images"] for p in parts])
+    shards = [{"file": f"shard-{b:05d}.safetensors", "rows": int(io.load_tensors(
+        work / "shards" / f"shard-{b:05d}.safetensors")[0]["step"].numel())} for b in range(len(starts))]
+    full_meta = {"settings": asdict(s), **(meta or {})}
+    io.write_json(work / "shards" / "manifest.json",
+                  {"shards": shards, "rows": sum(x["rows"] for x in shards), "meta": full_meta})
+    tensors = {"images": images, "pooled": torch.cat([p["pooled"] for p in parts]),
+               "timesteps": parts[0]["timesteps"], "sample": all_ids}
+    tensors.update(io.prefixed("probs", judge.predict(images.float() / 255)))
+    io.save_tensors(work / "summary.safetensors", tensors, meta=full_meta)
+    shutil.rmtree(work / "batches")
+    (work / "harvest.json").unlink()
+    if folder.exists():  # a previous harvest's files only (checked by _claim): replaced
+        old = folder.parent / f".{folder.name}.harvest-old"
+        os.replace(folder, old)
+        os.replace(work, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(work, folder)
+    return folder
+
+
+def rejudge(folder, judge, meta: dict | None = None) -> Path:
+    """Re-read a finished harvest's images with another ``judge`` (no re-sampling); rewrites its summary."""
+    folder = Path(folder)
+    t, m = io.load_tensors(folder / "summary.safetensors")
+    t = {k: v for k, v in t.items() if not k.startswith("probs.")}
+    t.update(io.prefixed("probs", judge.predict(t["images"].float() / 255)))
+    io.save_tensors(folder / "summary.safetensors", t, meta={**m, **(meta or {})})
+    return folder
 
 
 def merge(parts, folder) -> Path:
@@ -113,6 +193,7 @@ def merge(parts, folder) -> Path:
         man = json.loads((p / "shards" / "manifest.json").read_text())
         shards += [{"file": f"../../{p.name}/shards/{s['file']}", "rows": s["rows"]} for s in man["shards"]]
         rows += man["rows"]
+    _claim(Path(folder))
     with cache.building(folder) as tmp:
         (tmp / "shards").mkdir()
         io.write_json(tmp / "shards" / "manifest.json", {"shards": shards, "rows": rows, "meta": {"parts": len(parts)}})
@@ -157,9 +238,16 @@ def load_rows(folder, steps=None, max_rows: int | None = None, seed: int = 0) ->
 
 
 def cached(model_name: str = "embedded", settings: HarvestSettings | None = None, recompute: bool = False,
-           judge_path=J.JUDGE_PATH, root=None, progress: bool = True) -> Path:
-    """The harvest folder for ``model_name`` and ``settings``, made on first use (or when ``recompute``)."""
+           judge_path=None, root=None, progress: bool = True) -> Path:
+    """The harvest folder for ``model_name`` and ``settings``, made on first use (or when ``recompute``).
+
+    The judge is the world's (``judge_path``, default ``data/judge.safetensors``): this cache serves the
+    portrait-world models of chapters 2–6; other models go through :mod:`helpers.pipeline` with their judge.
+    """
+    from . import judge as J
+
     settings = settings or HarvestSettings()
+    judge_path = J.JUDGE_PATH if judge_path is None else judge_path
     model_dir = models.EMBEDDED_DIR if model_name == "embedded" else Path(model_name)
     key_settings = {"settings": asdict(settings), "model": cache.fingerprint(model_dir) if model_dir.exists()
                     else str(model_name), "judge": cache.fingerprint(judge_path)}

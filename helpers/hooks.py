@@ -1,4 +1,4 @@
-"""Scoped hooks on the U-Net bottleneck: the mid-block output ``h`` ("h-space").
+"""Scoped hooks at named sites of a U-Net; by default the bottleneck, the mid-block output ``h`` ("h-space").
 
 Introduced in chapter 2. In the spirit of TransformerLens' ``hooks()``: every hook lives
 inside a ``with`` block and is removed in ``finally``, so an exception in a cell never
@@ -8,9 +8,10 @@ leaves a hook on the model.
   with the step index and timestep.
 * :func:`edit` replaces ``h`` by ``fn(h, info)`` while sampling.
 
-Works on any diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` (anything with a
-``mid_block``). Under classifier-free guidance (:func:`guided`) they see only the conditional
-half of each batch.
+Works on any diffusers ``UNet2DModel`` or ``UNet2DConditionModel``. Every function takes a
+``site`` (:func:`sites` lists them): ``"mid_block"`` (the default), a down or up block, one of their
+resnets or attentions, or a skip tensor an up block receives (``"up_blocks.0.skips.1"``). Under
+classifier-free guidance (:func:`guided`) they see only the conditional half of each batch.
 """
 from __future__ import annotations
 
@@ -139,60 +140,146 @@ def guided(unet, active: bool = True):
         setattr(unet, _GUIDED, old)
 
 
-def _mid_block(unet) -> torch.nn.Module:
-    mid = getattr(unet, "mid_block", None)
-    if mid is None:
-        raise ValueError(
-            f"{type(unet).__name__} has no `mid_block`, so it has no bottleneck to hook. "
-            "Pass a diffusers UNet2DModel or UNet2DConditionModel built with a mid block."
-        )
-    return mid
+DEFAULT_SITE = "mid_block"  # the U-Net bottleneck, DiffLens' h-space
+
+
+def _skip_site(site: str):
+    """``"up_blocks.1.skips.0"`` → ``("up_blocks.1", 0)``; any other name → ``(site, None)``."""
+    parts = site.split(".")
+    if len(parts) >= 2 and parts[-2] == "skips" and parts[-1].lstrip("-").isdigit():
+        return ".".join(parts[:-2]), int(parts[-1])
+    return site, None
+
+
+def sites(unet) -> list[str]:
+    """The hook sites of ``unet``, TransformerLens-style names for where :func:`capture` and :func:`edit` can act.
+
+    * a module path — its output (for a block returning a tuple, the hidden states passed on to the next
+      block): ``"mid_block"`` (the default, DiffLens' h), ``"down_blocks.2"``, ``"up_blocks.0"``,
+      ``"up_blocks.0.resnets.1"``, ``"mid_block.attentions.0"``, … — any ``named_modules()`` entry works;
+      this list holds the blocks and their resnets and attentions;
+    * ``"up_blocks.<i>.skips.<j>"`` — the ``j``-th skip tensor the up block ``i`` receives from the down
+      path (its ``res_hidden_states_tuple[j]``; the block consumes them from the last one).
+    """
+    out = []
+    for part in ("down_blocks", "mid_block", "up_blocks"):
+        mod = getattr(unet, part, None)
+        if mod is None:
+            continue
+        blocks = [(part, mod)] if part == "mid_block" else [(f"{part}.{i}", b) for i, b in enumerate(mod)]
+        for name, b in blocks:
+            out.append(name)
+            for sub in ("resnets", "attentions"):
+                for j, m in enumerate(getattr(b, sub, None) or []):
+                    if m is not None:
+                        out.append(f"{name}.{sub}.{j}")
+            if part == "up_blocks":
+                out += [f"{name}.skips.{j}" for j in range(len(getattr(b, "resnets", None) or []))]
+    return out
+
+
+def resolve(unet, site: str = DEFAULT_SITE) -> tuple[torch.nn.Module, int | None]:
+    """The module a site hooks and, for a skip site, which skip tensor; a clear error for a bad name."""
+    if not isinstance(site, str) or not site:
+        raise ValueError(f"hook site must be a module name such as {DEFAULT_SITE!r}, got {site!r}")
+    path, skip = _skip_site(site)
+    try:
+        mod = unet.get_submodule(path)
+    except AttributeError:
+        known = sites(unet) if isinstance(unet, torch.nn.Module) else []
+        if path == DEFAULT_SITE:
+            raise ValueError(
+                f"{type(unet).__name__} has no `mid_block`, so it has no bottleneck to hook. Pass a diffusers "
+                "UNet2DModel or UNet2DConditionModel built with a mid block, or name another site "
+                f"(site=...): {known[:12]}") from None
+        raise ValueError(f"hook site {site!r}: {type(unet).__name__} has no module {path!r}; sites include "
+                         f"{known}") from None
+    if mod is None:
+        raise ValueError(f"hook site {site!r} is empty (None) in this {type(unet).__name__}")
+    if skip is not None:
+        n = len(getattr(mod, "resnets", None) or [])
+        if not path.startswith("up_blocks.") or path.count(".") != 1:
+            raise ValueError(f"hook site {site!r}: skips are what an up block receives; use up_blocks.<i>.skips.<j>")
+        if not 0 <= skip < n:
+            raise ValueError(f"hook site {site!r}: {path} receives {n} skip tensors (skips.0 .. skips.{n - 1})")
+    return mod, skip
+
+
+def _first_tensor(output):
+    """The hidden states inside a module's output (a tensor, a tuple, or a diffusers output object)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    sample = getattr(output, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    raise ValueError(f"hook site output of type {type(output).__name__} holds no tensor to capture or edit")
+
+
+def _replace_first(output, new):
+    if isinstance(output, torch.Tensor):
+        return new
+    if isinstance(output, (tuple, list)):
+        return type(output)([new, *output[1:]])
+    output.sample = new  # a diffusers BaseOutput (e.g. Transformer2DModelOutput)
+    return output
+
+
+def _check_not_compiled(unet, site: str) -> None:
+    path, _ = _skip_site(site)
+    names = [""] + [".".join(path.split(".")[:i]) for i in range(1, path.count(".") + 2)]
+    for n in names:
+        m = unet.get_submodule(n) if n else unet
+        if getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule":
+            what = "the UNet" if not n else f"{n!r}"
+            raise ValueError(
+                f"{what} was compiled with torch.compile; hooks at {site!r} installed afterwards are silently "
+                "skipped by the compiled code (dynamo does not guard on module hooks). Compile the blocks around "
+                f"the site instead: helpers.models.compile_blocks(model, keep={site!r}).")
 
 
 @contextmanager
-def bottleneck_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor | None] | None = None,
-                     record: bool = False, steps: Iterable[int] | None = None, sink: ShardWriter | None = None):
-    """Install a timestep tracker on ``unet`` and a forward hook on its mid block.
+def site_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor | None] | None = None,
+               record: bool = False, steps: Iterable[int] | None = None, sink: ShardWriter | None = None,
+               site: str = DEFAULT_SITE):
+    """Install a timestep tracker on ``unet`` and a hook at ``site`` (see :func:`sites`).
 
     ``fn(h, info)`` may return a replacement for ``h`` (``None`` keeps it). With ``record``,
     ``h`` (after ``fn``) is detached into the yielded :class:`Cache`. ``steps`` limits both to
     those UNet-call indices. With ``sink`` (a :class:`ShardWriter`), recorded activations
     stream to disk instead of the cache. Hooks are removed on exit, also after an exception.
     """
-    mid = _mid_block(unet)
-    for m, what in ((unet, "the UNet"), (mid, "its mid block")):
-        if getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule":
-            raise ValueError(
-                f"{what} was compiled as a whole with torch.compile; hooks installed afterwards are silently "
-                "skipped by the compiled code (dynamo does not guard on module hooks). Compile the blocks around "
-                "the bottleneck instead: helpers.models.compile_blocks(model).")
+    mod, skip = resolve(unet, site)
+    _check_not_compiled(unet, site)
     keep = None if steps is None else set(int(s) for s in steps)
     cache = Cache()
     state = {"step": -1, "t": None, "half": False}
 
     def pre(module, args, kwargs):
         state["step"] += 1
-        state["half"] = getattr(module, _GUIDED, False)  # read here, not in the mid-block hook (torch.compile)
+        state["half"] = getattr(module, _GUIDED, False)  # read here, not in the site hook (torch.compile)
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         state["t"] = torch.as_tensor(t).detach().cpu() if t is not None else None
 
-    def post(module, args, output):
+    def process(full):
+        """``fn`` and recording on one tensor; returns the replacement or ``None``."""
         step = state["step"]
         if keep is not None and step not in keep:
             return None
         info = StepInfo(step=step, timestep=state["t"])
-        full = output
         half = state["half"]
+        output = full
         if half:
-            if output.shape[0] % 2:
-                raise ValueError(f"guided UNet call with an odd batch {output.shape[0]}; expected [uncond; cond]")
+            if full.shape[0] % 2:
+                raise ValueError(f"guided UNet call with an odd batch {full.shape[0]}; expected [uncond; cond]")
             output = full[full.shape[0] // 2:]
         h = output
         if fn is not None:
             new = fn(h, info)
             if new is not None:
                 if new.shape != h.shape:
-                    raise ValueError(f"bottleneck edit changed h's shape {tuple(h.shape)} -> {tuple(new.shape)}")
+                    raise ValueError(f"edit at {site!r} changed h's shape {tuple(h.shape)} -> {tuple(new.shape)}")
                 h = new
         if record and sink is not None:
             sink.add(h, step, info.timestep)
@@ -204,26 +291,51 @@ def bottleneck_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor |
             return None
         return torch.cat([full[: full.shape[0] // 2], h]) if half else h
 
+    def post(module, args, output):
+        new = process(_first_tensor(output))
+        return None if new is None else _replace_first(output, new)
+
+    def pre_skip(module, args, kwargs):
+        if "res_hidden_states_tuple" in kwargs:
+            skips = kwargs["res_hidden_states_tuple"]
+        elif len(args) > 1:
+            skips = args[1]
+        else:
+            raise ValueError(f"hook site {site!r}: the up block was called without its skip tensors")
+        new = process(skips[skip])
+        if new is None:
+            return None
+        skips = tuple(new if i == skip % len(skips) else s for i, s in enumerate(skips))
+        if "res_hidden_states_tuple" in kwargs:
+            return args, {**kwargs, "res_hidden_states_tuple": skips}
+        return (args[0], skips, *args[2:]), kwargs
+
     handles = []
     try:
         handles.append(unet.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(mid.register_forward_hook(post))
+        if skip is None:
+            handles.append(mod.register_forward_hook(post))
+        else:
+            handles.append(mod.register_forward_pre_hook(pre_skip, with_kwargs=True))
         yield cache
     finally:
         for hd in handles:
             hd.remove()
 
 
-def capture(unet, steps: Iterable[int] | None = None, sink: ShardWriter | None = None):
-    """``with capture(unet) as cache:`` records ``h`` at every (or each listed) UNet call.
+bottleneck_hooks = site_hooks  # the name before hook sites existed (mid_block is the default site)
+
+
+def capture(unet, steps: Iterable[int] | None = None, sink: ShardWriter | None = None, site: str = DEFAULT_SITE):
+    """``with capture(unet) as cache:`` records ``h`` at ``site`` at every (or each listed) UNet call.
 
     Pass ``sink=ShardWriter(folder)`` to stream to disk instead; call ``sink.close()`` after
     the harvest completes.
     """
-    return bottleneck_hooks(unet, None, record=True, steps=steps, sink=sink)
+    return site_hooks(unet, None, record=True, steps=steps, sink=sink, site=site)
 
 
 def edit(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor | None], steps: Iterable[int] | None = None,
-         record: bool = False):
-    """``with edit(unet, fn):`` replaces ``h`` by ``fn(h, info)`` at every (or each listed) UNet call."""
-    return bottleneck_hooks(unet, fn, record=record, steps=steps)
+         record: bool = False, site: str = DEFAULT_SITE):
+    """``with edit(unet, fn):`` replaces ``h`` at ``site`` by ``fn(h, info)`` at every (or each listed) UNet call."""
+    return site_hooks(unet, fn, record=record, steps=steps, site=site)

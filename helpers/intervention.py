@@ -42,7 +42,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import hooks, models, world
+from . import hooks, models
 from .sae import TopKSAE, from_rows, to_rows
 
 
@@ -65,19 +65,32 @@ class Edit:
     footprint: dict[int, torch.Tensor] | None = None  # class -> (len(features[class]), H·W), add mode only
     suppress_others: bool = False  # also set every other class's features to 0 in a sample assigned class c
     source: torch.Tensor | None = None  # (n,) each sample's own (unedited) class: move only the surplus
+    classes: Sequence[str] | None = None  # the attribute's class names (e.g. judge.attributes[attribute])
+
+    def n_classes(self) -> int:
+        """How many classes the attribute has: from ``classes``, else ``target``, else the largest class id used."""
+        if self.classes is not None:
+            return len(self.classes)
+        if self.target is not None:
+            return len(self.target)
+        ids = [c for c in self.features if isinstance(c, int)] + ([self.cls] if isinstance(self.cls, int) else [])
+        return max(ids, default=0) + 1
+
+    def _names(self) -> str:
+        return f" {list(self.classes)}" if self.classes is not None else ""
 
     def validate(self, d_sae: int) -> None:
-        if self.attribute not in world.ATTRIBUTES:
-            raise ValueError(f"Edit: unknown attribute {self.attribute!r}; known: {list(world.ATTRIBUTES)}")
-        k = len(world.ATTRIBUTES[self.attribute])
+        k = self.n_classes()
+        if self.classes is not None and (isinstance(self.classes, str) or len(self.classes) < 2):
+            raise ValueError(f"Edit: classes must name the attribute's two or more classes, got {self.classes!r}")
         if self.mode not in ("scale", "add"):
             raise ValueError(f"Edit: mode must be 'scale' or 'add', got {self.mode!r}")
         if not math.isfinite(float(self.beta)):
             raise ValueError(f"Edit: beta must be a finite number, got {self.beta!r}")
         for c, feats in self.features.items():
-            if not isinstance(c, int) or not 0 <= c < k:
-                raise ValueError(f"Edit: {self.attribute!r} has classes 0..{k - 1} "
-                                 f"{world.ATTRIBUTES[self.attribute]}; features given for class {c!r}")
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < k:
+                raise ValueError(f"Edit: {self.attribute!r} has classes 0..{k - 1}{self._names()}; "
+                                 f"features given for class {c!r}")
             bad = [f for f in feats if not 0 <= int(f) < d_sae]
             if bad:
                 raise ValueError(f"Edit: feature ids {bad} out of range; this SAE has latents 0..{d_sae - 1}")
@@ -86,8 +99,8 @@ class Edit:
         if self.target is not None:
             t = torch.as_tensor(self.target, dtype=torch.float64)
             if t.ndim != 1 or len(t) != k:
-                raise ValueError(f"Edit: target must have {k} probabilities for {self.attribute!r} "
-                                 f"{world.ATTRIBUTES[self.attribute]}, got {list(self.target)}")
+                raise ValueError(f"Edit: target must have {k} probabilities for {self.attribute!r}"
+                                 f"{self._names()}, got {list(self.target)}")
             if not torch.isfinite(t).all() or (t < 0).any() or abs(float(t.sum()) - 1) > 1e-6:
                 raise ValueError(f"Edit: target must be non-negative and sum to 1, got {list(self.target)} "
                                  f"(sum {float(t.sum()):.6f})")
@@ -100,8 +113,8 @@ class Edit:
                                      f"{tuple(src.shape)}")
         elif self.source is not None:
             raise ValueError("Edit: source (each sample's own class) only applies with a target distribution")
-        elif not isinstance(self.cls, int) or not 0 <= self.cls < k:
-            raise ValueError(f"Edit: cls must be one of 0..{k - 1} {world.ATTRIBUTES[self.attribute]}, got {self.cls!r}")
+        elif isinstance(self.cls, bool) or not isinstance(self.cls, int) or not 0 <= self.cls < k:
+            raise ValueError(f"Edit: cls must be one of 0..{k - 1}{self._names()}, got {self.cls!r}")
         if self.footprint is not None:
             if self.mode != "add":
                 raise ValueError("Edit: footprint only applies to mode='add' (it says where to add β)")
@@ -193,7 +206,7 @@ class Intervention:
         self.plans: list[_Plan] = []
         for j, e in enumerate(edits):
             e.validate(m)
-            k = len(world.ATTRIBUTES[e.attribute])
+            k = e.n_classes()
             if e.source is not None:
                 if len(e.source) != n:
                     raise ValueError(f"Edit: source has {len(e.source)} classes for {n} samples; give one per sample")
@@ -236,8 +249,8 @@ class Intervention:
                 return torch.where(c == p.masks.shape[0] - 1, -1, c)
         raise ValueError(f"Intervention: no edit for {attribute!r}")
 
-    def fn(self, ids: torch.Tensor):
-        """The hook function for samples ``ids`` (the current sampling batch)."""
+    def fn(self, ids: torch.Tensor, site: str | None = None):
+        """The hook function for samples ``ids`` (the current sampling batch) at ``site``."""
         sae = self.sae
         dev = sae.W_dec.device  # on a GPU the plans move there once; sample ids may stay on the CPU
         for p in self.active:
@@ -248,6 +261,7 @@ class Intervention:
             plans = [p for p in self.active if p.steps is None or info.step in p.steps]
             if not plans:
                 return None
+            sae.check_h(h, site)
             b = h.shape[0]
             pos = h.shape[2] * h.shape[3]
             for p in plans:
@@ -332,28 +346,31 @@ def class_latents(sae: TopKSAE, h_by_step: dict[int, torch.Tensor], labels: torc
             yield sae.encode(to_rows(hb)).view(len(hb), hb.shape[2] * hb.shape[3], -1)[:, :, feats.to(dev)].cpu()
 
 
-def sample(model: models.Diffusion, sae: TopKSAE, edits: Sequence[Edit], n: int | None = None, steps: int = 25,
-           seed: int = 0, noise: torch.Tensor | None = None, batch_size: int = 250, class_seed: int = 0,
-           progress: bool = False):
-    """DDIM samples with ``edits`` applied; returns ``(images, intervention)``.
+def sample_edited(model: models.Diffusion, sae: TopKSAE, edits: Sequence[Edit], n: int | None = None,
+                  steps: int = 25, seed: int = 0, noise: torch.Tensor | None = None, batch_size: int = 250,
+                  class_seed: int = 0, progress: bool = False, site: str | None = None):
+    """DDIM samples with ``edits`` applied at ``site`` (default: where the SAE was trained); returns
+    ``(images, intervention)``.
 
     Same noise convention as :func:`helpers.models.sample`, so edited and unedited samples from
     the same ``seed`` are paired. ``intervention.classes(attr)`` tells which class each sample drew.
     """
     from tqdm.auto import tqdm
 
-    sae.check_model(model.unet)
+    site = site or sae.cfg.site
     if noise is None:
         if n is None:
             raise ValueError("intervention.sample: give n (with seed) or an explicit noise tensor")
         noise = models.make_noise(n, model.sample_size, seed, model.unet.config.in_channels)
     iv = Intervention(sae, edits, len(noise), seed=class_seed)
     outs = []
-    for s in tqdm(range(0, len(noise), batch_size), disable=not progress, desc="edited DDIM"):
+    bar = tqdm(total=len(noise) * steps, disable=not progress, desc="edited DDIM", unit="img-step")
+    for s in range(0, len(noise), batch_size):
         ids = torch.arange(s, min(len(noise), s + batch_size))
         if iv.active:
-            with hooks.edit(model.unet, iv.fn(ids)):
-                outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids)))
+            with hooks.edit(model.unet, iv.fn(ids, site), site=site):
+                outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids), bar=bar))
         else:
-            outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids)))
+            outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids), bar=bar))
+    bar.close()
     return torch.cat(outs), iv

@@ -222,22 +222,34 @@ def _from_pipeline(pipe, name: str, device) -> Diffusion:
 # ----------------------------------------------------------------------------- sampling
 
 
-def compile_blocks(model: Diffusion, **compile_kw) -> Diffusion:
-    """``torch.compile`` the UNet's down and up blocks and the mid block's layers, in place.
+def compile_blocks(model: Diffusion, keep: str = "mid_block", **compile_kw) -> Diffusion:
+    """``torch.compile`` the UNet's blocks in place, leaving the modules a hook at site ``keep`` needs eager.
 
-    The bottleneck hooks (:mod:`helpers.hooks`) are Python callbacks on ``unet`` and
-    ``unet.mid_block``; compiling the whole UNet would make torch.compile skip hooks installed
-    later (it does not guard on module hooks), so edits would silently do nothing — the hooks
-    refuse such a UNet. Compiling the blocks around the hook points keeps the heavy layers
-    compiled and the hooks eager. Returns ``model``.
+    The hooks (:mod:`helpers.hooks`) are Python callbacks on ``unet`` and on the module of a site;
+    compiling a module as a whole would make torch.compile skip hooks installed on it later (it does not
+    guard on module hooks), so edits would silently do nothing — the hooks refuse such a UNet. Here every
+    down, mid and up block is compiled except the modules on the path to ``keep`` (e.g. for
+    ``"mid_block"``: the mid block stays eager, its resnets and attentions are compiled). Returns ``model``.
     """
+    from . import hooks
+
     unet = model.unet
-    for block in list(unet.down_blocks) + list(unet.up_blocks):
-        block.compile(**compile_kw)
-    for part in ("resnets", "attentions"):
-        for layer in getattr(unet.mid_block, part, None) or []:
-            if layer is not None:
-                layer.compile(**compile_kw)
+    path, _ = hooks._skip_site(keep)
+    hooks.resolve(unet, keep)
+    parts = path.split(".")
+    on_path = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+    def visit(name: str, mod: torch.nn.Module) -> None:
+        if name in on_path or isinstance(mod, torch.nn.ModuleList):
+            for child, sub in mod.named_children():
+                visit(f"{name}.{child}", sub)
+        else:
+            mod.compile(**compile_kw)
+
+    for top in ("down_blocks", "mid_block", "up_blocks"):
+        mod = getattr(unet, top, None)
+        if mod is not None:
+            visit(top, mod)
     return model
 
 
@@ -256,36 +268,43 @@ def make_noise(n: int, size: int, seed: int = 0, channels: int = 3) -> torch.Ten
 
 @torch.no_grad()
 def sample(model: Diffusion, n: int | None = None, steps: int = 25, seed: int = 0,
-           noise: torch.Tensor | None = None, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+           noise: torch.Tensor | None = None, batch_size: int = 256, progress: bool = False,
+           bar=None) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) samples ``(n, 3, H, W)`` in [0, 1].
 
     Give either ``noise`` (``(n, 3, H, W)``) or ``n`` and ``seed`` (see :func:`make_noise`).
+    ``progress`` shows a bar that ticks per denoising step; ``bar`` (a tqdm bar in image-steps) is
+    updated instead, so a caller sampling in several calls shows one bar.
     """
     if noise is None:
         if n is None:
             raise ValueError("sample: give n (with seed) or an explicit noise tensor")
         noise = make_noise(n, model.sample_size, seed, model.channels)
-    if model.text_conditioned:
-        return _sample_text(model, noise, steps, batch_size, progress)
-    ddim = DDIMScheduler.from_config(model.scheduler.config)
-    ddim.set_timesteps(steps)
-    dev = next(model.unet.parameters()).device
-    dtype = next(model.unet.parameters()).dtype
-    outs = []
-    chunks = range(0, len(noise), batch_size)
-    bar = tqdm(total=len(noise) * steps, disable=not progress, desc="DDIM", unit="img-step")
-    for s in chunks:
-        x = noise[s:s + batch_size].to(dev, dtype)
-        for t in ddim.timesteps:
-            eps = model.unet(x, t).sample
-            x = ddim.step(eps, t, x, eta=0.0).prev_sample
-            bar.update(len(x))
-        outs.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())
-    bar.close()
-    return torch.cat(outs) if outs else noise.new_zeros((0, *noise.shape[1:]))
+    own = bar is None
+    if own:
+        bar = tqdm(total=len(noise) * steps, disable=not progress, desc="DDIM", unit="img-step")
+    try:
+        if model.text_conditioned:
+            return _sample_text(model, noise, steps, batch_size, bar)
+        ddim = DDIMScheduler.from_config(model.scheduler.config)
+        ddim.set_timesteps(steps)
+        dev = next(model.unet.parameters()).device
+        dtype = next(model.unet.parameters()).dtype
+        outs = []
+        for s in range(0, len(noise), batch_size):
+            x = noise[s:s + batch_size].to(dev, dtype)
+            for t in ddim.timesteps:
+                eps = model.unet(x, t).sample
+                x = ddim.step(eps, t, x, eta=0.0).prev_sample
+                bar.update(len(x))
+            outs.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())
+        return torch.cat(outs) if outs else noise.new_zeros((0, *noise.shape[1:]))
+    finally:
+        if own:
+            bar.close()
 
 
-def _sample_text(model: Diffusion, noise: torch.Tensor, steps: int, batch_size: int, progress: bool) -> torch.Tensor:
+def _sample_text(model: Diffusion, noise: torch.Tensor, steps: int, batch_size: int, bar) -> torch.Tensor:
     """Text-to-image DDIM through the diffusers pipeline itself (prompt encoding, classifier-free
     guidance, VAE decoding), from the given latent noise; bottleneck hooks see the conditional half."""
     from . import hooks
@@ -297,13 +316,19 @@ def _sample_text(model: Diffusion, noise: torch.Tensor, steps: int, batch_size: 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     dev, dtype = pipe.unet.device, pipe.unet.dtype
     outs = []
-    for s in tqdm(range(0, len(noise), batch_size), disable=not progress, desc="DDIM (text)"):
+    for s in range(0, len(noise), batch_size):
         x = noise[s:s + batch_size].to(dev, dtype)
         b = len(x)
+
+        def tick(pipe_, i, t, kw, b=b):
+            bar.update(b)
+            return kw
+
         with hooks.guided(pipe.unet, active=model.guidance_scale > 1):
             img = pipe(prompt=[model.prompt] * b, negative_prompt=None if model.negative_prompt is None
                        else [model.negative_prompt] * b, latents=x, num_inference_steps=steps,
-                       guidance_scale=model.guidance_scale, eta=0.0, output_type="pt").images
+                       guidance_scale=model.guidance_scale, eta=0.0, output_type="pt",
+                       callback_on_step_end=tick).images
         outs.append(img.float().clamp(0, 1).cpu())
     return torch.cat(outs) if outs else torch.zeros(0, 3, 1, 1)
 

@@ -1,8 +1,9 @@
 """A light per-timestep classifier on h (chapter 4).
 
-One linear head per sampling step and attribute reads the spatial mean of h (its 128
-channels, standardised per step) and predicts the class the judge will see in the final
-image. The number of steps is whatever the harvest used; nothing is hard-coded. The probe
+One linear head per sampling step and attribute reads the spatial mean of h (its channels,
+standardised per step) and predicts the class the judge will see in the final image. The
+attributes and their classes are data (``{name: class names}``, from the judge), stored with the
+probe. The number of steps is whatever the harvest used; nothing is hard-coded. The probe
 is the differentiable stand-in for the judge inside the sampling loop: integrated gradients
 run through it (``helpers.attribution``), and H-Distribution guidance (chapter 6) steers with it.
 """
@@ -16,14 +17,27 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import io, world
+from . import io
 
 
 @dataclass
 class ProbeConfig:
     n_steps: int  # sampling steps (one head per step)
     width: int  # channels of h
-    attributes: tuple[str, ...] = world.SOCIAL  # attributes with a head
+    attributes: dict[str, tuple[str, ...]]  # attribute -> its class names (one head each)
+
+
+def schema(attributes) -> dict[str, tuple[str, ...]]:
+    """``{attribute: class names}`` checked: at least one attribute, each with two or more distinct classes."""
+    if not isinstance(attributes, dict) or not attributes:
+        raise ValueError(f"attributes must be a non-empty {{name: [class names]}} mapping (e.g. a judge's "
+                         f"`.attributes`), got {attributes!r}")
+    out = {}
+    for a, names in attributes.items():
+        if isinstance(names, str) or len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError(f"attribute {a!r}: give two or more distinct class names, got {names!r}")
+        out[str(a)] = tuple(str(n) for n in names)
+    return out
 
 
 class HProbe(nn.Module):
@@ -31,11 +45,10 @@ class HProbe(nn.Module):
 
     def __init__(self, cfg: ProbeConfig):
         super().__init__()
+        cfg.attributes = schema(cfg.attributes)
         self.cfg = cfg
-        for a in cfg.attributes:
-            if a not in world.ATTRIBUTES:
-                raise ValueError(f"HProbe: unknown attribute {a!r}; known: {list(world.ATTRIBUTES)}")
-        self.classes = {a: len(world.ATTRIBUTES[a]) for a in cfg.attributes}
+        self.class_names = dict(cfg.attributes)
+        self.classes = {a: len(c) for a, c in cfg.attributes.items()}
         k = sum(self.classes.values())
         self.weight = nn.Parameter(torch.zeros(cfg.n_steps, cfg.width, k))
         self.bias = nn.Parameter(torch.zeros(cfg.n_steps, k))
@@ -67,30 +80,31 @@ class HProbe(nn.Module):
 
         This is the quantity integrated gradients explains.
         """
-        check_class(attribute, cls)
-        if attribute not in self.classes:
-            raise ValueError(f"HProbe: no head for {attribute!r}; heads: {list(self.classes)}")
+        self.check_class(attribute, cls)
         if output not in ("prob", "logit"):
             raise ValueError(f"HProbe: output must be 'prob' or 'logit', got {output!r}")
         logits = self(h, step)[attribute]
         return (logits.softmax(-1) if output == "prob" else logits)[:, cls]
 
 
-def check_class(attribute: str, cls: int) -> None:
-    if attribute not in world.ATTRIBUTES:
-        raise ValueError(f"unknown attribute {attribute!r}; known: {list(world.ATTRIBUTES)}")
-    k = len(world.ATTRIBUTES[attribute])
-    if not isinstance(cls, int) or not 0 <= cls < k:
-        raise ValueError(f"{attribute!r} has classes 0..{k - 1} {world.ATTRIBUTES[attribute]}; got {cls!r}")
+    def check_class(self, attribute: str, cls: int) -> None:
+        """A clear error unless ``attribute`` has a head and ``cls`` is one of its class ids."""
+        if attribute not in self.classes:
+            raise ValueError(f"HProbe: no head for {attribute!r}; heads: {list(self.classes)}")
+        k = self.classes[attribute]
+        if isinstance(cls, bool) or not isinstance(cls, int) or not 0 <= cls < k:
+            raise ValueError(f"{attribute!r} has classes 0..{k - 1} {self.class_names[attribute]}; got {cls!r}")
 
 
-def train_probe(pooled: torch.Tensor, labels: dict[str, torch.Tensor], attributes=world.SOCIAL,
+def train_probe(pooled: torch.Tensor, labels: dict[str, torch.Tensor], attributes: dict[str, tuple[str, ...]],
                 epochs: int = 300, lr: float = 0.05, weight_decay: float = 1e-3, progress: bool = False) -> HProbe:
-    """Fit every head at once on pooled h ``(n, steps, C)`` and judged ``labels`` (full batch, Adam)."""
+    """Fit every head at once on pooled h ``(n, steps, C)`` and judged ``labels`` (full batch, Adam).
+
+    ``attributes`` is ``{name: class names}`` (a judge's ``.attributes``, or a subset of it)."""
     if pooled.ndim != 3:
         raise ValueError(f"train_probe: pooled must be (samples, steps, channels), got {tuple(pooled.shape)}")
     n, s, c = pooled.shape
-    probe = HProbe(ProbeConfig(n_steps=s, width=c, attributes=tuple(attributes)))
+    probe = HProbe(ProbeConfig(n_steps=s, width=c, attributes=attributes))
     x = pooled.float()
     with torch.no_grad():
         probe.mean.copy_(x.mean(0))
@@ -136,7 +150,9 @@ def load_probe(path) -> tuple[HProbe, dict]:
         raise FileNotFoundError(f"load_probe: no probe at {path}; train one (chapter 4) or fix the path")
     t, meta = io.load_tensors(path)
     cfg = meta.pop("probe_config")
-    cfg["attributes"] = tuple(cfg["attributes"])
+    if not isinstance(cfg.get("attributes"), dict):
+        raise ValueError(f"load_probe: {path} names its attributes without their classes (an older format); "
+                         "retrain the probe (chapter 4, or the runner's probe stage)")
     probe = HProbe(ProbeConfig(**cfg))
     probe.load_state_dict(t)
     probe.eval()

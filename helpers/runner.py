@@ -350,16 +350,12 @@ class Run:
 
     # -- stages --
     def _harvest(self) -> dict:
-        import shutil
-
         from . import harvest as H
 
         h = self.cfg.harvest
         settings = H.HarvestSettings(n=h.n, steps=h.steps, seed=h.seed, batch_size=h.batch_size,
                                      shard_dtype=h.shard_dtype, shard_steps=tuple(h.shard_steps) or None)
         folder = self.out / "harvest"
-        if folder.exists():
-            shutil.rmtree(folder)
         try:
             from accelerate import PartialState
 
@@ -420,7 +416,8 @@ class Run:
 
         summary, labels, n = self._labels_split()
         attrs = tuple(self.cfg.attributes)
-        probe = P.train_probe(summary.pooled[:n], {a: labels[a][:n] for a in attrs}, attributes=attrs,
+        probe = P.train_probe(summary.pooled[:n], {a: labels[a][:n] for a in attrs},
+                              attributes={a: self.judge.attributes[a] for a in attrs},
                               epochs=self.cfg.probe.epochs)
         acc = P.accuracy(probe, summary.pooled[n:], {a: labels[a][n:] for a in attrs}) if n < len(summary.pooled) \
             else None
@@ -475,7 +472,7 @@ class Run:
             except ValueError as err:  # a class the harvest never produced has no ranked features
                 skipped[a] = str(err)
                 continue
-            imgs, iv = I.sample(self.model, sae, [e], noise=noise, steps=steps, batch_size=c.batch_size)
+            imgs, iv = I.sample_edited(self.model, sae, [e], noise=noise, steps=steps, batch_size=c.batch_size)
             self._save_images(folder / f"edited_{a}.safetensors", imgs, iv.classes(a))
         return {"skipped": skipped} if skipped else {}
 

@@ -46,6 +46,7 @@ class SAEConfig:
     d_in: int  # channels of h (the bottleneck width)
     expansion: int = 8  # latents = expansion · d_in
     k: int = 8  # active latents per row
+    site: str = "mid_block"  # the hook site whose activations it reads (helpers.hooks.sites)
 
     @property
     def d_sae(self) -> int:
@@ -131,14 +132,14 @@ class TopKSAE(nn.Module):
                 f"(shape {tuple(x.shape)}). The SAE belongs to another model's bottleneck: harvest this "
                 "model's h and train an SAE on it, or load the SAE that was trained on this model.")
 
-    def check_model(self, unet) -> None:
-        """Raise a clear error when ``unet``'s bottleneck width differs from the SAE's."""
-        width = unet.config.block_out_channels[-1]
-        if width != self.cfg.d_in:
+    def check_h(self, h: torch.Tensor, site: str | None = None) -> None:
+        """Raise a clear error when ``h`` ``(batch, channels, H, W)`` captured at ``site`` is not what this SAE reads."""
+        site = site or self.cfg.site
+        if h.ndim != 4 or h.shape[1] != self.cfg.d_in:
             raise ValueError(
-                f"TopKSAE: the SAE was trained on a {self.cfg.d_in}-channel bottleneck but this "
-                f"{type(unet).__name__} has {width} mid-block channels; train an SAE on this model's "
-                "activations (chapter 3) or load the one that goes with it.")
+                f"TopKSAE: the SAE was trained on {self.cfg.d_in}-channel activations at {self.cfg.site!r}, but h at "
+                f"{site!r} has shape {tuple(h.shape)}; train an SAE on this model's activations at that site "
+                "(chapter 3, or the runner's sae stage) or load the one that goes with it.")
 
     # ---- encode / decode (normalized units inside) ----------------------------------------
     def _pre(self, xn: torch.Tensor) -> torch.Tensor:

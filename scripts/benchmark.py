@@ -12,7 +12,8 @@ import json
 
 import torch
 
-from helpers import benchmark, world
+from helpers import world
+from helpers.chapters import benchmark
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from helpers import dissect
+from helpers.chapters import dissect
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

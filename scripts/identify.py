@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from helpers import identify, sweeps
+from helpers.chapters import identify, sweeps
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

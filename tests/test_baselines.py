@@ -62,7 +62,7 @@ def test_h_distribution_moves_batch_prediction_towards_target(tiny):
     h = cap.stack()
     pooled = h.mean((3, 4)).transpose(0, 1)
     y = (pooled[:, 2, 0] > pooled[:, 2, 0].median()).long()
-    probe = P.train_probe(pooled, {"gender": y}, attributes=("gender",), epochs=200)
+    probe = P.train_probe(pooled, {"gender": y}, attributes={"gender": ("male", "female")}, epochs=200)
 
     def mean_p(method):
         with hooks.edit(model.unet, method.hook()(torch.arange(16)) if method else (lambda h, i: None),
@@ -105,13 +105,13 @@ def test_latent_editing_moves_judged_class(tiny):
     noise = models.make_noise(16, 16, 7)
     target = torch.ones(16, dtype=torch.long)
     plain = judge.predict(models.sample(model, noise=noise, steps=STEPS))["gender"][:, 1].mean()
-    edited = judge.predict(le.sample(model, noise, target))["gender"][:, 1].mean()
+    edited = judge.predict(le.sample_edited(model, noise, classes=target))["gender"][:, 1].mean()
     assert edited > plain + 0.02
     zero = B.LatentEditing("gender", torch.zeros_like(le.delta), STEPS)
-    torch.testing.assert_close(zero.sample(model, noise, target), models.sample(model, noise=noise, steps=STEPS),
+    torch.testing.assert_close(zero.sample_edited(model, noise, classes=target), models.sample(model, noise=noise, steps=STEPS),
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="trained for 4 sampling steps"):
-        le.sample(model, noise, target, steps=5)
+        le.sample_edited(model, noise, steps=5, classes=target)
 
 
 def test_finetuning_moves_judged_distribution_and_leaves_model(tiny):

@@ -3,7 +3,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from helpers import cache, harvest, judge as J, metrics, models
+from helpers import cache, harvest, hooks, judge as J, metrics, models
+from helpers import sae as S
 from conftest import tiny_unet
 
 
@@ -19,7 +20,7 @@ def judge():
 
 
 def test_harvest_summary_matches_shards(tiny_model, judge, tmp_path):
-    s = harvest.HarvestSettings(n=5, steps=3, batch_size=2, shard_rows=4, shard_dtype="float32")
+    s = harvest.HarvestSettings(n=5, steps=3, batch_size=2, shard_dtype="float32")
     folder = harvest.run(tiny_model, s, tmp_path / "h", judge=judge, progress=False)
     summ = harvest.load_summary(folder)
     assert summ.images.shape == (5, 3, 16, 16) and summ.images.dtype == torch.uint8
@@ -39,17 +40,63 @@ def test_harvest_summary_matches_shards(tiny_model, judge, tmp_path):
     assert len(sub["x"]) == 50 and (sub["step"] == 0).all()
 
 
-def test_interrupted_harvest_leaves_nothing(tiny_model, judge, tmp_path, monkeypatch):
-    def boom(*a, **k):
-        raise RuntimeError("interrupted")
+def test_interrupted_harvest_resumes_batch_by_batch(tiny_model, judge, tmp_path, monkeypatch):
+    s = harvest.HarvestSettings(n=6, steps=2, batch_size=2, shard_dtype="float32")
+    whole = harvest.run(tiny_model, s, tmp_path / "whole", judge=judge, progress=False)
+    calls = {"n": 0}
+    real = models.sample
 
-    monkeypatch.setattr(judge, "predict", boom)
-    with pytest.raises(RuntimeError, match="interrupted"):
-        harvest.run(tiny_model, harvest.HarvestSettings(n=2, steps=2, batch_size=2), tmp_path / "h", judge=judge,
-                    progress=False)
-    assert list(tmp_path.iterdir()) == []
+    def dies_on_third_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(models, "sample", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        harvest.run(tiny_model, s, tmp_path / "h", judge=judge, progress=False)
+    assert not (tmp_path / "h").exists()  # nothing a reader would trust
     with pytest.raises(FileNotFoundError, match="run the harvest"):
         harvest.load_summary(tmp_path / "h")
+    calls["n"] = 10  # resume: only the third batch is sampled again
+    harvest.run(tiny_model, s, tmp_path / "h", judge=judge, progress=False)
+    assert calls["n"] == 11
+    a, b = harvest.load_summary(whole), harvest.load_summary(tmp_path / "h")
+    assert torch.equal(a.images, b.images) and torch.equal(a.pooled, b.pooled)
+    assert torch.equal(harvest.load_rows(whole)["x"], harvest.load_rows(tmp_path / "h")["x"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h", "whole"]  # the work folder is gone
+    # other settings never reuse a stale work folder
+    monkeypatch.setattr(models, "sample", real)
+    harvest.run(tiny_model, harvest.HarvestSettings(n=4, steps=2, batch_size=2, seed=9), tmp_path / "h", judge=judge,
+                progress=False)
+    assert harvest.load_summary(tmp_path / "h").images.shape[0] == 4
+
+
+def test_harvest_never_overwrites_a_folder_it_did_not_make(tiny_model, judge, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="did not write.*notes.txt"):
+        harvest.run(tiny_model, harvest.HarvestSettings(n=2, steps=2, batch_size=2), mine, judge=judge, progress=False)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="no default judge"):
+        harvest.run(tiny_model, harvest.HarvestSettings(n=2, steps=2), tmp_path / "x", judge=None, progress=False)
+
+
+def test_harvest_at_another_site_and_rejudge(tiny_model, judge, tmp_path):
+    s = harvest.HarvestSettings(n=3, steps=2, batch_size=3, site="up_blocks.0.skips.0", shard_dtype="float32")
+    folder = harvest.run(tiny_model, s, tmp_path / "h", judge=judge, progress=False)
+    summ = harvest.load_summary(folder)
+    assert summ.pooled.shape == (3, 2, 32) and summ.settings["site"] == "up_blocks.0.skips.0"
+    with hooks.capture(tiny_model.unet, site="up_blocks.0.skips.0") as cap:
+        models.sample(tiny_model, 3, steps=2, seed=s.seed)
+    torch.testing.assert_close(harvest.load_rows(folder)["x"][:64], S.to_rows(cap.activations[0][:1]))
+    torch.manual_seed(1)
+    other = J.Judge().eval()
+    harvest.rejudge(folder, other)
+    again = harvest.load_summary(folder)
+    assert torch.equal(again.images, summ.images)
+    torch.testing.assert_close(again.probs["age"], other.predict(summ.images.float() / 255)["age"])
 
 
 def test_cache_keys_and_fingerprints(tmp_path):

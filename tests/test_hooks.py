@@ -115,3 +115,103 @@ def test_capture_streams_to_shards_and_refuses_unfinished(tiny_model, tmp_path):
     assert not list((tmp_path / "h").glob(".*.tmp"))
     with pytest.raises(FileExistsError, match="already holds shards"):
         hooks.ShardWriter(tmp_path / "h")
+
+
+# ----------------------------------------------------------------------------- named sites
+
+
+def _cond_unet():
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
+
+
+def _bump(h, info):
+    """A fixed non-constant change (GroupNorm right after a site would cancel a constant or a scale)."""
+    g = torch.Generator().manual_seed(h.shape[1] * 100 + h.shape[2])
+    return h + torch.randn(h.shape[1:], generator=g).to(h.dtype)
+
+
+def test_sites_list_blocks_layers_and_skips(tiny_model):
+    names = hooks.sites(tiny_model.unet)
+    for want in ("mid_block", "down_blocks.0", "down_blocks.1.resnets.0", "mid_block.attentions.0", "up_blocks.0",
+                 "up_blocks.1.resnets.1", "up_blocks.0.skips.0", "up_blocks.0.skips.1"):
+        assert want in names
+    assert "up_blocks.0.skips.2" not in names  # one skip per resnet of the up block
+    assert any(".attentions." in n and n.startswith("up_blocks") for n in hooks.sites(_cond_unet()))
+
+
+@pytest.mark.parametrize("make", ["pixel", "conditional"])
+def test_every_site_captures_edits_and_cleans_up(tiny_model, make):
+    if make == "pixel":
+        unet = tiny_model.unet
+        args = (torch.randn(2, 3, 16, 16), 10)
+        kw = {}
+    else:
+        unet = _cond_unet()
+        args = (torch.randn(2, 4, 16, 16), 10)
+        kw = {"encoder_hidden_states": torch.randn(2, 5, 32)}
+    with torch.no_grad():
+        plain = unet(*args, **kw).sample
+        for site in hooks.sites(unet):
+            with hooks.capture(unet, site=site) as cap:
+                same = unet(*args, **kw).sample
+            assert torch.equal(plain, same), site  # capturing changes nothing
+            assert len(cap.activations) == 1 and cap.activations[0].shape[0] == 2, site
+            with hooks.edit(unet, lambda h, info: h.clone(), site=site):
+                assert torch.equal(plain, unet(*args, **kw).sample), site  # a no-op edit is bit-identical
+            with hooks.edit(unet, _bump, site=site):
+                assert not torch.allclose(plain, unet(*args, **kw).sample, atol=1e-4), site
+            for m in unet.modules():
+                assert not m._forward_hooks and not m._forward_pre_hooks, site
+
+
+def test_skip_site_is_what_the_down_path_sent(tiny_model):
+    """Up block 0 receives the last two down-path outputs: block 0's downsampler and block 1's resnet."""
+    unet = tiny_model.unet
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), hooks.capture(unet, site="up_blocks.0.skips.1") as skip, \
+            hooks.capture(unet, site="down_blocks.1.resnets.0") as down, \
+            hooks.capture(unet, site="down_blocks.0.downsamplers.0") as ds, \
+            hooks.capture(unet, site="up_blocks.0.skips.0") as skip0:
+        unet(x, 10)
+    assert torch.equal(skip.activations[0], down.activations[0])
+    assert torch.equal(skip0.activations[0], ds.activations[0])
+    # editing a skip changes only what the up block reads: the mid block sees the same h
+    with torch.no_grad(), hooks.capture(unet) as mid_plain:
+        unet(x, 10)
+    with torch.no_grad(), hooks.edit(unet, _bump, site="up_blocks.0.skips.1"), hooks.capture(unet) as mid_edit:
+        unet(x, 10)
+    assert torch.equal(mid_plain.activations[0], mid_edit.activations[0])
+
+
+def test_guided_edits_touch_the_conditional_half_at_any_site():
+    unet = _cond_unet()
+    x, emb = torch.randn(4, 4, 16, 16), torch.randn(4, 5, 32)
+    with torch.no_grad():
+        plain = unet(x, 10, encoder_hidden_states=emb).sample
+        for site in ("down_blocks.0.attentions.0", "up_blocks.0.skips.1", "up_blocks.1"):
+            with hooks.guided(unet), hooks.edit(unet, _bump, site=site, record=True) as rec:
+                out = unet(x, 10, encoder_hidden_states=emb).sample
+            assert rec.activations[0].shape[0] == 2, site  # fn saw the conditional half only
+            assert torch.equal(out[:2], plain[:2]) and not torch.allclose(out[2:], plain[2:]), site
+
+
+def test_bad_sites_and_compiled_blocks_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="has no module 'up_blocks.7'.*sites include"):
+        with hooks.capture(tiny_model.unet, site="up_blocks.7"):
+            pass
+    with pytest.raises(ValueError, match="receives 2 skip tensors"):
+        with hooks.capture(tiny_model.unet, site="up_blocks.0.skips.5"):
+            pass
+    with pytest.raises(ValueError, match="skips are what an up block receives"):
+        with hooks.capture(tiny_model.unet, site="down_blocks.0.skips.0"):
+            pass
+    tiny_model.unet.down_blocks[1].compile()  # lazy: nothing is compiled until the first call
+    with pytest.raises(ValueError, match="'down_blocks.1' was compiled.*keep='down_blocks.1.resnets.0'"):
+        with hooks.capture(tiny_model.unet, site="down_blocks.1.resnets.0"):
+            pass
+    with hooks.capture(tiny_model.unet):  # the bottleneck is not inside the compiled block
+        pass

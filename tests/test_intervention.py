@@ -26,7 +26,7 @@ def setup():
     pooled = h.mean((3, 4)).transpose(0, 1)  # (48, steps, 32)
     # a synthetic "gender": whether channel 0 at step 2 is above its median
     y = (pooled[:, 2, 0] > pooled[:, 2, 0].median()).long()
-    probe = P.train_probe(pooled, {"gender": y}, attributes=("gender",), epochs=200)
+    probe = P.train_probe(pooled, {"gender": y}, attributes={"gender": ("low", "high")}, epochs=200)
     return model, sae, probe, h, y
 
 
@@ -71,7 +71,7 @@ def test_noop_edits_are_bit_identical(setup):
     for e in (intervention.Edit("gender", {0: [1, 2]}, beta=1.0, mode="scale", cls=0),
               intervention.Edit("gender", {0: [1, 2]}, beta=0.0, mode="add", target=[0.5, 0.5]),
               intervention.Edit("gender", {0: []}, beta=5.0, mode="scale", cls=0)):
-        got, _ = intervention.sample(model, sae, [e], 6, steps=STEPS, seed=5, batch_size=4)
+        got, _ = intervention.sample_edited(model, sae, [e], 6, steps=STEPS, seed=5, batch_size=4)
         assert torch.equal(got, plain)
 
 
@@ -96,14 +96,17 @@ def test_scaling_top_features_moves_probe_score(setup):
 def test_edit_errors(setup):
     model, sae, *_ = setup
     m = sae.cfg.d_sae
+    g2 = ("male", "female")
     bad = [
-        (dict(attribute="height", features={0: [1]}, beta=2.0, cls=0), "unknown attribute"),
-        (dict(attribute="gender", features={5: [1]}, beta=2.0, cls=0), "classes 0..1"),
-        (dict(attribute="gender", features={0: [1]}, beta=2.0, cls=7), "cls must be one of"),
+        (dict(attribute="gender", features={5: [1]}, beta=2.0, cls=0, classes=g2), r"classes 0..1 \['male', 'female'\]"),
+        (dict(attribute="gender", features={0: [1]}, beta=2.0, cls=7, classes=g2), "cls must be one of"),
+        (dict(attribute="gender", features={0: [1]}, beta=2.0, cls=True), "cls must be one of"),
+        (dict(attribute="gender", features={0: [1]}, beta=2.0, cls=0, classes=("male",)), "two or more"),
         (dict(attribute="gender", features={0: [1]}, beta=math.nan, cls=0), "finite"),
         (dict(attribute="gender", features={0: [1]}, beta=math.inf, cls=0), "finite"),
         (dict(attribute="gender", features={0: [1]}, beta=2.0, target=[0.7, 0.7]), "sum to 1"),
-        (dict(attribute="age", features={0: [1]}, beta=2.0, target=[0.5, 0.5]), "3 probabilities"),
+        (dict(attribute="age", features={0: [1]}, beta=2.0, target=[0.5, 0.5], classes=("y", "a", "o")),
+         "3 probabilities"),
         (dict(attribute="gender", features={0: [m]}, beta=2.0, cls=0), "out of range"),
         (dict(attribute="gender", features={0: [1]}, beta=2.0, cls=0, steps=[]), "steps is empty"),
         (dict(attribute="gender", features={0: [1]}, beta=2.0, cls=0, mode="mul"), "mode must be"),
@@ -111,8 +114,10 @@ def test_edit_errors(setup):
     for kw, msg in bad:
         with pytest.raises(ValueError, match=msg):
             intervention.Intervention(sae, [intervention.Edit(**kw)], 4)
-    with pytest.raises(ValueError, match="unknown attribute"):
+    with pytest.raises(ValueError, match="no head for 'height'"):
         attribution.latent_ig(sae, setup[2], setup[3][0, :2], 0, "height", 0)
+    with pytest.raises(ValueError, match="classes 0..1"):
+        attribution.latent_ig(sae, setup[2], setup[3][0, :2], 0, "gender", 2)
 
 
 def test_footprint_add_is_confined_to_its_positions(setup):
@@ -126,7 +131,7 @@ def test_footprint_add_is_confined_to_its_positions(setup):
     torch.testing.assert_close(fp, z)
     # an all-zero footprint is a no-op, bit for bit
     zero = intervention.Edit("gender", {1: feats}, beta=3.0, mode="add", cls=1, footprint={1: torch.zeros(3, 64)})
-    got, _ = intervention.sample(model, sae, [zero], 4, steps=STEPS, seed=5, batch_size=4)
+    got, _ = intervention.sample_edited(model, sae, [zero], 4, steps=STEPS, seed=5, batch_size=4)
     assert torch.equal(got, models.sample(model, 4, steps=STEPS, seed=5))
     # a footprint on one position changes h there only (first edited step: nothing upstream differs yet)
     one = torch.zeros(3, 64)
@@ -149,7 +154,7 @@ def test_footprint_errors(setup):
         intervention.Edit("gender", {1: [1, 2]}, 2.0, "add", cls=1, footprint={1: torch.ones(1, 64)}).validate(64)
     e = intervention.Edit("gender", {1: [1]}, 2.0, "add", cls=1, footprint={1: torch.ones(1, 16)})
     with pytest.raises(ValueError, match="positions but h has 64"):
-        intervention.sample(model, sae, [e], 2, steps=STEPS, seed=0)
+        intervention.sample_edited(model, sae, [e], 2, steps=STEPS, seed=0)
     with pytest.raises(ValueError, match="no sample is judged class 1"):
         intervention.footprint(sae, {0: setup[3][0]}, torch.zeros(48), 1, [1])
 
@@ -217,7 +222,7 @@ def test_surplus_edit_leaves_unmoved_samples_bit_identical(setup):
     src = torch.tensor([0, 0, 0, 1, 0, 0])
     e = intervention.Edit("gender", {0: [1, 2], 1: [3, 4]}, beta=4.0, mode="add", target=[0.5, 0.5], source=src,
                           suppress_others=True)
-    got, iv = intervention.sample(model, sae, [e], 6, steps=STEPS, seed=5, batch_size=6)
+    got, iv = intervention.sample_edited(model, sae, [e], 6, steps=STEPS, seed=5, batch_size=6)
     plain = models.sample(model, 6, steps=STEPS, seed=5, batch_size=6)
     cls = iv.classes("gender")
     assert sorted(cls.tolist()) == [-1, -1, -1, -1, 1, 1] and (src[cls == 1] == 0).all()

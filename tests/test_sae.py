@@ -87,9 +87,12 @@ def test_clear_errors(tmp_path, tiny_unet_dir):
     sae = S.TopKSAE(S.SAEConfig(d_in=128, expansion=2, k=4))
     with pytest.raises(ValueError, match="reads 128-channel rows but h has 32"):
         sae.reconstruct(torch.randn(1, 32, 4, 4))
-    unet = models.load_model(tiny_unet_dir).unet
-    with pytest.raises(ValueError, match="128-channel bottleneck but this UNet2DModel has 32"):
-        sae.check_model(unet)
+    m = models.load_model(tiny_unet_dir)
+    from helpers import intervention as I
+
+    e = I.Edit("gender", {0: [1]}, beta=2.0, mode="add", cls=0)
+    with pytest.raises(ValueError, match="128-channel activations at 'mid_block', but h at 'mid_block' has shape"):
+        I.sample_edited(m, sae, [e], n=1, steps=2)
     with pytest.raises(FileNotFoundError, match="no SAE file"):
         S.load_sae(tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="k must be"):

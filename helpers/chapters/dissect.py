@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from . import harvest as H
-from . import hooks, io, metrics, models, world
-from . import judge as J
-from . import sae as S
+from .. import harvest as H
+from .. import hooks, io, metrics, models, pipeline, world
+from .. import judge as J
+from .. import sae as S
 
 OUT = models.DATA_DIR / "dissect"
 EVAL_SEED = 2025  # chapter 1's evaluation noise: the reconstruction check runs on unseen noise
@@ -115,7 +115,7 @@ def run(out=OUT, quick: bool = False, recompute_harvest: bool = False, progress:
         hs = H.HarvestSettings()
         tc = S.SAETrainConfig()
         steps_keep, n_rec, n_edit = ANALYSIS_STEPS, 400, 128
-    from . import cache
+    from .. import cache
 
     log = {"model_fingerprint": cache.fingerprint(models.EMBEDDED_DIR),
            "judge_fingerprint": cache.fingerprint(J.JUDGE_PATH), "quick": quick}
@@ -132,7 +132,7 @@ def run(out=OUT, quick: bool = False, recompute_harvest: bool = False, progress:
                     lambda tmp: Path(tmp).write_bytes((folder / "summary.safetensors").read_bytes()))
 
     rows = H.load_rows(folder)
-    n_train = int(0.9 * hs.n)  # samples [0, n_train) train the SAE; the rest are held out
+    n_train = pipeline.n_train(hs.n)  # samples [0, n_train) train the SAE; the rest are held out
     train_mask = rows["sample"] < n_train
     x_train, x_held = rows["x"][train_mask], rows["x"][~train_mask]
     width = x_train.shape[1]

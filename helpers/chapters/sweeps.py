@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from . import cache, io, models, world
+from .. import cache, io, models, pipeline, world
+from .. import intervention as I
+from .. import judge as J
+from .. import sae as S
 from . import dissect as D
 from . import identify as ID
-from . import intervention as I
-from . import judge as J
-from . import sae as S
 
 OUT = models.DATA_DIR / "sweeps"
 SWEEP_SEED = 5_151  # noise of the sweeps (not the harvest, evaluation or check seeds)
@@ -41,7 +41,7 @@ def run(out=OUT, n: int = 128, keep: int = 12, steps: int = 25, quick: bool = Fa
     if quick:
         n, keep, steps = 8, 4, 5
     sae, _ = S.load_sae(D.OUT / "sae.safetensors")
-    from . import harvest as H
+    from .. import harvest as H
 
     summary = H.load_summary(D.OUT / "summary.safetensors")
     model = models.load_model("embedded")
@@ -56,13 +56,14 @@ def run(out=OUT, n: int = 128, keep: int = 12, steps: int = 25, quick: bool = Fa
                                                **io.prefixed("probs", pb)}, meta={"n": n, "seed": SWEEP_SEED})
     for a in world.SOCIAL:
         t1 = time.time()
-        c = ID.minority(summary.probs[a])
+        c = pipeline.minority(summary.probs[a])
         feats, fp = ID.features(a, c)
         tensors = {}
         for mode, bs in betas.items():
             for j, beta in enumerate(bs):
-                e = I.Edit(a, {c: feats}, beta=beta, mode=mode, cls=c, footprint={c: fp} if mode == "add" else None)
-                imgs, _ = I.sample(model, sae, [e], noise=noise, steps=steps, batch_size=n)
+                e = I.Edit(a, {c: feats}, beta=beta, mode=mode, cls=c, footprint={c: fp} if mode == "add" else None,
+                           classes=world.ATTRIBUTES[a])
+                imgs, _ = I.sample_edited(model, sae, [e], noise=noise, steps=steps, batch_size=n)
                 tensors[f"{mode}.{j}.images"] = (imgs[:keep] * 255).round().to(torch.uint8)
                 tensors.update(io.prefixed(f"{mode}.{j}", judge.predict(imgs)))
         io.save_tensors(out / f"sweep_{a}.safetensors", tensors,
@@ -73,11 +74,10 @@ def run(out=OUT, n: int = 128, keep: int = 12, steps: int = 25, quick: bool = Fa
     t1 = time.time()
     edits = {}
     for a in world.SOCIAL:
-        kcls = len(world.ATTRIBUTES[a])
-        edits[a] = ID.edit_for(a, BETA_MULTI[a], target=[1 / kcls] * kcls)
+        edits[a] = ID.edit_for(a, BETA_MULTI[a], target=pipeline.uniform(world.ATTRIBUTES[a]))
     tensors = {}
     for name, es in [(a, [edits[a]]) for a in world.SOCIAL] + [("all", list(edits.values()))]:
-        imgs, iv = I.sample(model, sae, es, noise=noise, steps=steps, batch_size=n, class_seed=1)
+        imgs, iv = I.sample_edited(model, sae, es, noise=noise, steps=steps, batch_size=n, class_seed=1)
         tensors.update(io.prefixed(name, judge.predict(imgs)))
         tensors[f"{name}.images"] = (imgs[:keep] * 255).round().to(torch.uint8)
         for e in es:

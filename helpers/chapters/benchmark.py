@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from . import baselines as B
-from . import cache, io, metrics, models, world
+from .. import baselines as B
+from .. import cache, io, metrics, models, pipeline, world
 
 OUT = models.DATA_DIR / "benchmark"
 VAL_SEED = 6_161
@@ -33,7 +33,7 @@ TEST_SEED = 7_171
 KEEP_FLOOR = 0.90
 METHODS = ("Original", *B.METHODS, "DiffLens", "DiffLens swap", "DiffLens surplus")
 DIFFLENS = ("DiffLens", "DiffLens swap", "DiffLens surplus")
-BASELINES = B.METHODS
+BASELINES = tuple(B.METHODS)
 # the knob of each method and the settings tried on the validation seed (same count for every method)
 KNOBS = {
     "Activation": ("beta", (1.5, 2.0, 3.0, 4.0)),
@@ -105,25 +105,21 @@ class Cell:
 
 def cell_metrics(cell: Cell, original: Cell, reference_features: torch.Tensor, judge=None, n_boot: int = 1000) -> dict:
     """FD (with bootstrap CI) against uniform, FID against the world's renders, similarity to the
-    original sample from the same noise, and keep-rates, for one cell."""
+    original sample from the same noise, and keep-rates, for one cell (:func:`helpers.pipeline.evaluate`)."""
     if (cell.seed, cell.n) != (original.seed, original.n):
         raise ValueError(f"cell_metrics: {cell.key} (seed {cell.seed}, n {cell.n}) is not paired with the original "
                          f"(seed {original.seed}, n {original.n})")
     a = cell.attribute
-    k = len(world.ATTRIBUTES[a])
-    preds = cell.probs[a].argmax(-1)
-    fd = metrics.fd_bootstrap(preds, k, n_boot=n_boot)
     others = [b for b in world.SOCIAL if b != a]
-    return {
-        "attribute": a, "method": cell.method, "setting": cell.setting, "n": cell.n, "seed": cell.seed,
-        "FD": metrics.fairness_discrepancy(preds, k), "FD lo": fd["lo"], "FD hi": fd["hi"],
-        "FID": metrics.fid_from_features(reference_features, cell.features),
-        "similarity": float(torch.nn.functional.cosine_similarity(cell.features, original.features, dim=1).mean()),
-        "keep other social": metrics.keep_rate(original.probs, cell.probs, others),
-        "keep nuisance": metrics.keep_rate(original.probs, cell.probs, list(world.NUISANCE)),
-        "keep all": metrics.keep_rate(original.probs, cell.probs, others + list(world.NUISANCE)),
-        "seconds": cell.seconds,
-    }
+    ev = pipeline.evaluate(original.probs, cell.probs, a,
+                           keep={"other social": others, "nuisance": list(world.NUISANCE),
+                                 "all": others + list(world.NUISANCE)},
+                           original_features=original.features, edited_features=cell.features,
+                           reference_features=reference_features, n_boot=n_boot)
+    return {"attribute": a, "method": cell.method, "setting": cell.setting, "n": cell.n, "seed": cell.seed,
+            **{k: ev[k] for k in ("FD", "FD lo", "FD hi", "FID", "similarity", "keep other social", "keep nuisance",
+                                  "keep all")},
+            "seconds": cell.seconds}
 
 
 def table(rows: list[dict]):
@@ -171,13 +167,12 @@ FIT = {  # training settings of the trainable baselines (their cost is logged)
 
 
 def uniform(attribute: str) -> list[float]:
-    k = len(world.ATTRIBUTES[attribute])
-    return [1.0 / k] * k
+    return pipeline.uniform(world.ATTRIBUTES[attribute])
 
 
 def classes_for(attribute: str, n: int) -> torch.Tensor:
     """The per-sample target classes, exactly as :class:`helpers.intervention.Intervention` draws them."""
-    from .intervention import assign_classes
+    from ..intervention import assign_classes
 
     return assign_classes(n, uniform(attribute), seed=CLASS_SEED * 7919)
 
@@ -187,11 +182,11 @@ class Runner:
 
     def __init__(self, out=OUT, steps: int = 25, batch_size: int = 128, keep_images: int = 12, progress: bool = True,
                  fit: dict | None = None):
+        from .. import harvest as H
+        from .. import judge as J
+        from .. import probe as P
+        from .. import sae as S
         from . import dissect, identify
-        from . import harvest as H
-        from . import judge as J
-        from . import probe as P
-        from . import sae as S
 
         self.out = Path(out)
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
@@ -212,7 +207,7 @@ class Runner:
     @property
     def trainer_judge(self):
         """The second judge the trainable baselines learn from (see :data:`TRAINER_JUDGE`)."""
-        from . import judge as J
+        from .. import judge as J
 
         if self._trainer_judge is None:
             if not TRAINER_JUDGE.is_file():
@@ -226,69 +221,60 @@ class Runner:
         io.write_json(self.log_path, self.log)
 
     # -- fitting (cached in fitted/) --
+    def context(self, attribute: str, learner: bool) -> B.Context:
+        """The fitting context every method of this benchmark gets (the harvest of chapters 2–3, chapter 4's probe,
+        world renders of a class as training images); methods that learn from a judge get the second judge."""
+        return B.Context(self.model, attribute, world.ATTRIBUTES[attribute], uniform(attribute), steps=self.steps,
+                         pooled=self.summary.pooled.float(), labels=self.summary.labels()[attribute],
+                         probe=self.probe, judge=self.trainer_judge if learner else None,
+                         images_of=lambda cl, sd: B.images_of(attribute, cl, sd, resolution=self.model.sample_size),
+                         progress=self.progress)
+
     def fitted_method(self, method: str, attribute: str):
         key = (method, attribute)
         if key in self.fitted:
             return self.fitted[key]
+        if method in DIFFLENS:
+            self.fitted[key] = None
+            return None
+        cls = B.method(method)
         path = self.out / "fitted" / f"{method.replace(' ', '-')}_{attribute}.safetensors"
-        labels = self.summary.labels()[attribute]
-        if method == "Activation":
-            obj = B.Activation.fit(self.summary.pooled.float(), labels, attribute, k=8)
-        elif method == "H-Distribution":
-            obj = B.HDistribution(attribute, self.probe, uniform(attribute))
-        elif method in DIFFLENS:
-            obj = None
-        elif path.is_file():
-            obj = self._load_fitted(method, attribute, path)
-        else:
+        trained = hasattr(cls, "to_tensors")
+        if trained and path.is_file():
+            obj = self._load_fitted(cls, attribute, path)
+        elif trained:
             t0 = time.time()
             kw = self.fit_settings[method]
-            if method == "Latent Direction":
-                obj = B.LatentDirection.fit(self.model, attribute, progress=self.progress, **kw)
-                io.save_tensors(path, {"directions": obj.directions}, meta={"history": obj.history, **kw})
-            elif method == "Latent Editing":
-                obj = B.LatentEditing.fit(self.model, self.trainer_judge, attribute, steps=self.steps, progress=self.progress, **kw)
-                io.save_tensors(path, {"delta": obj.delta}, meta={"history": obj.history, "steps": self.steps,
-                                                                   "judge": TRAINER_JUDGE.name, **kw})
-            elif method == "Finetuning":
-                obj = B.Finetuning.fit(self.model, self.trainer_judge, attribute, uniform(attribute), progress=self.progress, **kw)
-                lora = {n: p.detach() for n, p in obj.unet.named_parameters() if "lora_" in n}
-                io.save_tensors(path, lora, meta={"history": obj.history, "judge": TRAINER_JUDGE.name, **kw})
-            else:
-                raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+            obj = cls.from_context(self.context(attribute, cls.learns_from_judge), **kw)
+            tensors, meta = obj.to_tensors()
+            if cls.learns_from_judge:
+                meta["judge"] = TRAINER_JUDGE.name
+            io.save_tensors(path, tensors, meta={**meta, **kw})
             self.log["fit_seconds"][f"{method}/{attribute}"] = time.time() - t0
             self._save_log()
+        else:  # no training: Activation (k = 8 channels per class), H-Distribution
+            obj = cls.from_context(self.context(attribute, False), **({"k": 8} if cls is B.Activation else {}))
         self.fitted[key] = obj
         return obj
 
-    def _load_fitted(self, method, attribute, path):
+    def _load_fitted(self, cls, attribute, path):
         t, m = io.load_tensors(path)
-        if method in ("Latent Editing", "Finetuning") and m.get("judge") != TRAINER_JUDGE.name:
+        if cls.learns_from_judge and m.get("judge") != TRAINER_JUDGE.name:
             raise ValueError(f"{path} was trained against {m.get('judge', 'the scoring judge')}, not "
                              f"{TRAINER_JUDGE.name}; delete it (and its cells) and rerun")
-        if method == "Latent Direction":
-            return B.LatentDirection(attribute, t["directions"], history=m["history"])
-        if method == "Latent Editing":
-            return B.LatentEditing(attribute, t["delta"], m["steps"], history=m["history"])
-        kw = {k: v for k, v in m.items() if k in ("rank",)}
-        ft = B.Finetuning.fit(self.model, self.judge, attribute, uniform(attribute), iters=0, progress=False,
-                              rank=kw.get("rank", 4))
-        missing = set(t) - {n for n, _ in ft.unet.named_parameters()}
-        if missing:
-            raise ValueError(f"{path}: adapter weights {sorted(missing)[:3]} do not fit this UNet; delete the file")
-        with torch.no_grad():
-            for n, p in ft.unet.named_parameters():
-                if n in t:
-                    p.copy_(t[n])
-        ft.history = m["history"]
-        return ft
+        ctx = self.context(attribute, False)
+        if cls is B.Finetuning:
+            ctx = replace(ctx, judge=self.judge)  # only its shape is used when restoring adapters
+            try:
+                return cls.from_tensors(ctx, t, m, rank=m.get("rank", 4))
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}; delete the file") from None
+        return cls.from_tensors(ctx, t, m)
 
     # -- one cell --
     def cell(self, split: str, attribute: str, method: str, setting: float | None, n: int) -> Cell:
-        from dataclasses import replace
-
+        from .. import intervention as I
         from . import identify
-        from . import intervention as I
 
         seed = VAL_SEED if split == "val" else TEST_SEED
         probe_cell = Cell(split, attribute, method, setting, seed, n, {}, torch.zeros(0), torch.zeros(0))
@@ -304,29 +290,21 @@ class Runner:
         bs = self.batch_size
         if method == "Original":
             imgs, classes = B.sample(self.model, noise, self.steps, batch_size=bs), None
-        elif method == "Activation":
-            imgs = B.sample(self.model, noise, self.steps, replace(fitted, beta=setting).hook(classes), bs)
-        elif method == "Latent Direction":
-            imgs = B.sample(self.model, noise, self.steps, replace(fitted, scale=setting).hook(classes), bs)
-        elif method == "H-Distribution":
-            imgs, classes = B.sample(self.model, noise, self.steps, replace(fitted, scale=setting).hook(), bs), None
-        elif method == "Latent Editing":
-            imgs = replace(fitted, scale=setting).sample(self.model, noise, classes, batch_size=bs)
-        elif method == "Finetuning":
-            imgs, classes = B.sample(fitted.model(self.model, setting), noise, self.steps, batch_size=bs), None
         elif method in DIFFLENS:
             e = identify.edit_for(attribute, setting, target=uniform(attribute), swap=method != "DiffLens",
                                   steps=range(min(DIFFLENS_FROM_STEP, self.steps - 1), self.steps))
             if method == "DiffLens surplus":
                 unedited = B.sample(self.model, noise, self.steps, batch_size=bs)
                 e = replace(e, source=self.trainer_judge.predict(unedited)[attribute].argmax(-1))
-            imgs, iv = I.sample(self.model, self.sae, [e], noise=noise, steps=self.steps, batch_size=bs,
-                                class_seed=CLASS_SEED)
+            imgs, iv = I.sample_edited(self.model, self.sae, [e], noise=noise, steps=self.steps, batch_size=bs,
+                                       class_seed=CLASS_SEED)
             if method == "DiffLens surplus":
                 classes = iv.classes(attribute)
             assert torch.equal(iv.classes(attribute), classes)
         else:
-            raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+            imgs = fitted.sample_edited(self.model, noise, self.steps, setting, classes, batch_size=bs)
+            if not fitted.per_sample:
+                classes = None
         c = Cell(split, attribute, method, setting, seed, n, self.judge.predict(imgs), self.judge.features(imgs),
                  (imgs[: self.keep] * 255).round().to(torch.uint8), classes, time.time() - t0)
         c.save(self.out / "cells")
@@ -398,7 +376,7 @@ def target_reference(attribute: str, n: int, out=OUT, judge=None) -> torch.Tenso
     if path.is_file():
         return io.load_tensors(path)[0]["reference"].float()
     if judge is None:
-        from .judge import load_judge
+        from ..judge import load_judge
         judge = load_judge()
     f = judge.features(world.sample(n, spec=target_spec(attribute), seed=REF_SEED).images)
     io.save_tensors(path, {"reference": f})

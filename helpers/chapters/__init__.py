@@ -1,0 +1,9 @@
+"""Each chapter's own experiments on the embedded portrait model: its settings (seeds, step counts, grids)
+plus what only that chapter runs. Generic stages live in :mod:`helpers.pipeline`; nothing outside this
+package (and the book, scripts, tests) imports it.
+
+* ``dissect``   — chapters 2–3: harvest → both SAEs → channel edits, reconstruction check
+* ``identify``  — chapter 4: probe, IG rankings, footprints, top-k vs random-k vs channels check
+* ``sweeps``    — chapter 5: β sweeps and multi-attribute control
+* ``benchmark`` — chapter 6: every method on the same noise, validated then tested
+"""
