@@ -6,17 +6,21 @@ One module per noun, each introduced by a chapter:
 * ``judge``   — attribute classifiers trained on rendered ground truth; image features (chapter 1)
 * ``models``  — load any diffusers UNet / the embedded model, DDIM sampling, training (chapter 1)
 * ``metrics`` — Fairness Discrepancy with CIs and floors, FID, similarity, keep-rate (chapter 1)
-* ``hooks``   — scoped capture / edit of the U-Net bottleneck (mid-block output) (chapter 2)
-* ``harvest`` — sample with capture on, judge the images, cache by settings and weights (chapter 2)
+* ``hooks``   — scoped capture / edit at named U-Net sites (default: the bottleneck, mid-block output) (chapter 2)
+* ``harvest`` — sample with capture on, judge the images, resumable batch by batch (chapter 2)
 * ``cache``   — content-keyed artifact folders, built atomically (chapter 2)
 * ``sae``     — TopK sparse autoencoder with AuxK, sparse training step, save/load (chapter 3)
 * ``probe``   — per-timestep linear classifier on h (chapter 4)
 * ``attribution`` — integrated gradients (captum) over SAE latents, rankings per class (chapter 4)
 * ``intervention`` — error-preserving scale/add edits with per-sample class targeting (chapters 4–5)
 * ``widgets`` — β sliders that also work in the static book, and their headless-browser check (chapter 5)
-* ``baselines`` — Activation, Latent Direction, H-Distribution, Latent Editing, Finetuning (chapter 6)
-* ``dissect``, ``identify``, ``sweeps``, ``benchmark`` — each chapter's experiments, run by its RECOMPUTE
-  flag (chapters 2–6)
+* ``baselines`` — Activation, Latent Direction, H-Distribution, Latent Editing, Finetuning behind one
+  interface (chapter 6)
+* ``pipeline`` — the stages harvest → SAE → probe → IG + footprints → edit → evaluate, used by the runner
+  and the chapters alike
+* ``runner``  — ``python -m helpers run config.toml`` (chapter 7)
+* ``chapters`` — each chapter's own experiments on the embedded model (``dissect``, ``identify``,
+  ``sweeps``, ``benchmark``), run by its RECOMPUTE flag (chapters 2–6); no other module imports them
 * ``plots``   — image grids
 * ``io``      — atomic writes and safetensors checkpoints
 """

@@ -167,8 +167,9 @@ def load_judge(path: str | Path = JUDGE_PATH) -> Judge:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"No judge weights at {path}. They ship with the repository; restore them with "
-            "`git checkout data/judge.safetensors` or retrain with `python scripts/train_judge.py`."
+            f"No judge weights at {path}. They ship with the repository, not with a pip-installed package: set "
+            "DIFFLENS_DATA to a checkout's data/ folder, restore them with `git checkout data/judge.safetensors`, "
+            "or retrain with `python scripts/train_judge.py`."
         )
     tensors, meta = io.load_tensors(path)
     judge = Judge(JudgeConfig(**meta["config"]))

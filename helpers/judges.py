@@ -92,7 +92,7 @@ class ClipJudge(_Base):
     """CLIP zero-shot attribute classifier from a local transformers CLIP folder."""
 
     def __init__(self, folder, prompts: dict[str, tuple[str, ...]] | None = None, crop: Callable | None = None,
-                 device="cpu"):
+                 device="cpu", classes: dict[str, tuple[str, ...]] | None = None):
         from transformers import CLIPModel, CLIPTokenizer
 
         super().__init__(crop)
@@ -108,16 +108,8 @@ class ClipJudge(_Base):
         self.mean = tuple(cfg.get("image_mean", (0.48145466, 0.4578275, 0.40821073)))
         self.std = tuple(cfg.get("image_std", (0.26862954, 0.26130258, 0.27577711)))
         self.size = int(self.model.config.vision_config.image_size)
-        prompts = prompts or CLIP_PROMPTS
-        unknown = set(prompts) - set(CLASSES)
-        if unknown:
-            raise ValueError(f"ClipJudge: unknown attributes {sorted(unknown)}; known: {list(CLASSES)}")
-        for a, p in prompts.items():
-            if len(p) != len(CLASSES[a]):
-                raise ValueError(f"ClipJudge: {a!r} needs {len(CLASSES[a])} prompts {CLASSES[a]}, got {len(p)}")
-        self.attributes = {a: CLASSES[a] for a in prompts}
-        self.prompts = prompts
-        self.text = {a: self.embed_text(list(p)) for a, p in prompts.items()}
+        self.attributes, self.prompts = clip_schema(prompts, classes)
+        self.text = {a: self.embed_text(list(p)) for a, p in self.prompts.items()}
 
     @torch.no_grad()
     def embed_text(self, texts: list[str]) -> torch.Tensor:
@@ -142,6 +134,32 @@ class ClipJudge(_Base):
     def clip_t(self, images: torch.Tensor, prompt: str) -> torch.Tensor:
         """CLIP-T: cosine similarity of each image with ``prompt`` ``(n,)``."""
         return self.features(images) @ self.embed_text([prompt])[0].cpu()
+
+
+def clip_schema(prompts: dict | None = None, classes: dict | None = None):
+    """``(attributes, prompts)`` of a CLIP zero-shot judge: any attribute, one prompt per class.
+
+    The paper's three attributes with :data:`CLIP_PROMPTS`, plus (or overridden by) ``prompts``: an
+    attribute's class prompts; ``classes`` (optional) names its classes — for gender, age and race they
+    default to :data:`CLASSES`, otherwise to the prompts themselves. E.g. ``prompts={"eyewear": ["a photo of a person",
+    "a photo of a person wearing glasses"]}, classes={"eyewear": ["no glasses", "glasses"]}``.
+    """
+    prompts = {**CLIP_PROMPTS, **(prompts or {})}
+    classes = dict(classes or {})
+    extra = sorted(set(classes) - set(prompts))
+    if extra:
+        raise ValueError(f"ClipJudge: class names given for {extra} but no prompts; give [judge] prompts for them")
+    attrs, out = {}, {}
+    for a, p in prompts.items():
+        if isinstance(p, str) or len(p) < 2:
+            raise ValueError(f"ClipJudge: {a!r} needs one prompt per class (two or more), got {p!r}")
+        names = tuple(classes.get(a) or (CLASSES[a] if a in CLASSES and len(CLASSES[a]) == len(p) else p))
+        if len(names) != len(p):
+            raise ValueError(f"ClipJudge: {a!r} needs {len(names)} prompts {names}, got {len(p)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"ClipJudge: {a!r} has repeated class names {names}")
+        attrs[a], out[a] = names, tuple(p)
+    return attrs, out
 
 
 def _torchvision_to_transformers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -238,15 +256,60 @@ class FairFaceJudge(_Base):
         return out  # grouped log-probabilities (valid logits: softmax gives the grouped probabilities)
 
 
-def load(spec: str = "world", **kw):
-    """A judge from a short spec: ``"world"`` (the portrait world's), ``"clip:<folder>"``, ``"fairface:<file>"``."""
+def schema(spec: str = "world", prompts: dict | None = None, classes: dict | None = None) -> dict[str, tuple[str, ...]]:
+    """The attributes (``{name: class names}``) the judge ``spec`` reads, without loading any weights."""
+    kind, _, arg = str(spec).partition(":")
+    if kind == "world" and not arg:
+        from . import world
+
+        return dict(world.ATTRIBUTES)
+    if kind == "clip" and arg:
+        return clip_schema(prompts, classes)[0]
+    if kind == "fairface" and arg:
+        return {a: CLASSES[a] for a in FAIRFACE_GROUPS}
+    if kind == "python" and arg:
+        return dict(_python_judge(arg).attributes)
+    raise ValueError(f"judge {spec!r}: expected 'world', 'clip:<folder>', 'fairface:<weights file>' or "
+                     "'python:<module>:<function>'")
+
+
+def _python_judge(arg: str):
+    import importlib
+
+    mod, _, fn = arg.partition(":")
+    if not mod or not fn:
+        raise ValueError(f"judge 'python:{arg}': give 'python:<module>:<function>' (a function returning a judge)")
+    try:
+        judge = getattr(importlib.import_module(mod), fn)()
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"judge 'python:{arg}': cannot import {fn!r} from {mod!r} ({e})") from None
+    if not hasattr(judge, "attributes") or not hasattr(judge, "predict") or not hasattr(judge, "features"):
+        raise ValueError(f"judge 'python:{arg}': the object has no attributes/predict/features (subclass "
+                         "helpers.judge.Batched)")
+    return judge
+
+
+def weights_path(spec: str) -> Path | None:
+    """The weights file or folder a judge ``spec`` needs (``None`` for the world's shipped judge)."""
+    kind, _, arg = str(spec).partition(":")
+    return Path(arg).expanduser() if kind in ("clip", "fairface") and arg else None
+
+
+def load(spec: str = "world", prompts: dict | None = None, classes: dict | None = None, **kw):
+    """A judge from a short spec: ``"world"`` (the portrait world's), ``"clip:<folder>"`` (with optional
+    ``prompts`` / ``classes`` per attribute, :func:`clip_schema`), ``"fairface:<file>"``, or
+    ``"python:<module>:<function>"`` (your own judge: a function returning a :class:`helpers.judge.Batched`)."""
     kind, _, arg = str(spec).partition(":")
     if kind == "world" and not arg:
         from . import judge as J
 
+        kw.pop("device", None)
         return J.load_judge(**kw)
     if kind == "clip" and arg:
-        return ClipJudge(arg, **kw)
+        return ClipJudge(arg, prompts=prompts, classes=classes, **kw)
     if kind == "fairface" and arg:
         return FairFaceJudge(arg, **kw)
-    raise ValueError(f"judge {spec!r}: expected 'world', 'clip:<folder>' or 'fairface:<weights file>'")
+    if kind == "python" and arg:
+        return _python_judge(arg)
+    raise ValueError(f"judge {spec!r}: expected 'world', 'clip:<folder>', 'fairface:<weights file>' or "
+                     "'python:<module>:<function>'")

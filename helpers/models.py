@@ -125,9 +125,9 @@ def load_model(name_or_path: str | os.PathLike = "embedded", device: str | torch
     if name == "embedded":
         if not (EMBEDDED_DIR / "unet" / "config.json").is_file():
             raise FileNotFoundError(
-                f"The embedded model is missing from {EMBEDDED_DIR}. It ships with the repository; "
-                "restore it with `git checkout data/embedded` or retrain it with "
-                "`python scripts/train_embedded.py`."
+                f"The embedded model is missing from {EMBEDDED_DIR}. It ships with the repository, not with a "
+                "pip-installed package: set DIFFLENS_DATA to a checkout's data/ folder, restore it with "
+                "`git checkout data/embedded`, or retrain it with `python scripts/train_embedded.py`."
             )
         path = EMBEDDED_DIR
     else:

@@ -17,7 +17,7 @@ embedded model's settings; ``python -m helpers run`` calls them with a config's.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -73,6 +73,8 @@ def train_sae(folder, n_train: int, cfg: S.SAEConfig | None = None, train: S.SAE
     if cfg.site != site:
         raise ValueError(f"train_sae: SAEConfig.site is {cfg.site!r} but the harvest was captured at {site!r}")
     train = train or S.SAETrainConfig()
+    # a small harvest: one batch at most all rows, and the dead-latent window within reach
+    train = replace(train, batch_size=min(train.batch_size, len(x)), dead_rows=min(train.dead_rows, 50 * len(x)))
     sae, hist = S.train_sae(x.to(device), cfg, train, desc=desc, progress=progress)
     ev = S.evaluate(sae, held.to(device)) if len(held) else {}
     return sae.cpu(), hist, ev, len(x)

@@ -1,58 +1,69 @@
 """Headless runner: the whole DiffLens pipeline on one model from a config file (chapter 7).
 
-    python -m helpers run config.toml                 # every stage, resuming finished ones
+    python -m helpers run config.toml                 every stage, resuming finished ones
     python -m helpers run config.toml --stages probe attribution
-    python -m helpers example-config sd > sd.toml     # a commented starting point (sd | ddpm | embedded)
-    accelerate launch -m helpers run config.toml      # harvest split over every GPU (see below)
+    python -m helpers example-config sd > sd.toml     a commented starting point (sd | ddpm | embedded)
+    accelerate launch -m helpers run config.toml      harvest split over every GPU
 
-Stages, in order (each writes under ``out``; a finished stage is skipped on the next run unless its
-settings — or those of a stage before it — changed, in which case it and everything after it rerun):
+Stages, in order; each writes under `out` and is skipped on the next run unless its settings, or
+those of a stage before it, changed:
 
-================ ================================================== ==========================================
-stage            does                                               writes
-================ ================================================== ==========================================
-``harvest``      sample with the bottleneck captured; judge images  ``harvest/`` (summary + h shards)
-``sae``          train a TopK SAE on the harvested h                ``sae.safetensors`` (held-out in metadata)
-``probe``        per-step linear probe on pooled h                  ``probe.safetensors``
-``attribution``  IG over SAE latents → ranked features, footprints  ``attribution/``
-``intervention`` original and edited samples from the same noise    ``intervention/``
-``metrics``      FD, keep-rate, similarity (CLIP-I with a CLIP      ``metrics.json``
-                 judge), CLIP-T, FID of edited vs original
-================ ================================================== ==========================================
+    harvest       sample with h captured at [model] site; judge the images     harvest/
+    sae           TopK SAE on the harvested h                                  sae.safetensors
+    probe         per-step linear probe on pooled h                            probe.safetensors
+    attribution   IG over SAE latents -> ranked features and footprints        attribution/
+    intervention  original, DiffLens-edited and baseline samples, same noise   intervention/, grid_<attr>.png
+    metrics       FD, keep-rates, similarity, FID, CLIP-T (CLIP judges)        metrics.json, report.md
 
-Multi-GPU: under ``accelerate launch`` (or ``torchrun``) every process harvests its share of the
-samples (``accelerate.PartialState.split_between_processes``) into ``harvest-part-<rank>``; the main
-process merges them and runs the remaining stages (SAE, probe and IG are minutes on one GPU).
+Every setting is checked before anything is loaded, and all problems are reported at once. Changing
+only the judge re-reads the stored images instead of sampling again; an interrupted harvest resumes
+batch by batch. Under `accelerate launch` (or `torchrun`) every process harvests its share of the
+samples into harvest-part-<rank>; the main process merges them and runs the remaining stages.
+
+Weights are never downloaded by this package. The layout the examples and errors use:
+
+    weights/sd15/        hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir weights/sd15
+    weights/clip/        hf download openai/clip-vit-large-patch14 --local-dir weights/clip
+    weights/celebahq/    hf download google/ddpm-celebahq-256 --local-dir weights/celebahq
+    weights/fairface/    res34_fair_align_multi_7_20190809.pt from github.com/dchen236/FairFace
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from . import io, world
+from . import io
 
 STAGES = ("harvest", "sae", "probe", "attribution", "intervention", "metrics")
+SITE_PATTERN = re.compile(r"^(mid_block(\.(resnets|attentions)\.\d+)?|(down|up)_blocks\.\d+(\.(resnets|attentions|"
+                          r"downsamplers|upsamplers)\.\d+)?|up_blocks\.\d+\.skips\.\d+)$")
+BASELINES = ("Activation", "Latent Direction", "H-Distribution", "Latent Editing", "Finetuning")
+DEGENERATE_SHARE = 0.98  # a judge reading one class for more than this share of the harvest is an error
 
 
 @dataclass
 class ModelCfg:
-    path: str = "embedded"  # "embedded", a local diffusers folder, or a Hub repo id
+    path: str = "embedded"  # "embedded", a local diffusers folder (see the weights layout), or a Hub repo id
     prompt: str | None = None  # text-to-image models only
     guidance_scale: float = 7.5
     negative_prompt: str | None = None
-    device: str = "cpu"
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", "mps"
     dtype: str = "float32"  # "float16" on a GPU
+    site: str = "mid_block"  # hook site: mid_block, down_blocks.2, up_blocks.0.resnets.1, up_blocks.1.skips.0, ...
 
 
 @dataclass
 class JudgeCfg:
-    spec: str = "world"  # "world", "clip:<folder>", "fairface:<weights>"
+    spec: str = "world"  # "world", "clip:weights/clip", "fairface:weights/fairface/<file>.pt", "python:<mod>:<fn>"
+    prompts: dict = field(default_factory=dict)  # CLIP only: {attribute: [one prompt per class]}
+    classes: dict = field(default_factory=dict)  # CLIP only: {attribute: [class names]} (default: the prompts)
 
 
 @dataclass
@@ -60,7 +71,7 @@ class HarvestCfg:
     n: int = 1000
     steps: int = 25
     seed: int = 1234
-    batch_size: int = 100
+    batch_size: int = 100  # also the unit a resumed harvest skips
     shard_dtype: str = "float16"
     # steps whose full h is stored for the SAE and IG (empty: every step). SD at 50 steps stores
     # 50 × 64 positions × 1280 channels × 2 bytes = 8 MB per sample for all steps; pick a few.
@@ -70,7 +81,7 @@ class HarvestCfg:
 @dataclass
 class SAECfg:
     expansion: int = 8
-    k: int = 0  # 0: scaled to the bottleneck width (helpers.sae.scaled_k)
+    k: int = 0  # 0: scaled to the width (helpers.sae.scaled_k)
     train_steps: int = 5000
     batch_size: int = 4096
     lr: float = 4e-4
@@ -80,7 +91,7 @@ class SAECfg:
 @dataclass
 class ProbeCfg:
     epochs: int = 300
-    train_share: float = 0.9
+    train_share: float = 0.9  # leading share of the harvest that trains the SAE and the probe
 
 
 @dataclass
@@ -98,6 +109,9 @@ class InterventionCfg:
     n: int = 128
     seed: int = 4242
     batch_size: int = 64
+    baselines: list[str] = field(default_factory=list)  # run next to DiffLens on the same noise, e.g. ["Activation"]
+    baseline_settings: dict = field(default_factory=dict)  # {method: knob value}; default: the method's own
+    grid: int = 8  # samples per row of grid_<attribute>.png
 
 
 @dataclass
@@ -114,88 +128,239 @@ class Config:
     intervention: InterventionCfg = field(default_factory=InterventionCfg)
 
 
-def _section(name: str, cls, values: dict, where: str):
-    if not isinstance(values, dict):
-        raise ValueError(f"{where}: [{name}] must be a table of settings, got {values!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"{where}: unknown setting(s) {sorted(unknown)} in [{name}]; known: {sorted(known)}")
-    return cls(**values)
+SECTIONS = {"model": ModelCfg, "judge": JudgeCfg, "harvest": HarvestCfg, "sae": SAECfg, "probe": ProbeCfg,
+            "attribution": AttributionCfg, "intervention": InterventionCfg}
+
+
+class ConfigError(ValueError):
+    """Every problem of a config at once."""
+
+    def __init__(self, where: str, problems: list[str]):
+        self.problems = problems
+        head = f"{where}: {len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        super().__init__(head + "".join(f"\n  - {p}" for p in problems))
 
 
 def load_config(path) -> Config:
-    """Read and check a ``.toml`` or ``.json`` config; every mistake gets one clear error."""
+    """Read and check a ``.toml`` or ``.json`` config; every mistake is reported, all at once."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config {path} does not exist; write one with `python -m helpers example-config sd`")
     if path.suffix == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            raise ValueError(f"config {path}: reading TOML needs Python 3.11+; write the same settings as .json") from None
+        import tomllib
 
         try:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: not valid TOML ({e})") from None
     elif path.suffix == ".json":
-        raw = json.loads(path.read_text())
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
     else:
         raise ValueError(f"config {path}: use a .toml or .json file")
     return config_from_dict(raw, str(path))
 
 
-def config_from_dict(raw: dict, where: str = "config") -> Config:
-    sections = {"model": ModelCfg, "judge": JudgeCfg, "harvest": HarvestCfg, "sae": SAECfg, "probe": ProbeCfg,
-                "attribution": AttributionCfg, "intervention": InterventionCfg}
+def _type_ok(value, default) -> bool:
+    if default is None:
+        return value is None or isinstance(value, str)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+
+
+def config_from_dict(raw: dict, where: str = "config", check_files: bool = True) -> Config:
+    """A :class:`Config` from a dict, after checking every setting (see :func:`problems`)."""
+    errs: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError(where, [f"the config must be a table of settings, got {type(raw).__name__}"])
     top = {"out", "attributes", "stages"}
-    unknown = set(raw) - top - set(sections)
+    unknown = set(raw) - top - set(SECTIONS)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(top | set(sections))}")
-    cfg = Config(**{k: raw[k] for k in top if k in raw},
-                 **{k: _section(k, c, raw[k], where) for k, c in sections.items() if k in raw})
-    bad = [s for s in cfg.stages if s not in STAGES]
-    if bad:
-        raise ValueError(f"{where}: unknown stage(s) {bad}; stages are {list(STAGES)}")
-    if not cfg.attributes:
-        raise ValueError(f"{where}: attributes is empty; name at least one of {list(world.SOCIAL)}")
-    bad = [a for a in cfg.attributes if a not in world.SOCIAL]
-    if bad:
-        raise ValueError(f"{where}: unknown attribute(s) {bad}; the judges read {list(world.SOCIAL)}")
-    if cfg.model.dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"{where}: [model] dtype must be float32, float16 or bfloat16, got {cfg.model.dtype!r}")
-    steps = cfg.harvest.steps
-    late = [s for s in cfg.attribution.steps if not 0 <= s < steps]
-    if late:
-        raise ValueError(f"{where}: [attribution] steps {late} are outside the harvest's 0..{steps - 1}")
-    stored = cfg.harvest.shard_steps
-    bad = [s for s in stored if not 0 <= s < steps]
-    if bad:
-        raise ValueError(f"{where}: [harvest] shard_steps {bad} are outside 0..{steps - 1}")
-    missing = [s for s in cfg.attribution.steps if stored and s not in stored]
-    if missing:
-        raise ValueError(f"{where}: [attribution] steps {missing} are not in [harvest] shard_steps {stored}; "
-                         "add them there (IG needs the full h of those steps)")
-    if not 0 <= cfg.intervention.from_step < steps:
-        raise ValueError(f"{where}: [intervention] from_step must be in 0..{steps - 1}")
+        errs.append(f"unknown key(s) {sorted(unknown)}; known: {sorted(top | set(SECTIONS))}")
+    parts = {}
+    for name, cls in SECTIONS.items():
+        values = raw.get(name, {})
+        if not isinstance(values, dict):
+            errs.append(f"[{name}] must be a table of settings, got {values!r}")
+            continue
+        known = {f.name: f for f in fields(cls)}
+        bad = set(values) - set(known)
+        if bad:
+            errs.append(f"unknown setting(s) {sorted(bad)} in [{name}]; known: {sorted(known)}")
+        default = cls()
+        good = {}
+        for k, v in values.items():
+            if k not in known:
+                continue
+            if not _type_ok(v, getattr(default, k)):
+                errs.append(f"[{name}] {k} = {v!r}: expected {type(getattr(default, k)).__name__}")
+                continue
+            good[k] = float(v) if isinstance(getattr(default, k), float) else v
+        parts[name] = cls(**good)
+    cfg = Config(**{k: raw[k] for k in top if k in raw}, **parts)
+    errs += problems(cfg, check_files=check_files)
+    if errs:
+        raise ConfigError(where, errs)
     return cfg
 
 
+def _model_index(path: str) -> dict | None:
+    p = Path(path).expanduser()
+    f = p / "model_index.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def problems(cfg: Config, check_files: bool = True) -> list[str]:
+    """Every problem of ``cfg`` that can be seen without loading a model or a judge; with ``check_files``
+    also whether the weights it names exist and its device is there."""
+    from . import baselines, judges
+
+    errs = []
+    if not isinstance(cfg.out, str) or not cfg.out.strip():
+        errs.append('out is empty; give the folder the run writes to, e.g. out = "runs/sd15-doctor"')
+    bad = [s for s in cfg.stages if s not in STAGES]
+    if bad:
+        errs.append(f"unknown stage(s) {bad}; stages are {list(STAGES)}")
+    if not isinstance(cfg.attributes, list) or not cfg.attributes:
+        errs.append("attributes is empty; name at least one attribute the judge reads")
+    # the judge's attributes, from its spec (no weights loaded)
+    j = cfg.judge
+    schema = None
+    try:
+        schema = judges.schema(j.spec, j.prompts or None, j.classes or None)
+    except ValueError as e:
+        errs.append(f"[judge] {e}")
+    if j.spec.partition(":")[0] != "clip" and (j.prompts or j.classes):
+        errs.append("[judge] prompts and classes apply to CLIP judges only (spec = \"clip:weights/clip\")")
+    if schema is not None and isinstance(cfg.attributes, list):
+        missing = [a for a in cfg.attributes if a not in schema]
+        if missing:
+            hint = ("; a world-only attribute needs the world's judge and model" if j.spec != "world" else
+                    "; for other attributes use a CLIP judge with [judge] prompts")
+            errs.append(f"unknown attribute(s) {missing}: judge {j.spec!r} reads {list(schema)}{hint}")
+    if check_files:
+        w = judges.weights_path(j.spec)
+        if w is not None and not w.exists():
+            how = ("hf download openai/clip-vit-large-patch14 --local-dir weights/clip"
+                   if j.spec.startswith("clip") else "download res34_fair_align_multi_7_20190809.pt from "
+                   "github.com/dchen236/FairFace into weights/fairface/")
+            errs.append(f"[judge] spec {j.spec!r}: nothing at {w}; {how}")
+    # the model
+    m = cfg.model
+    looks_repo = m.path.count("/") == 1 and not m.path.startswith((".", "/", "~")) and not Path(m.path).suffix
+    index = None
+    if check_files and m.path != "embedded":
+        p = Path(m.path).expanduser()
+        if p.exists():
+            index = _model_index(m.path)
+            if p.is_file():
+                errs.append(f"[model] path {m.path!r} is a file; pass the diffusers model folder")
+        elif not looks_repo:
+            errs.append(f"[model] path {m.path!r}: no such folder; pass 'embedded', a local diffusers folder "
+                        "(e.g. weights/sd15) or a Hub repo id")
+    text_model = index is not None and index.get("text_encoder") is not None
+    if text_model and not m.prompt:
+        errs.append(f"[model] {m.path!r} is a text-to-image pipeline; give it a prompt, e.g. "
+                    'prompt = "a photo of a doctor"')
+    if (index is not None and not text_model or m.path == "embedded") and m.prompt:
+        errs.append(f"[model] {m.path!r} is unconditional; drop prompt")
+    if m.dtype not in ("float32", "float16", "bfloat16"):
+        errs.append(f"[model] dtype must be float32, float16 or bfloat16, got {m.dtype!r}")
+    dev = m.device
+    if not re.match(r"^(cpu|cuda(:\d+)?|mps)$", dev):
+        errs.append(f"[model] device must be cpu, cuda, cuda:<n> or mps, got {dev!r}")
+    elif dev.startswith("cuda") and check_files:
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+            errs.append(f"[model] device = {dev!r} but {why}; set device = \"cpu\", or install the CUDA build of "
+                        "torch into .venv (README)")
+        elif ":" in dev and int(dev.split(":")[1]) >= torch.cuda.device_count():
+            errs.append(f"[model] device = {dev!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+    elif dev == "mps" and check_files and not torch.backends.mps.is_available():
+        errs.append("[model] device = \"mps\" but MPS is not available here; set device = \"cpu\"")
+    if dev == "cpu" and m.dtype == "float16":
+        errs.append("[model] dtype float16 on the CPU is slow and unsupported by some layers; use float32")
+    if not SITE_PATTERN.match(m.site):
+        errs.append(f"[model] site {m.site!r} is not a hook site name; e.g. mid_block, down_blocks.2, "
+                    "up_blocks.0.resnets.1, up_blocks.1.skips.0 (helpers.hooks.sites(unet) lists a model's)")
+    # numbers
+    h = cfg.harvest
+    for name, v, lo in (("[harvest] n", h.n, 2), ("[harvest] steps", h.steps, 1), ("[harvest] batch_size", h.batch_size, 1),
+                        ("[sae] expansion", cfg.sae.expansion, 1), ("[sae] train_steps", cfg.sae.train_steps, 1),
+                        ("[sae] batch_size", cfg.sae.batch_size, 1), ("[probe] epochs", cfg.probe.epochs, 1),
+                        ("[attribution] per_class", cfg.attribution.per_class, 1),
+                        ("[attribution] ig_steps", cfg.attribution.ig_steps, 1), ("[intervention] k", cfg.intervention.k, 1),
+                        ("[intervention] n", cfg.intervention.n, 1), ("[intervention] batch_size", cfg.intervention.batch_size, 1),
+                        ("[intervention] grid", cfg.intervention.grid, 1), ("[sae] k", cfg.sae.k, 0),
+                        ("[sae] max_rows", cfg.sae.max_rows, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            errs.append(f"{name} must be an integer ≥ {lo}, got {v!r}")
+    if h.shard_dtype not in ("float16", "float32", "bfloat16"):
+        errs.append(f"[harvest] shard_dtype must be float16, float32 or bfloat16, got {h.shard_dtype!r}")
+    if not 0 < cfg.probe.train_share < 1:
+        errs.append(f"[probe] train_share must be in (0, 1) so that some samples are held out, got {cfg.probe.train_share}")
+    if not cfg.sae.lr > 0:
+        errs.append(f"[sae] lr must be > 0, got {cfg.sae.lr}")
+    steps = h.steps if isinstance(h.steps, int) else 0
+    late = [s for s in cfg.attribution.steps if not (isinstance(s, int) and 0 <= s < steps)]
+    if late:
+        errs.append(f"[attribution] steps {late} are outside the harvest's 0..{steps - 1}")
+    stored = h.shard_steps
+    bad = [s for s in stored if not (isinstance(s, int) and 0 <= s < steps)]
+    if bad:
+        errs.append(f"[harvest] shard_steps {bad} are outside 0..{steps - 1}")
+    missing = [s for s in cfg.attribution.steps if stored and s not in stored]
+    if missing:
+        errs.append(f"[attribution] steps {missing} are not in [harvest] shard_steps {stored}; "
+                    "add them there (IG needs the full h of those steps)")
+    if not cfg.attribution.steps:
+        errs.append("[attribution] steps is empty; list the sampling steps to attribute")
+    if not (isinstance(cfg.intervention.from_step, int) and 0 <= cfg.intervention.from_step < max(steps, 1)):
+        errs.append(f"[intervention] from_step must be in 0..{steps - 1}")
+    import math
+
+    if not math.isfinite(cfg.intervention.beta):
+        errs.append(f"[intervention] beta must be a finite number, got {cfg.intervention.beta}")
+    for b in cfg.intervention.baselines:
+        if b not in baselines.METHODS:
+            errs.append(f"[intervention] baselines: unknown method {b!r}; the baselines are {list(baselines.METHODS)}")
+        elif text_model and b in ("Latent Direction", "Latent Editing", "Finetuning"):
+            errs.append(f"[intervention] baselines: {b!r} trains through a pixel-space UNet and does not run on the "
+                        "text-to-image pipeline yet; use Activation or H-Distribution there")
+    for b, v in cfg.intervention.baseline_settings.items():
+        if b not in cfg.intervention.baselines:
+            errs.append(f"[intervention] baseline_settings names {b!r}, which is not in baselines")
+        elif not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            errs.append(f"[intervention] baseline_settings {b!r} = {v!r}: give a finite number")
+    return errs
+
+
 EXAMPLES = {
-    "sd": '''# Stable Diffusion v1.5 on one GPU: "a photo of a doctor", gender and age, CLIP judge
+    "sd": '''# Stable Diffusion v1.5 on one GPU: "a photo of a doctor", gender, age and glasses, CLIP judge
 out = "runs/sd15-doctor"
-attributes = ["gender", "age"]
+attributes = ["gender", "age", "eyewear"]
 
 [model]
-path = "stable-diffusion-v1-5/stable-diffusion-v1-5"   # or the local folder you downloaded it to
+path = "weights/sd15"     # hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir weights/sd15
 prompt = "a photo of a doctor"
 guidance_scale = 7.5
 device = "cuda"
 dtype = "float16"
+site = "mid_block"        # or up_blocks.0, down_blocks.2.resnets.1, up_blocks.1.skips.0, ...
 
 [judge]
-spec = "clip:weights/clip-vit-large-patch14"   # hf download openai/clip-vit-large-patch14 --local-dir ...
+spec = "clip:weights/clip"   # hf download openai/clip-vit-large-patch14 --local-dir weights/clip
+
+[judge.prompts]              # CLIP zero-shot: one prompt per class; gender/age/race have defaults
+eyewear = ["a photo of a person", "a photo of a person wearing glasses"]
+
+[judge.classes]
+eyewear = ["no glasses", "glasses"]
 
 [harvest]
 n = 2000
@@ -215,18 +380,19 @@ k = 16
 beta = 3.0
 from_step = 10
 n = 500
+baselines = ["Activation", "H-Distribution"]
 ''',
     "ddpm": '''# An unconditional CelebA-HQ pixel DDPM (256x256), FairFace judge
 out = "runs/celebahq"
 attributes = ["gender", "age", "race"]
 
 [model]
-path = "google/ddpm-celebahq-256"
+path = "weights/celebahq"   # hf download google/ddpm-celebahq-256 --local-dir weights/celebahq
 device = "cuda"
 dtype = "float16"
 
 [judge]
-spec = "fairface:weights/res34_fair_align_multi_7_20190809.pt"
+spec = "fairface:weights/fairface/res34_fair_align_multi_7_20190809.pt"   # github.com/dchen236/FairFace
 
 [harvest]
 n = 2000
@@ -240,10 +406,11 @@ steps = [0, 10, 20, 30, 40]
 [intervention]
 from_step = 10
 n = 500
+baselines = ["Activation", "H-Distribution", "Latent Direction"]
 ''',
     "embedded": '''# The book's own portrait model on CPU: ~3 minutes on 2 cores with these small settings, which check the
-# plumbing but are too small to move the distribution (measured: FD 0.287 before and after; the SAE
-# reaches FVU 0.44 in 300 steps). Chapters 3-5 use 1000 samples x 25 steps and 5000 SAE steps.
+# plumbing but are too small to move the distribution much. Chapters 3-5 use 1000 samples x 25 steps and
+# 5000 SAE steps.
 out = "runs/embedded-small"
 attributes = ["gender"]
 
@@ -263,6 +430,7 @@ per_class = 16
 [intervention]
 from_step = 3
 n = 64
+baselines = ["Activation"]
 ''',
 }
 
@@ -271,12 +439,16 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
 class Run:
     """One configured pipeline run; :meth:`stage` runs one stage, :meth:`all` the configured ones."""
 
     def __init__(self, cfg: Config, progress: bool = True):
         self.cfg, self.progress = cfg, progress
-        self.out = Path(cfg.out)
+        self.out = Path(cfg.out).expanduser()
         self.out.mkdir(parents=True, exist_ok=True)
         self.state_path = self.out / "state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
@@ -289,17 +461,28 @@ class Run:
     def key(self, stage: str) -> str:
         c = asdict(self.cfg)
         upto = STAGES[: STAGES.index(stage) + 1]
-        parts = {"model": c["model"], "judge": c["judge"]}
+        m = {k: v for k, v in c["model"].items() if k != "device"}  # where it runs does not change results
+        parts = {"model": m}
+        if stage != "harvest":  # the harvest's images do not depend on the judge: it is re-read, not re-sampled
+            parts["judge"] = c["judge"]
         if stage not in ("harvest", "sae"):  # adding an attribute must not redo a (GPU-hours) harvest
             parts["attributes"] = c["attributes"]
         parts.update({s: c[s] for s in upto if s in c})
         return _hash(parts)
 
+    def judge_key(self) -> str:
+        return _hash(asdict(self.cfg.judge))
+
     def done(self, stage: str) -> bool:
-        return self.state.get(stage, {}).get("key") == self.key(stage)
+        st = self.state.get(stage, {})
+        if stage == "harvest":
+            return st.get("key") == self.key(stage) and st.get("judge") == self.judge_key()
+        return st.get("key") == self.key(stage)
 
     def _mark(self, stage: str, info: dict) -> None:
         self.state[stage] = {"key": self.key(stage), **info}
+        if stage == "harvest":
+            self.state[stage]["judge"] = self.judge_key()
         if self.is_main:
             io.write_json(self.state_path, self.state)
 
@@ -311,6 +494,9 @@ class Run:
             m = self.cfg.model
             self._model = models.load_model(m.path, device=self.device, dtype=getattr(torch, m.dtype), prompt=m.prompt,
                                             guidance_scale=m.guidance_scale, negative_prompt=m.negative_prompt)
+            from . import hooks
+
+            hooks.resolve(self._model.unet, m.site)  # a site this UNet does not have: one clear error, now
         return self._model
 
     @property
@@ -318,11 +504,9 @@ class Run:
         from . import judges
 
         if self._judge is None:
-            kw = {} if self.cfg.judge.spec == "world" else {"device": self.device}
-            self._judge = judges.load(self.cfg.judge.spec, **kw)
-            missing = [a for a in self.cfg.attributes if a not in self._judge.attributes]
-            if missing:
-                raise ValueError(f"judge {self.cfg.judge.spec!r} does not read {missing}")
+            j = self.cfg.judge
+            self._judge = judges.load(j.spec, prompts=j.prompts or None, classes=j.classes or None,
+                                      device=self.device)
         return self._judge
 
     def all(self, stages=None) -> dict:
@@ -340,22 +524,30 @@ class Run:
                 raise RuntimeError(f"stage {name!r} needs {before!r} first (not run, or its settings changed); "
                                    f"run `python -m helpers run <config> --stages {before} {name}`")
         if self.done(name):
-            print(f"[{name}] up to date, skipped", flush=True)
+            _say(f"[{name}] up to date, skipped")
             return
         t0 = time.time()
         info = getattr(self, f"_{name}")() or {}
         info["seconds"] = time.time() - t0
         self._mark(name, info)
-        print(f"[{name}] done in {info['seconds']:.1f} s", flush=True)
+        _say(f"[{name}] done in {info['seconds']:.1f} s")
 
     # -- stages --
     def _harvest(self) -> dict:
         from . import harvest as H
 
         h = self.cfg.harvest
-        settings = H.HarvestSettings(n=h.n, steps=h.steps, seed=h.seed, batch_size=h.batch_size,
-                                     shard_dtype=h.shard_dtype, shard_steps=tuple(h.shard_steps) or None)
         folder = self.out / "harvest"
+        st = self.state.get("harvest", {})
+        if st.get("key") == self.key("harvest") and (folder / "summary.safetensors").is_file():
+            _say("[harvest] only the judge changed: re-reading the stored images")
+            H.rejudge(folder, self.judge)
+            self._check_judged(folder)
+            return {k: v for k, v in st.items() if k not in ("key", "judge", "seconds")} | {"rejudged": True}
+        self._warn_world_judge()
+        settings = H.HarvestSettings(n=h.n, steps=h.steps, seed=h.seed, batch_size=h.batch_size,
+                                     shard_dtype=h.shard_dtype, shard_steps=tuple(h.shard_steps) or None,
+                                     site=self.cfg.model.site)
         try:
             from accelerate import PartialState
 
@@ -368,6 +560,7 @@ class Run:
             self.device = str(state.device)
         if state is None or state.num_processes == 1:
             H.run(self.model, settings, folder, judge=self.judge, progress=self.progress)
+            self._check_judged(folder)
             return {"samples": h.n, "processes": 1}
         # one part per process, merged by the main process
         with state.split_between_processes(list(range(h.n))) as ids:
@@ -381,78 +574,98 @@ class Run:
         # try to sync its FID state with processes that have finished
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        if state.is_main_process:
+            self._check_judged(folder)
         return {"samples": h.n, "processes": state.num_processes}
 
-    def _sae(self) -> dict:
-        from . import harvest as H
-        from . import sae as S
+    def _warn_world_judge(self) -> None:
+        if self.cfg.judge.spec == "world" and self.cfg.model.path != "embedded":
+            from . import judge as J
 
-        c, folder = self.cfg.sae, self.out / "harvest"
-        _, _, n_train = self._labels_split()
-        rows = H.load_rows(folder, max_rows=c.max_rows or None)
-        train = rows["sample"] < n_train
-        x, held = rows["x"][train].float(), rows["x"][~train].float()
-        width = x.shape[1]
-        cfg = S.SAEConfig(d_in=width, expansion=c.expansion, k=c.k or S.scaled_k(width))
-        tc = S.SAETrainConfig(steps=c.train_steps, batch_size=min(c.batch_size, len(x)), lr=c.lr,
-                              dead_rows=min(S.SAETrainConfig.dead_rows, 50 * len(x)))
-        dev = self.device
-        sae, hist = S.train_sae(x.to(dev), cfg, tc, progress=self.progress)
-        ev = S.evaluate(sae, held.to(dev)) if len(held) else {}
-        S.save_sae(sae.cpu(), self.out / "sae.safetensors", meta={"held_out": ev, "rows": len(x)})
-        return {"held_out": ev}
+            _say(f"[harvest] warning: the portrait world's judge reads {self.cfg.model.path!r}'s images resized to "
+                 f"{J.JudgeConfig.resolution}×{J.JudgeConfig.resolution}; it was trained on renders of the world "
+                 "only, so its labels mean little for another model's images. Use a CLIP or FairFace judge there.")
+
+    def _check_judged(self, folder) -> None:
+        """A judge that reads (nearly) one class for every image gives nothing to learn: stop with the reason."""
+        from . import harvest as H
+
+        summary = H.load_summary(folder)
+        for a in self.cfg.attributes:
+            y = summary.probs[a].argmax(-1)
+            counts = torch.bincount(y, minlength=summary.probs[a].shape[1])
+            top = int(counts.argmax())
+            if counts[top] > DEGENERATE_SHARE * len(y) or int((counts >= 2).sum()) < 2:
+                names = self.judge.attributes[a]
+                raise RuntimeError(
+                    f"the judge reads {a!r} as {names[top]!r} for {int(counts[top])} of {len(y)} harvested images "
+                    f"(counts {dict(zip(names, counts.tolist()))}): the probe and IG cannot learn the other classes. "
+                    "Check the judge (its weights, or its [judge] prompts for this model's images), or harvest more "
+                    "samples ([harvest] n) if the model really draws that class this often.")
 
     def _labels_split(self):
-        """The harvest summary, its labels and the number of leading samples that train the SAE and the
-        probe (the rest are held out); the one place the split is computed."""
+        """The harvest summary, its labels and the number of leading samples that train the SAE and the probe."""
         from . import harvest as H
+        from . import pipeline
 
         summary = H.load_summary(self.out / "harvest")
-        n_train = int(self.cfg.probe.train_share * len(summary.pooled))
-        return summary, summary.labels(), n_train
+        return summary, summary.labels(), pipeline.n_train(len(summary.pooled), self.cfg.probe.train_share)
+
+    def _sae(self) -> dict:
+        from . import pipeline
+        from . import sae as S
+
+        c = self.cfg.sae
+        summary, _, n_train = self._labels_split()
+        width = summary.pooled.shape[2]
+        cfg = S.SAEConfig(d_in=width, expansion=c.expansion, k=c.k or S.scaled_k(width), site=self.cfg.model.site)
+        tc = S.SAETrainConfig(steps=c.train_steps, batch_size=c.batch_size, lr=c.lr)
+        sae, _, ev, n = pipeline.train_sae(self.out / "harvest", n_train, cfg, tc, max_rows=c.max_rows or None,
+                                           device=self.device, progress=self.progress)
+        S.save_sae(sae, self.out / "sae.safetensors", meta={"held_out": ev, "rows": n})
+        return {"held_out": ev}
 
     def _probe(self) -> dict:
+        from . import pipeline
         from . import probe as P
 
-        summary, labels, n = self._labels_split()
-        attrs = tuple(self.cfg.attributes)
-        probe = P.train_probe(summary.pooled[:n], {a: labels[a][:n] for a in attrs},
-                              attributes={a: self.judge.attributes[a] for a in attrs},
-                              epochs=self.cfg.probe.epochs)
-        acc = P.accuracy(probe, summary.pooled[n:], {a: labels[a][n:] for a in attrs}) if n < len(summary.pooled) \
-            else None
+        summary, _, n = self._labels_split()
+        attrs = {a: self.judge.attributes[a] for a in self.cfg.attributes}
+        probe, acc = pipeline.train_probe(summary, attrs, n, epochs=self.cfg.probe.epochs, progress=self.progress)
         acc_d = None if acc is None else acc.to_dict(orient="list")
         P.save_probe(probe, self.out / "probe.safetensors", meta={"held_out_accuracy": acc_d, "train_samples": n})
         return {"held_out_accuracy": acc_d}
 
     def _attribution(self) -> dict:
-        from . import attribution as A
-        from . import identify as ID
+        from . import pipeline
         from . import probe as P
         from . import sae as S
 
         summary, labels, n = self._labels_split()
         sae, _ = S.load_sae(self.out / "sae.safetensors")
         probe, _ = P.load_probe(self.out / "probe.safetensors")
-        sae.to(self.device)
-        probe.to(self.device)
-        hs = ID.h_by_step(self.out / "harvest", self.cfg.attribution.steps, torch.arange(n))
-        folder = self.out / "attribution"
-        folder.mkdir(exist_ok=True)
-        tr = {a: labels[a][:n] for a in self.cfg.attributes}
-        ranks, counts = {}, {}
-        for a in self.cfg.attributes:
-            r = A.rank(sae, probe, hs, tr[a], a, per_class=self.cfg.attribution.per_class,
-                       n_steps=self.cfg.attribution.ig_steps, progress=self.progress)
-            r.save(folder / f"rank_latents_{a}.safetensors")
-            ranks[a], counts[a] = r, r.counts
-        ID.save_footprints(sae, ranks, hs, tr, folder)
-        return {"samples_per_class": counts}
+        c = self.cfg.attribution
+        ranks = pipeline.rank_and_footprints(sae, probe, self.out / "harvest", labels, self.cfg.attributes, c.steps, n,
+                                             self.out / "attribution", per_class=c.per_class, ig_steps=c.ig_steps,
+                                             device=self.device, progress=self.progress)
+        return {"samples_per_class": {a: r.counts for a, r in ranks.items()}}
+
+    def _baseline(self, name: str, attribute: str, summary, labels, n_train):
+        from . import baselines as B
+        from . import probe as P
+
+        cls = B.method(name)
+        ctx = B.Context(self.model, attribute, tuple(self.judge.attributes[attribute]),
+                        _uniform(self.judge.attributes[attribute]), steps=self.cfg.harvest.steps,
+                        site=self.cfg.model.site, pooled=summary.pooled[:n_train].float(),
+                        labels=labels[attribute][:n_train], images=summary.images[:n_train],
+                        probe=P.load_probe(self.out / "probe.safetensors")[0],
+                        judge=self.judge if cls.learns_from_judge else None, progress=self.progress)
+        return cls.from_context(ctx)
 
     def _intervention(self) -> dict:
-        from . import identify as ID
         from . import intervention as I
-        from . import models
+        from . import models, pipeline
         from . import sae as S
 
         c, folder = self.cfg.intervention, self.out / "intervention"
@@ -460,76 +673,159 @@ class Run:
         sae, _ = S.load_sae(self.out / "sae.safetensors")
         sae.to(self.device)
         steps = self.cfg.harvest.steps
-        noise = models.make_noise(c.n, self.model.sample_size, c.seed, self.model.channels)
-        orig = models.sample(self.model, noise=noise, steps=steps, batch_size=c.batch_size, progress=self.progress)
+        model = self.model
+        noise = models.make_noise(c.n, model.sample_size, c.seed, model.channels)
+        _say("[intervention] original samples")
+        orig = models.sample(model, noise=noise, steps=steps, batch_size=c.batch_size, progress=self.progress)
         self._save_images(folder / "original.safetensors", orig, None)
-        skipped = {}
+        summary, labels, n_train = self._labels_split()
+        skipped, made = {}, []
         for a in self.cfg.attributes:
-            k = len(world.ATTRIBUTES[a])
+            names = self.judge.attributes[a]
             try:
-                e = ID.edit_for(a, c.beta, target=[1 / k] * k, k=c.k, steps=range(c.from_step, steps),
-                                folder=self.out / "attribution")
+                e = pipeline.edit_for(self.out / "attribution", a, c.beta, c.k, target=_uniform(names),
+                                      steps=range(c.from_step, steps))
             except ValueError as err:  # a class the harvest never produced has no ranked features
                 skipped[a] = str(err)
+                _say(f"[intervention] {a}: skipped ({err})")
                 continue
-            imgs, iv = I.sample_edited(self.model, sae, [e], noise=noise, steps=steps, batch_size=c.batch_size)
-            self._save_images(folder / f"edited_{a}.safetensors", imgs, iv.classes(a))
+            _say(f"[intervention] {a}: DiffLens")
+            imgs, iv = I.sample_edited(model, sae, [e], noise=noise, steps=steps, batch_size=c.batch_size,
+                                       progress=self.progress)
+            classes = iv.classes(a)
+            self._save_images(folder / f"edited_{a}.safetensors", imgs, classes)
+            rows = [("original", orig), ("DiffLens", imgs)]
+            for b in c.baselines:
+                _say(f"[intervention] {a}: {b}")
+                fitted = self._baseline(b, a, summary, labels, n_train)
+                setting = c.baseline_settings.get(b, fitted.default)
+                bimgs = fitted.sample_edited(model, noise, steps, setting, classes, batch_size=c.batch_size,
+                                             progress=self.progress)
+                self._save_images(folder / f"baseline_{b.replace(' ', '-')}_{a}.safetensors", bimgs,
+                                  classes if fitted.per_sample else None, meta={"method": b, "setting": setting})
+                rows.append((b, bimgs))
+            _grid_png(self.out / f"grid_{a}.png", rows, c.grid, title=f"{a}: asked-for class per column: " +
+                      ", ".join(names[int(k)] if k >= 0 else "-" for k in classes[: c.grid]))
+            made.append(a)
+        if not made:
+            raise RuntimeError("every attribute's edit was skipped: " + "; ".join(f"{a}: {m}" for a, m in skipped.items())
+                               + ". The harvest judged too few samples in some class; harvest more samples.")
         return {"skipped": skipped} if skipped else {}
 
-    def _save_images(self, path, images, classes):
+    def _save_images(self, path, images, classes, meta: dict | None = None):
         probs = self.judge.predict(images)
         t = io.prefixed("probs", probs)
         t["features"] = self.judge.features(images)
         t["images"] = (images * 255).round().to(torch.uint8)
         if classes is not None:
             t["classes"] = classes
-        io.save_tensors(path, t)
+        io.save_tensors(path, t, meta=meta)
 
     def _metrics(self) -> dict:
-        from . import metrics as M
+        from . import pipeline
 
         folder = self.out / "intervention"
         o, _ = io.load_tensors(folder / "original.safetensors")
         oprobs = io.unprefixed("probs", o)
         res = {}
         for a in self.cfg.attributes:
-            p = folder / f"edited_{a}.safetensors"
-            if not p.is_file():
-                continue
-            e, _ = io.load_tensors(p)
-            eprobs = io.unprefixed("probs", e)
-            k = eprobs[a].shape[1]
-            others = [b for b in eprobs if b != a]
-            row = {"FD original": M.fairness_discrepancy(oprobs[a].argmax(-1), k),
-                   "FD edited": M.fairness_discrepancy(eprobs[a].argmax(-1), k),
-                   "FD edited CI": M.fd_bootstrap(eprobs[a].argmax(-1), k, n_boot=500),
-                   "FD floor": M.fd_floor(len(eprobs[a]), k, n_sim=2000),
-                   "share original": torch.bincount(oprobs[a].argmax(-1), minlength=k).div(len(oprobs[a])).tolist(),
-                   "share edited": torch.bincount(eprobs[a].argmax(-1), minlength=k).div(len(eprobs[a])).tolist(),
-                   "keep other attributes": M.keep_rate(oprobs, eprobs, others) if others else None,
-                   "similarity": float(torch.nn.functional.cosine_similarity(
-                       e["features"].float(), o["features"].float(), dim=1).mean()),
-                   "FID edited vs original": M.fid_from_features(o["features"].float(), e["features"].float())
-                   if len(o["features"]) > 1 else None}
-            if hasattr(self.judge, "clip_t") and self.cfg.model.prompt:
-                row["CLIP-T original"] = float(self.judge.clip_t(o["images"], self.cfg.model.prompt).mean())
-                row["CLIP-T edited"] = float(self.judge.clip_t(e["images"], self.cfg.model.prompt).mean())
-            res[a] = row
+            files = [("DiffLens", folder / f"edited_{a}.safetensors")] + [
+                (b, folder / f"baseline_{b.replace(' ', '-')}_{a}.safetensors") for b in self.cfg.intervention.baselines]
+            for method, p in files:
+                if not p.is_file():
+                    continue
+                e, meta = io.load_tensors(p)
+                eprobs = io.unprefixed("probs", e)
+                others = [b for b in eprobs if b != a]
+                row = pipeline.evaluate(oprobs, eprobs, a, keep={"other attributes": others},
+                                        original_features=o["features"], edited_features=e["features"], n_boot=500,
+                                        floor=True)
+                row = {"attribute": a, "method": method, "setting": meta.get("setting", self.cfg.intervention.beta),
+                       "classes": list(self.judge.attributes[a]), **row}
+                if hasattr(self.judge, "clip_t") and self.cfg.model.prompt:
+                    row["CLIP-T original"] = float(self.judge.clip_t(o["images"], self.cfg.model.prompt).mean())
+                    row["CLIP-T edited"] = float(self.judge.clip_t(e["images"], self.cfg.model.prompt).mean())
+                res[f"{a}/{method}"] = row
         io.write_json(self.out / "metrics.json", res)
-        return {"attributes": list(res)}
+        io.write_text(self.out / "report.md", _report(self.cfg, res))
+        return {"rows": list(res)}
+
+
+def _uniform(names) -> list[float]:
+    from . import pipeline
+
+    return pipeline.uniform(names)
+
+
+def _grid_png(path, rows, n: int, title: str = "") -> Path:
+    """One row of ``n`` images per method (first row: the original samples), labelled on the left."""
+    from PIL import Image, ImageDraw
+
+    imgs = [(r[1][:n].clamp(0, 1) * 255).round().to(torch.uint8) for r in rows]
+    side = imgs[0].shape[-1]
+    scale = max(1, 64 // side)
+    cell = side * scale
+    left, top = 130, 22
+    canvas = Image.new("RGB", (left + n * (cell + 2), top + len(rows) * (cell + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), title[:160], fill="black")
+    for i, ((name, _), x) in enumerate(zip(rows, imgs)):
+        draw.text((4, top + i * (cell + 2) + cell // 2 - 6), name[:20], fill="black")
+        for j in range(min(n, len(x))):
+            im = Image.fromarray(x[j].permute(1, 2, 0).numpy()).resize((cell, cell), Image.NEAREST)
+            canvas.paste(im, (left + j * (cell + 2), top + i * (cell + 2)))
+    return io.atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def _report(cfg: Config, res: dict) -> str:
+    def f(v):
+        return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = [f"# DiffLens run: {cfg.model.path}", "",
+             f"Prompt: {cfg.model.prompt or '(unconditional)'} · judge: {cfg.judge.spec} · hook site: "
+             f"`{cfg.model.site}` · harvest {cfg.harvest.n} samples × {cfg.harvest.steps} steps · edits on "
+             f"{cfg.intervention.n} samples from noise seed {cfg.intervention.seed}, each asked for a class drawn "
+             "from the uniform target.", "",
+             "FD is the distance of the judged class shares from uniform (lower is fairer; `FD floor` is what a "
+             "perfectly uniform sampler shows at this n). `keep other attributes`: share of samples whose judged "
+             "class of every other attribute is unchanged. `similarity`: mean cosine similarity of each edited "
+             "sample's judge features to its original's; FID of edited against original samples.", "",
+             "| attribute | method | setting | FD original | FD [95% CI] | FD floor | keep other attributes | "
+             "similarity | FID |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res.values():
+        lines.append(f"| {r['attribute']} | {r['method']} | {f(r['setting'])} | {f(r['FD original'])} | "
+                     f"{f(r['FD'])} [{f(r['FD lo'])}, {f(r['FD hi'])}] | {f(r['FD floor']['mean'])} | "
+                     f"{f(r['keep other attributes'])} | {f(r.get('similarity'))} | {f(r.get('FID'))} |")
+    lines += ["", "Class shares (original → edited):", ""]
+    for r in res.values():
+        shares = ", ".join(f"{c} {o:.2f} → {e:.2f}" for c, o, e in zip(r["classes"], r["share original"],
+                                                                       r["share edited"]))
+        lines.append(f"- {r['attribute']} / {r['method']}: {shares}")
+    lines += ["", "Image grids: " + ", ".join(f"`grid_{a}.png`" for a in cfg.attributes) +
+              " (first row: original samples; the rows below: the same noise, edited).", ""]
+    return "\n".join(lines)
+
+
+HELP = {
+    "run": "Run the pipeline from a config file (.toml or .json); finished stages are skipped.",
+    "example-config": "Print a commented example config: sd (Stable Diffusion + CLIP), ddpm (a pixel DDPM + "
+                      "FairFace) or embedded (the book's model on CPU).",
+}
 
 
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
+    doc = __doc__.split("\n\n")
+    ap = argparse.ArgumentParser(prog="python -m helpers", description=doc[0].strip(),
+                                 epilog="\n\n".join(p.strip("\n") for p in doc[1:]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run the pipeline from a config file")
-    r.add_argument("config")
-    r.add_argument("--stages", nargs="+", help=f"only these stages (of {', '.join(STAGES)})")
-    r.add_argument("--no-progress", action="store_true")
-    e = sub.add_parser("example-config", help="print an example config")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{run,example-config}")
+    r = sub.add_parser("run", help=HELP["run"], description=HELP["run"])
+    r.add_argument("config", help="path to the config file")
+    r.add_argument("--stages", nargs="+", metavar="STAGE", help=f"only these stages, of: {', '.join(STAGES)}")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e = sub.add_parser("example-config", help=HELP["example-config"], description=HELP["example-config"])
     e.add_argument("kind", choices=sorted(EXAMPLES))
     a = ap.parse_args(argv)
     if a.cmd == "example-config":
@@ -542,9 +838,13 @@ def main(argv=None) -> int:
             if bad:
                 raise ValueError(f"unknown stage(s) {bad}; stages are {list(STAGES)}")
         state = Run(cfg, progress=not a.no_progress).all(a.stages)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as err:
         print(f"error: {err}", flush=True)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "key"} for k, v in state.items()}, indent=1))
+        out = Path(cfg.out).expanduser()
+        print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("key", "judge")} for k, v in state.items()},
+                         indent=1))
+        if (out / "report.md").is_file():
+            print(f"report: {out / 'report.md'}")
     return 0

@@ -80,8 +80,16 @@ def test_clip_judge_interface_and_clip_scores(clip_dir):
     logits = j(x.requires_grad_(True))["gender"]
     logits.sum().backward()  # differentiable, for the learned baselines
     assert x.grad is not None and x.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="needs 2 prompts"):
+    with pytest.raises(ValueError, match="one prompt per class"):
         judges.ClipJudge(clip_dir, prompts={"gender": ("a man",)})
+    with pytest.raises(ValueError, match="needs 3 prompts"):
+        judges.ClipJudge(clip_dir, prompts={"eyewear": ("a", "b")}, classes={"eyewear": ("x", "y", "z")})
+    # any attribute, from prompts: its class names are given, or the prompts themselves
+    j = judges.load(f"clip:{clip_dir}", prompts={"eyewear": ("a person", "a person wearing glasses")},
+                    classes={"eyewear": ("no glasses", "glasses")})
+    assert j.attributes["eyewear"] == ("no glasses", "glasses") and j.predict(x)["eyewear"].shape == (5, 2)
+    assert set(j.attributes) == {"gender", "age", "race", "eyewear"}  # the defaults stay
+    assert judges.schema(f"clip:{clip_dir}", prompts={"tie": ("a", "b")})["tie"] == ("a", "b")
 
 
 def test_missing_judge_weights_say_where_to_put_them(tmp_path):
@@ -158,7 +166,9 @@ def test_runner_end_to_end_on_tiny_sd_then_resumes(sd_dir, tmp_path, capsys):
         e, _ = io.load_tensors(out / f"intervention/edited_{a}.safetensors")
         assert not torch.equal(e["images"], o["images"])  # the edit reached the images
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"gender", "age"} and 0 <= metrics["gender"]["keep other attributes"] <= 1
+    assert set(metrics) == {"gender/DiffLens", "age/DiffLens"}
+    assert 0 <= metrics["gender/DiffLens"]["keep other attributes"] <= 1
+    assert (out / "grid_gender.png").is_file() and "| gender | DiffLens |" in (out / "report.md").read_text()
     # resume: nothing reruns; a changed intervention setting reruns intervention and metrics only
     capsys.readouterr()
     assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 0
@@ -211,6 +221,10 @@ def test_runner_on_tiny_pixel_ddpm_and_harvest_parts_merge(ddpm_dir, tmp_path):
     ({"colour": "red"}, "unknown key"),
     ({"attribution": {"steps": [0, 9]}}, "outside the harvest"),
     ({"harvest": {"n": 4, "shard_steps": [0]}}, "not in [harvest] shard_steps"),
+    ({"model": {"site": "bottleneck"}}, "not a hook site name"),
+    ({"harvest": {"n": "many"}}, "expected int"),
+    ({"intervention": {"baselines": ["Magic"]}}, "unknown method 'Magic'"),
+    ({"out": ""}, "out is empty"),
 ])
 def test_bad_configs_get_one_clear_error(tmp_path, capsys, change, message):
     d = _tiny_cfg(tmp_path / "run", "embedded", harvest={"n": 4, "steps": 4, "batch_size": 4})
@@ -221,6 +235,84 @@ def test_bad_configs_get_one_clear_error(tmp_path, capsys, change, message):
     out = capsys.readouterr().out
     assert out.count("error:") == 1 and message in out, out
     assert not (tmp_path / "run" / "harvest").exists()  # nothing half-written
+
+
+def test_every_config_problem_is_reported_at_once_before_loading_anything(tmp_path, capsys, monkeypatch):
+    d = _tiny_cfg(tmp_path / "run", "/no/such/model", attributes=["gender", "hair"],
+                  model={"device": "cuda", "site": "neck"}, judge={"spec": "clip:/no/clip"},
+                  attribution={"steps": [0, 9]})
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    loaded = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 2
+    out = capsys.readouterr().out
+    for msg in ("no such folder", "device = 'cuda'", "not a hook site name", "hf download", "outside the harvest",
+                "unknown attribute(s) ['hair']"):
+        assert msg in out, (msg, out)
+    assert "6 problems" in out and not loaded and not (tmp_path / "run").exists()
+
+
+def test_runner_non_world_attribute_at_another_site_with_a_baseline_on_tiny_sd(sd_dir, clip_dir, tmp_path, capsys):
+    """The tiny SD pipeline, an attribute the world does not have (its judge's own), edits at an up block's
+    output, and the Activation baseline next to DiffLens on the same noise: grid PNG and report written."""
+    d = _tiny_cfg(tmp_path / "run", sd_dir, attributes=["eyewear"],
+                  model={"prompt": "a photo of a doctor", "guidance_scale": 5.0, "site": "up_blocks.0"},
+                  judge={"spec": "python:judges_for_tests:brightness"},
+                  intervention={"baselines": ["Activation"], "baseline_settings": {"Activation": 1.5}})
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 0, capsys.readouterr().out
+    out = tmp_path / "run"
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m) == {"eyewear/DiffLens", "eyewear/Activation"}
+    assert m["eyewear/Activation"]["setting"] == 1.5 and m["eyewear/DiffLens"]["classes"] == ["no glasses", "glasses"]
+    from helpers import sae as S
+
+    assert S.load_sae(out / "sae.safetensors")[0].cfg.site == "up_blocks.0"
+    from PIL import Image
+
+    assert Image.open(out / "grid_eyewear.png").size[1] > 3 * 64  # three rows: original, DiffLens, Activation
+    report = (out / "report.md").read_text()
+    assert "| eyewear | Activation | 1.500 |" in report and "`up_blocks.0`" in report
+    # a world-only attribute on this judge is refused up front
+    d["attributes"] = ["gender"]
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 2
+    assert "unknown attribute(s) ['gender']: judge 'python:judges_for_tests:brightness' reads ['eyewear']" in \
+        capsys.readouterr().out
+    # a CLIP judge takes the attribute and its class prompts from the config; a random CLIP reads every
+    # noise image as one class, which stops the run with the reason (not an empty metrics.json)
+    d.update(attributes=["eyewear"], out=str(tmp_path / "clip-run"),
+             judge={"spec": f"clip:{clip_dir}", "prompts": {"eyewear": ["a photo of a person",
+                                                                       "a photo of a person wearing glasses"]},
+                    "classes": {"eyewear": ["no glasses", "glasses"]}})
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 2
+    text = capsys.readouterr().out
+    assert "the judge reads 'eyewear' as" in text and "of 24 harvested images" in text, text
+
+
+def test_changing_only_the_judge_rejudges_without_sampling(sd_dir, tmp_path, monkeypatch, capsys):
+    d = _tiny_cfg(tmp_path / "run", sd_dir, attributes=["eyewear"], stages=["harvest"],
+                  model={"prompt": "a photo of a doctor", "guidance_scale": 5.0},
+                  judge={"spec": "python:judges_for_tests:brightness"})
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 0
+    before = json.loads((tmp_path / "run/state.json").read_text())["harvest"]
+    calls = []
+    real = models.sample
+    monkeypatch.setattr(models, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    d.update(attributes=["gender"], judge={"spec": "world"})
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    code = runner.main(["run", str(tmp_path / "c.json"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert "re-reading the stored images" in out and not calls
+    assert code == 0, out
+    after = json.loads((tmp_path / "run/state.json").read_text())["harvest"]
+    assert after["judge"] != before["judge"] and after["key"] == before["key"] and after["rejudged"]
+    from helpers import harvest as H
+
+    assert set(H.load_summary(tmp_path / "run/harvest").probs) == set(judges.load("world").attributes)
 
 
 def _toml(d) -> str:
@@ -237,7 +329,7 @@ def test_example_configs_parse(capsys):
         assert runner.main(["example-config", kind]) == 0
         import tomllib
 
-        cfg = runner.config_from_dict(tomllib.loads(capsys.readouterr().out), kind)
+        cfg = runner.config_from_dict(tomllib.loads(capsys.readouterr().out), kind, check_files=False)
         assert cfg.stages == list(runner.STAGES)
 
 
