@@ -46,9 +46,16 @@ def uniform(classes: int | Sequence[str]) -> list[float]:
     return [1.0 / k] * k
 
 
-def minority(probs: torch.Tensor) -> int:
-    """The class a model draws least often (by judged share), from judge probabilities ``(n, classes)``."""
-    return int(torch.bincount(probs.argmax(-1), minlength=probs.shape[1]).argmin())
+def minority(probs: torch.Tensor, among: torch.Tensor | None = None) -> int:
+    """The class a model draws least often (by judged share), from judge probabilities ``(n, classes)``.
+
+    ``among`` (class ids, e.g. those with a ranking) limits the choice to those classes."""
+    counts = torch.bincount(probs.argmax(-1), minlength=probs.shape[1]).double()
+    if among is not None:
+        keep = torch.zeros_like(counts, dtype=torch.bool)
+        keep[torch.as_tensor(among).long()] = True
+        counts[~keep] = float("inf")
+    return int(counts.argmin())
 
 
 # ----------------------------------------------------------------------------- sae

@@ -48,9 +48,22 @@ def test_every_method_runs_on_the_shipped_model_with_shared_noise(tmp_path):
             assert ((c.classes >= -1) & (c.classes < 2)).all()
         elif c.classes is not None:
             assert torch.equal(c.classes, BM.classes_for("gender", 4))
-    # resumable: a saved cell is loaded, not recomputed
-    again = r.cell("val", "gender", "Activation", BM.KNOBS["Activation"][1][0], 4)
-    assert again.seconds == BM.Cell.load(next((tmp_path / "cells").glob("val_gender_Activation_*"))).seconds
+    # resumable: a saved cell is loaded, not recomputed — no sampling happens and its file is not rewritten
+    from helpers import models
+
+    path = next((tmp_path / "cells").glob("val_gender_Activation_*"))
+    stamp = path.stat().st_mtime_ns
+    real, calls = models.sample, []
+    models.sample = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        again = r.cell("val", "gender", "Activation", BM.KNOBS["Activation"][1][0], 4)
+        assert not calls and path.stat().st_mtime_ns == stamp
+        assert torch.equal(again.probs["gender"], BM.Cell.load(path).probs["gender"])
+        path.unlink()  # and the check above can fail: a missing cell is sampled again
+        r.cell("val", "gender", "Activation", BM.KNOBS["Activation"][1][0], 4)
+        assert calls
+    finally:
+        models.sample = real
     # fitted baselines were cached with their training cost logged
     assert {"Latent Direction/gender", "Latent Editing/gender", "Finetuning/gender"} <= set(r.log["fit_seconds"])
     r2 = BM.Runner(tmp_path, steps=25, batch_size=4, progress=False, fit=TINY_FIT)

@@ -90,7 +90,8 @@ def check(model, sae, judge, channel_rankings: dict, summary, h_by_step, n_label
     runs = len(world.SOCIAL) * sum(len(b) for b in betas.values())
     bar = tqdm(total=runs, desc="check", disable=not progress)
     for a in world.SOCIAL:
-        c = minority(summary.probs[a])
+        ranked = (torch.bincount(labels[a][:n_label], minlength=len(world.ATTRIBUTES[a])) > 0).nonzero().flatten()
+        c = minority(summary.probs[a], among=ranked)  # a class with no training sample has no ranking
         k = K[a]
         top, fp = features(a, c, k, folder)
         rand = torch.randperm(sae.cfg.d_sae, generator=g)[:k].tolist()
