@@ -16,6 +16,8 @@ One module per noun, each introduced by a chapter:
 * ``widgets`` — β sliders that also work in the static book, and their headless-browser check (chapter 5)
 * ``baselines`` — Activation, Latent Direction, H-Distribution, Latent Editing, Finetuning behind one
   interface (chapter 6)
+* ``judges`` — judges for real images (CLIP zero-shot with any attribute's prompts, FairFace, your own) (chapter 7)
+* ``tiny``    — tiny random SD / DDPM / CLIP pipelines for tests and chapter 7
 * ``pipeline`` — the stages harvest → SAE → probe → IG + footprints → edit → evaluate, used by the runner
   and the chapters alike
 * ``runner``  — ``python -m helpers run config.toml`` (chapter 7)

@@ -1,8 +1,13 @@
-"""The paper's baselines on our pixel-space UNet, all acting on the same bottleneck h (chapter 6).
+"""The paper's baselines, behind one interface, on any model and at any hook site (chapter 6, chapter 7).
 
 Each is the cheapest faithful version of its published method; deviations are stated here and
-in chapter 6. Every method samples with :func:`sample`, from the same noise tensor, with the same
-per-sample class draws (:func:`helpers.intervention.assign_classes`) where the method has them.
+in chapter 6. Every method is fitted from one :class:`Context` (``Method.from_context(ctx)``: the model,
+the attribute and its classes, the harvest, the probe, a judge to learn from) and samples with
+``fitted.sample_edited(model, noise, steps, setting, classes)`` from the same noise tensor, with the
+same per-sample class draws (:func:`helpers.intervention.assign_classes`) where the method has them.
+:data:`METHODS` maps names to the classes; callers choose by object, never by matching names. On a
+text-to-image model the learned methods train through :func:`helpers.models.denoiser` (prompt,
+classifier-free guidance), in the VAE's latent space, judging VAE-decoded images.
 
 * :class:`Activation` — rank bottleneck channels by the difference of their mean activation between
   a class and the rest; scale the class's top channels by β (per-sample class targeting, like DiffLens).
@@ -36,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
-from . import hooks, models, world
+from . import hooks, models
 from .intervention import assign_classes
 from .probe import HProbe
 
@@ -86,25 +91,21 @@ class Context:
         return out * 2 - 1
 
 
-def _pixel_only(method: str, model: models.Diffusion) -> None:
-    if model.text_conditioned or model.channels != 3:
-        raise ValueError(f"{method} trains through the UNet in pixel space; this model ({model.name!r}) is "
-                         "text-conditioned or works in a latent space, which this implementation does not cover "
-                         "yet. Use Activation, H-Distribution or DiffLens on it.")
+def _check_attribute(attribute: str, classes: Sequence[str] | None) -> int:
+    if classes is None or isinstance(classes, str) or len(classes) < 2:
+        raise ValueError(f"{attribute!r}: give the attribute's class names (classes=..., e.g. "
+                         f"judge.attributes[{attribute!r}]), got {classes!r}")
+    return len(classes)
 
 
-def _check_attribute(attribute: str, classes: Sequence[str] | None = None) -> int:
-    if classes is not None:
-        return len(classes)
-    if attribute not in world.ATTRIBUTES:
-        raise ValueError(f"unknown attribute {attribute!r} (not one of the world's {list(world.ATTRIBUTES)}); "
-                         "give the judge's class names (classes=...)")
-    return len(world.ATTRIBUTES[attribute])
+def _judge_classes(judge, attribute: str, classes: Sequence[str] | None) -> Sequence[str] | None:
+    if classes is None and judge is not None and attribute in getattr(judge, "attributes", {}):
+        return judge.attributes[attribute]
+    return classes
 
 
 def _check_target(attribute: str, target: Sequence[float], classes: Sequence[str] | None = None) -> torch.Tensor:
-    k = _check_attribute(attribute, classes if classes is not None else
-                         (None if attribute in world.ATTRIBUTES else [""] * len(target)))
+    k = _check_attribute(attribute, classes if classes is not None else [str(i) for i in range(len(target))])
     t = torch.as_tensor(target, dtype=torch.float64)
     if t.ndim != 1 or len(t) != k or (t < 0).any() or abs(float(t.sum()) - 1) > 1e-6:
         raise ValueError(f"target for {attribute!r} must be {k} non-negative probabilities summing to 1, "
@@ -204,29 +205,6 @@ def _asked(classes: torch.Tensor | None, n: int) -> torch.Tensor:
     return classes
 
 
-def images_of(attribute: str, classes: torch.Tensor, seed: int, spec: world.BiasSpec | None = None,
-              resolution: int = 32) -> torch.Tensor:
-    """World renders in [-1, 1], one per entry of ``classes``, each of that class of ``attribute``.
-
-    Other attributes follow ``spec`` *given* the class (rejection sampling keeps the world's correlations).
-    """
-    spec = spec or world.default_spec()
-    g = torch.Generator().manual_seed(seed)
-    want = torch.as_tensor(classes).long()
-    pool = {a: torch.empty(0, dtype=torch.long) for a in world.ATTRIBUTES}
-    while True:
-        lab = spec.sample_labels(max(256, 8 * len(want)), g)
-        pool = {a: torch.cat([pool[a], lab[a]]) for a in world.ATTRIBUTES}
-        counts = torch.bincount(pool[attribute], minlength=int(want.max()) + 1)
-        if all(counts[c] >= (want == c).sum() for c in want.unique()):
-            break
-    rows = torch.empty(len(want), dtype=torch.long)
-    for c in want.unique():
-        rows[want == c] = (pool[attribute] == c).nonzero().flatten()[: int((want == c).sum())]
-    labels = {a: pool[a][rows] for a in world.ATTRIBUTES}
-    return world.render(labels, g, resolution=resolution) * 2 - 1
-
-
 # ----------------------------------------------------------------------------- Activation
 
 
@@ -274,11 +252,11 @@ class Activation:
 
         def factory(ids):
             def fn(h, info):
-                mult = torch.ones(len(ids), h.shape[1], dtype=h.dtype)
+                mult = torch.ones(len(ids), h.shape[1], dtype=h.dtype, device=h.device)
                 for c in range(kc):
-                    rows = (classes[ids] == c).nonzero().flatten()
+                    rows = (classes[ids] == c).nonzero().flatten().to(h.device)
                     if len(rows):
-                        mult[rows[:, None], torch.tensor(self.channels[c])[None, :]] = self.beta
+                        mult[rows[:, None], torch.tensor(self.channels[c], device=h.device)[None, :]] = self.beta
                 return h * mult[:, :, None, None]
             return fn
         return factory
@@ -308,34 +286,37 @@ class LatentDirection:
             classes: Sequence[str] | None = None, site: str = hooks.DEFAULT_SITE):
         """Denoising loss on images of each class (classes balanced in every batch), UNet frozen.
 
-        ``images_of(classes, seed)`` gives training images in [-1, 1]; default: world renders of the class."""
+        ``images_of(classes, seed)`` gives training images in [-1, 1]; default: world renders of the class.
+        On a latent (Stable Diffusion) model they are VAE-encoded and the UNet is conditioned on the prompt."""
         from tqdm.auto import tqdm
 
-        _pixel_only(cls.name, model)
         kc = _check_attribute(attribute, classes)
         if images_of is None:
-            images_of = lambda cl, sd: globals()["images_of"](attribute, cl, sd, resolution=model.sample_size)  # noqa: E731
+            raise ValueError("LatentDirection.fit: give images_of(classes, seed) -> training images in [-1, 1] "
+                             "(e.g. the harvested images the judge read as each class, or world renders)")
         unet, sched = model.unet, model.scheduler
+        dev = next(unet.parameters()).device
         with hooks.capture(unet, steps=[0], site=site) as cap:
             models.sample(model, 1, steps=1, seed=seed)
         shape = cap.activations[0].shape[1:]
-        d = torch.zeros(kc, *shape, requires_grad=True)
+        d = torch.zeros(kc, *shape, device=dev, requires_grad=True)
         opt = torch.optim.Adam([d], lr=lr)
         g = torch.Generator().manual_seed(seed)
         hist, t0 = [], time.time()
         with _frozen(unet):
             for it in tqdm(range(iters), disable=not progress, desc=f"Latent Direction {attribute}"):
                 classes = torch.arange(batch_size) % kc
-                x0 = images_of(classes, seed * 100_003 + it)
+                x0 = models.to_model_space(model, images_of(classes, seed * 100_003 + it)).float()
                 eps = torch.randn(x0.shape, generator=g)
                 t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=g)
-                with hooks.edit(unet, lambda h, info: h + d[classes], site=site):
-                    loss = models.diffusion_loss(unet, sched, x0, eps, t)
+                x0, eps, t = x0.to(dev, unet.dtype), eps.to(dev, unet.dtype), t.to(dev)
+                with hooks.edit(unet, lambda h, info: h + d[classes.to(dev)].to(h.dtype), site=site):
+                    loss = models.diffusion_loss(unet, sched, x0, eps, t, **models.conditioning(model, batch_size))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 hist.append(loss.item())
-        return cls(attribute, d.detach(), 1.0, hist, time.time() - t0, site=site)
+        return cls(attribute, d.detach().cpu(), 1.0, hist, time.time() - t0, site=site)
 
     @classmethod
     def from_context(cls, ctx: Context, **fit):
@@ -361,7 +342,7 @@ class LatentDirection:
 
         def factory(ids):
             add = self.scale * d[torch.where(classes[ids] < 0, len(d) - 1, classes[ids])]
-            return lambda h, info: h + add.to(h.dtype)
+            return lambda h, info: h + add.to(h.device, h.dtype)
         return factory
 
 
@@ -396,7 +377,7 @@ class HDistribution:
     def hook(self, classes: torch.Tensor | None = None):
         if self.attribute not in self.probe.classes:
             raise ValueError(f"HDistribution: the probe has no head for {self.attribute!r}")
-        t = _check_target(self.attribute, self.target, self.probe.class_names[self.attribute])
+        t0 = _check_target(self.attribute, self.target, self.probe.class_names[self.attribute])
 
         def factory(ids):
             def fn(h, info):
@@ -404,6 +385,8 @@ class HDistribution:
                     raise ValueError(f"HDistribution: sampling step {info.step} but the probe has heads for "
                                      f"{self.probe.cfg.n_steps} steps; sample with that many steps")
                 with torch.enable_grad():
+                    self.probe.to(h.device)
+                    t = t0.to(h.device)
                     hh = h.detach().float().requires_grad_(True)
                     p = self.probe(hh, info.step)[self.attribute].softmax(-1).mean(0)
                     loss = (t * (t.clamp(min=1e-8).log() - p.clamp(min=1e-8).log())).sum()
@@ -443,34 +426,35 @@ class LatentEditing:
         """Train Δh on the unedited chain's x_t: judge CE on the edited x0 estimate + ``l1`` · |x0 − x0_orig|."""
         from tqdm.auto import tqdm
 
-        _pixel_only(cls.name, model)
-        kc = _check_attribute(attribute, classes)
+        kc = _check_attribute(attribute, _judge_classes(judge, attribute, classes))
         if not 0 < edit_steps <= steps:
             raise ValueError(f"LatentEditing: edit_steps must be in 1..{steps}, got {edit_steps}")
         unet = model.unet
         sched = ddim(model, steps)
         with hooks.capture(unet, steps=[0], site=site) as cap:
             models.sample(model, 1, steps=1, seed=seed)
-        delta = torch.zeros(kc, edit_steps, *cap.activations[0].shape[1:], requires_grad=True)
+        dev = next(unet.parameters()).device
+        delta = torch.zeros(kc, edit_steps, *cap.activations[0].shape[1:], device=dev, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=lr)
         judge.eval()
+        den = models.denoiser(model)
         hist, t0 = [], time.time()
         with _frozen(unet, judge):
             for it in tqdm(range(iters), disable=not progress, desc=f"Latent Editing {attribute}"):
-                classes = torch.arange(batch_size) % kc
-                x = models.make_noise(batch_size, model.sample_size, seed * 100_003 + it)
+                classes = torch.arange(batch_size, device=dev) % kc
+                x = models.make_noise(batch_size, model.sample_size, seed * 100_003 + it, model.channels).to(dev, unet.dtype)
                 total = 0.0
                 for j, t in enumerate(sched.timesteps[:edit_steps]):
                     with torch.no_grad():
-                        out = unet(x, t).sample
-                    with hooks.edit(unet, lambda h, info: h + delta[classes, j], site=site):
-                        out_e = unet(x, t).sample
+                        out = den(x, t)
+                    with hooks.edit(unet, lambda h, info: h + delta[classes, j].to(h.dtype), site=site):
+                        out_e = den(x, t)
                     a, _ = _alphas(sched, t)
                     clip = sched.config.clip_sample_range if sched.config.clip_sample else None
                     x0e, _ = split_output(out_e, x, a, sched.config.prediction_type, clip)
                     x0, _ = split_output(out, x, a, sched.config.prediction_type, clip)
-                    logits = judge((x0e.clamp(-1, 1) + 1) / 2)[attribute]
-                    loss = F.cross_entropy(logits, classes) + l1 * (x0e - x0).abs().mean()
+                    logits = judge(models.to_images(model, x0e))[attribute]
+                    loss = F.cross_entropy(logits, classes.to(logits.device)) + l1 * (x0e - x0).float().abs().mean()
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -478,7 +462,7 @@ class LatentEditing:
                     with torch.no_grad():
                         x, _ = ddim_step(sched, out, out, t, x)
                 hist.append(total / edit_steps)
-        return cls(attribute, delta.detach(), steps, 1.0, hist, time.time() - t0, site=site)
+        return cls(attribute, delta.detach().cpu(), steps, 1.0, hist, time.time() - t0, site=site)
 
     learns_from_judge: ClassVar[bool] = True
 
@@ -508,24 +492,26 @@ class LatentEditing:
         if steps != self.steps:
             raise ValueError(f"LatentEditing: trained for {self.steps} sampling steps, asked for {steps}")
         sched = ddim(model, steps)
+        den = models.denoiser(model)
         outs = []
         with torch.no_grad():
             for s in range(0, len(noise), batch_size):
                 ids = torch.arange(s, min(len(noise), s + batch_size))
-                x = noise[ids].clone()
+                dev, dtype = next(model.unet.parameters()).device, next(model.unet.parameters()).dtype
+                x = noise[ids].clone().to(dev, dtype)
                 cl = classes[ids]
-                d = torch.cat([self.delta, torch.zeros_like(self.delta[:1])])  # class -1: no edit
-                cl = torch.where(cl < 0, len(d) - 1, cl)
+                d = torch.cat([self.delta, torch.zeros_like(self.delta[:1])]).to(dev)  # class -1: no edit
+                cl = torch.where(cl < 0, len(d) - 1, cl).to(dev)
                 for j, t in enumerate(sched.timesteps):
-                    out = model.unet(x, t).sample
+                    out = den(x, t)
                     if j < self.edit_steps and self.scale != 0:
                         add = self.scale * d[cl, j]
-                        with hooks.edit(model.unet, lambda h, info: h + add, site=self.site):
-                            out_e = model.unet(x, t).sample
+                        with hooks.edit(model.unet, lambda h, info: h + add.to(h.dtype), site=self.site):
+                            out_e = den(x, t)
                     else:
                         out_e = out
                     x, _ = ddim_step(sched, out_e, out, t, x)
-                outs.append(((x.clamp(-1, 1) + 1) / 2))
+                outs.append(models.to_images(model, x).float().cpu())
         return torch.cat(outs)
 
 
@@ -565,14 +551,16 @@ class Finetuning:
     @classmethod
     def from_context(cls, ctx: Context, **fit):
         ctx.need(cls.name, "judge")
-        return cls.fit(ctx.model, ctx.judge, ctx.attribute, list(ctx.target), progress=ctx.progress, **fit)
+        return cls.fit(ctx.model, ctx.judge, ctx.attribute, list(ctx.target), progress=ctx.progress,
+                       classes=ctx.classes, **fit)
 
     def to_tensors(self) -> tuple[dict, dict]:
         return {n: p.detach() for n, p in self.unet.named_parameters() if "lora_" in n}, {"history": self.history}
 
     @classmethod
     def from_tensors(cls, ctx: Context, tensors: dict, meta: dict, rank: int = 4):
-        ft = cls.fit(ctx.model, ctx.judge, ctx.attribute, list(ctx.target), iters=0, progress=False, rank=rank)
+        ft = cls.fit(ctx.model, ctx.judge, ctx.attribute, list(ctx.target), iters=0, progress=False, rank=rank,
+                     classes=ctx.classes)
         missing = set(tensors) - {n for n, _ in ft.unet.named_parameters()}
         if missing:
             raise ValueError(f"adapter weights {sorted(missing)[:3]} do not fit this UNet")
@@ -590,13 +578,12 @@ class Finetuning:
     @classmethod
     def fit(cls, model: models.Diffusion, judge, attribute: str, target: Sequence[float], iters: int = 60,
             batch_size: int = 16, train_steps: int = 8, rank: int = 4, lr: float = 1e-3, preserve: float = 10.0,
-            seed: int = 0, progress: bool = True):
+            seed: int = 0, progress: bool = True, classes: Sequence[str] | None = None):
         """Distribution alignment through ``train_steps`` differentiable DDIM steps + image preservation."""
         from peft import LoraConfig, inject_adapter_in_model
         from tqdm.auto import tqdm
 
-        _pixel_only(cls.name, model)
-        t = _check_target(attribute, target)
+        t = _check_target(attribute, target, _judge_classes(judge, attribute, classes))
         unet = copy.deepcopy(model.unet)
         unet.requires_grad_(False)
         convs = [n for n, m in unet.named_modules()
@@ -610,28 +597,29 @@ class Finetuning:
         opt = torch.optim.Adam(params, lr=lr)
         judge.eval()
         sched = ddim(model, train_steps)
-        adapted = models.Diffusion(unet=unet, scheduler=model.scheduler)
+        den = models.denoiser(model, unet)
         hist, t0 = [], time.time()
         with _frozen(judge):
             for it in tqdm(range(iters), disable=not progress, desc=f"Finetuning {attribute}"):
-                noise = models.make_noise(batch_size, model.sample_size, seed * 100_003 + it)
+                noise = models.make_noise(batch_size, model.sample_size, seed * 100_003 + it, model.channels)
                 with torch.no_grad():
                     ref = models.sample(model, noise=noise, steps=train_steps, batch_size=batch_size)
-                x = noise
+                dev = next(unet.parameters()).device
+                x, ref = noise.to(dev, next(unet.parameters()).dtype), ref.to(dev)
                 for tt in sched.timesteps:
-                    out = unet(x, tt).sample
+                    out = den(x, tt)
                     x, _ = ddim_step(sched, out, out, tt, x)
-                img = (x.clamp(-1, 1) + 1) / 2
+                img = models.to_images(model, x)
                 logits = judge(img)[attribute]
-                assigned = assign_targets(logits.softmax(-1), t)
-                loss = F.cross_entropy(logits, assigned) + preserve * F.mse_loss(img, ref)
+                assigned = assign_targets(logits.softmax(-1).cpu(), t).to(logits.device)
+                loss = F.cross_entropy(logits, assigned) + preserve * F.mse_loss(img.float(), ref.float())
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 hist.append(loss.item())
         unet.requires_grad_(False)
         unet.eval()
-        return cls(attribute, adapted.unet, list(map(float, t)), hist, time.time() - t0)
+        return cls(attribute, unet, list(map(float, t)), hist, time.time() - t0)
 
     def model(self, base: models.Diffusion, lora_scale: float = 1.0) -> models.Diffusion:
         """The adapted model; ``lora_scale`` multiplies every adapter's contribution (1 = as trained)."""
@@ -640,7 +628,7 @@ class Finetuning:
             if isinstance(sc, dict) and hasattr(m, "lora_alpha"):
                 for name in sc:
                     sc[name] = lora_scale * m.lora_alpha[name] / m.r[name]
-        return models.Diffusion(unet=self.unet, scheduler=base.scheduler)
+        return models.with_unet(base, self.unet)
 
 
 METHODS = {m.name: m for m in (Activation, LatentDirection, HDistribution, LatentEditing, Finetuning)}

@@ -16,7 +16,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .models import DATA_DIR
+from .io import DATA_DIR
 
 CACHE_DIR = Path(os.environ.get("DIFFLENS_CACHE", DATA_DIR / "cache"))
 

@@ -1,7 +1,8 @@
-"""Harvest: sample a model with the bottleneck captured, then judge what it drew (chapters 2–4).
+"""Harvest: sample a model with h captured at a hook site, then judge what it drew (chapters 2–4).
 
-For each sample the harvest keeps ``h`` at every sampling step (streamed to disk in
-shards, so memory stays flat), the final image, and the judge's reading of it. A small
+For each sample the harvest keeps ``h`` at the site (by default the bottleneck) at every sampling
+step, or at ``shard_steps`` only (one shard per batch, so memory stays flat and an interrupted
+harvest resumes), the final image, and the judge's reading of it. A small
 *summary* — images, judge probabilities and the spatial mean of ``h`` per step — is what the
 chapters load; the full shards feed SAE training.
 
@@ -48,7 +49,7 @@ class Summary:
         return {a: p.argmax(-1) for a, p in self.probs.items()}
 
 
-_OURS = {"summary.safetensors", "shards"}  # what a finished harvest folder holds
+_OURS = {"summary.safetensors", "shards", "harvest.json", "batches"}  # what a harvest folder may hold
 
 
 def _work_folder(folder: Path) -> Path:
@@ -93,7 +94,8 @@ def run(model: models.Diffusion, settings: HarvestSettings, folder, judge, progr
     unet = model.unet
     all_ids = torch.arange(s.n) if sample_ids is None else torch.as_tensor(sample_ids, dtype=torch.long)
     work = _work_folder(folder)
-    key = {"settings": asdict(s), "ids": cache.key(all_ids.tolist()), "model": model.name}
+    key = {"settings": asdict(s), "ids": cache.key(all_ids.tolist()), "model": model.name, "prompt": model.prompt,
+           "guidance_scale": model.guidance_scale, "negative_prompt": model.negative_prompt, "dtype": str(unet.dtype)}
     if work.exists():
         old = work / "harvest.json"
         if not old.is_file() or json.loads(old.read_text()) != json.loads(json.dumps(key)):
@@ -153,15 +155,16 @@ def run(model: models.Diffusion, settings: HarvestSettings, folder, judge, progr
                "timesteps": parts[0]["timesteps"], "sample": all_ids}
     tensors.update(io.prefixed("probs", judge.predict(images.float() / 255)))
     io.save_tensors(work / "summary.safetensors", tensors, meta=full_meta)
-    shutil.rmtree(work / "batches")
-    (work / "harvest.json").unlink()
     if folder.exists():  # a previous harvest's files only (checked by _claim): replaced
         old = folder.parent / f".{folder.name}.harvest-old"
+        if old.exists():  # our own leftover from an interrupted replacement
+            shutil.rmtree(old)
         os.replace(folder, old)
         os.replace(work, folder)
         shutil.rmtree(old)
     else:
         os.replace(work, folder)
+    shutil.rmtree(folder / "batches")  # the summary holds them now; harvest.json stays as the harvest's record
     return folder
 
 

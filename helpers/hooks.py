@@ -36,7 +36,7 @@ class StepInfo:
 
 @dataclass
 class Cache:
-    """Captured bottleneck activations, one entry per captured UNet call."""
+    """Captured activations at a hook site, one entry per captured UNet call."""
 
     steps: list[int] = field(default_factory=list)
     timesteps: list[torch.Tensor] = field(default_factory=list)
@@ -322,8 +322,6 @@ def site_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor | None]
         for hd in handles:
             hd.remove()
 
-
-bottleneck_hooks = site_hooks  # the name before hook sites existed (mid_block is the default site)
 
 
 def capture(unet, steps: Iterable[int] | None = None, sink: ShardWriter | None = None, site: str = DEFAULT_SITE):

@@ -360,7 +360,7 @@ def sample_edited(model: models.Diffusion, sae: TopKSAE, edits: Sequence[Edit], 
     site = site or sae.cfg.site
     if noise is None:
         if n is None:
-            raise ValueError("intervention.sample: give n (with seed) or an explicit noise tensor")
+            raise ValueError("sample_edited: give n (with seed) or an explicit noise tensor")
         noise = models.make_noise(n, model.sample_size, seed, model.unet.config.in_channels)
     iv = Intervention(sae, edits, len(noise), seed=class_seed)
     outs = []

@@ -9,6 +9,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# the shipped artifacts (embedded model, judge, chapter results); a pip-installed package points here with DIFFLENS_DATA
+DATA_DIR = Path(os.environ.get("DIFFLENS_DATA", REPO_ROOT / "data"))
+
 
 def atomic_write(path: str | Path, write) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import io, world
-from .models import DATA_DIR
+from .io import DATA_DIR
 
 JUDGE_PATH = DATA_DIR / "judge.safetensors"
 

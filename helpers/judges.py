@@ -15,8 +15,8 @@ or a CelebA-HQ model the paper reads them with real classifiers; two are pluggab
 Every judge has ``attributes`` (``{attr: class names}``), ``__call__(images) -> {attr: logits}``
 (differentiable, for the learned baselines), ``predict`` (probabilities, batched, no grad),
 ``features`` (the encoder used for FID and similarity). Images are ``(n, 3, H, W)`` in [0, 1].
-Class counts match the world's social attributes (gender 2, age 3, race 4), so the probe,
-attribution and intervention code runs unchanged. ``crop`` (optional) maps images to face crops
+Each judge states its attributes and their class names; that schema is what the probe,
+attribution, interventions and metrics use (any attribute, any number of classes). ``crop`` (optional) maps images to face crops
 before judging — e.g. a face detector's boxes; SD portraits are usually framed well enough without.
 
 :func:`load` picks a judge from a short spec: ``"world"``, ``"clip:<folder>"``, ``"fairface:<file>"``.

@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 
 from . import io, world
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(os.environ.get("DIFFLENS_DATA", REPO_ROOT / "data"))
+REPO_ROOT, DATA_DIR = io.REPO_ROOT, io.DATA_DIR
 EMBEDDED_DIR = DATA_DIR / "embedded"
 
 
@@ -333,6 +332,90 @@ def _sample_text(model: Diffusion, noise: torch.Tensor, steps: int, batch_size: 
     return torch.cat(outs) if outs else torch.zeros(0, 3, 1, 1)
 
 
+# ----------------------------------------------------------------------------- differentiable pieces
+
+
+def denoiser(model: Diffusion, unet: torch.nn.Module | None = None):
+    """``f(x, t) -> UNet output`` as sampling uses it, differentiable: a pixel model's plain UNet call, or for a
+    text-to-image model the prompt-conditioned call with classifier-free guidance (one batch ``[uncond; cond]``
+    marked :func:`helpers.hooks.guided`, so site hooks see and edit the conditional half, as when sampling).
+
+    ``unet`` replaces the model's own (e.g. a LoRA-adapted copy). The learned baselines train through this.
+    """
+    from . import hooks
+
+    unet = unet if unet is not None else model.unet
+    if not model.text_conditioned:
+        return lambda x, t: unet(x, t).sample
+    if model.prompt is None:
+        raise ValueError(f"{model.name!r} is a text-to-image model; give it a prompt")
+    pipe = model.pipeline
+    dev = next(unet.parameters()).device
+    guided = model.guidance_scale > 1
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(model.prompt, dev, 1, guided, negative_prompt=model.negative_prompt)
+
+    def f(x, t):
+        b = len(x)
+        if not guided:
+            return unet(x, t, encoder_hidden_states=cond.expand(b, -1, -1)).sample
+        with hooks.guided(unet):
+            out = unet(torch.cat([x, x]), t,
+                       encoder_hidden_states=torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])).sample
+        u, c = out.chunk(2)
+        return u + model.guidance_scale * (c - u)
+    return f
+
+
+def conditioning(model: Diffusion, batch: int) -> dict:
+    """Keyword arguments a training call of the UNet needs: the prompt's embeddings for a text-to-image model."""
+    if not model.text_conditioned:
+        return {}
+    dev = next(model.unet.parameters()).device
+    with torch.no_grad():
+        cond, _ = model.pipeline.encode_prompt(model.prompt, dev, 1, False)
+    return {"encoder_hidden_states": cond.expand(batch, -1, -1)}
+
+
+def to_images(model: Diffusion, x0: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] from a clean sample in the model's space (the VAE decodes latents), differentiable."""
+    if model.channels == 3 and not model.text_conditioned:
+        return (x0.clamp(-1, 1) + 1) / 2
+    vae = model.pipeline.vae
+    img = vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (img.float().clamp(-1, 1) + 1) / 2
+
+
+def to_model_space(model: Diffusion, images: torch.Tensor) -> torch.Tensor:
+    """Clean samples x0 in the model's space from images in [-1, 1] (the VAE encodes them for a latent model)."""
+    if model.channels == 3 and not model.text_conditioned:
+        return images
+    vae = model.pipeline.vae
+    size = vae.config.sample_size if isinstance(vae.config.sample_size, int) else vae.config.sample_size[0]
+    x = images.to(next(vae.parameters()).device, vae.dtype)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+
+
+def with_unet(model: Diffusion, unet: torch.nn.Module) -> Diffusion:
+    """The same model with another UNet (a text-to-image pipeline is rebuilt around it; the original is untouched)."""
+    from dataclasses import replace
+
+    if model.pipeline is None:
+        return replace(model, unet=unet)
+    import inspect
+
+    extra = {}
+    if "requires_safety_checker" in inspect.signature(type(model.pipeline).__init__).parameters:
+        extra["requires_safety_checker"] = False  # load_model switched the checker off; keep it off, quietly
+    pipe = type(model.pipeline)(**{**model.pipeline.components, "unet": unet}, **extra)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return replace(model, unet=unet, pipeline=pipe)
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -345,7 +428,7 @@ def _spec(name: str) -> world.BiasSpec:
 
 
 def diffusion_loss(unet, sched, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
-                   min_snr_gamma: float = 5.0) -> torch.Tensor:
+                   min_snr_gamma: float = 5.0, **unet_kw) -> torch.Tensor:
     """Denoising MSE at timesteps ``t`` for the scheduler's prediction type, Min-SNR-γ weighted.
 
     ``epsilon``: target ε, weight min(SNR, γ)/SNR; ``v_prediction``: target v, weight
@@ -359,7 +442,7 @@ def diffusion_loss(unet, sched, x0: torch.Tensor, eps: torch.Tensor, t: torch.Te
         target = sched.get_velocity(x0, eps, t)
     else:
         raise ValueError(f"diffusion_loss: unsupported prediction_type {kind!r}")
-    per = F.mse_loss(unet(xt, t).sample, target, reduction="none").mean(dim=(1, 2, 3))
+    per = F.mse_loss(unet(xt, t, **unet_kw).sample, target, reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma > 0:
         alphas = sched.alphas_cumprod.to(x0.device)
         snr = (alphas[t] / (1 - alphas[t])).float()

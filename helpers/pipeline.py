@@ -31,6 +31,10 @@ TRAIN_SHARE = 0.9  # leading share of the harvested samples that trains the SAE 
 K_MAX = 64  # top latents stored per class with their footprints
 
 
+class NoRanking(ValueError):
+    """A class had no harvested sample judged in it, so it has no ranked features."""
+
+
 def n_train(n: int, share: float = TRAIN_SHARE) -> int:
     """How many leading samples of ``n`` train the SAE and the probe (the rest are held out)."""
     if not 0 < share <= 1:
@@ -118,9 +122,14 @@ def h_by_step(folder, steps, samples: torch.Tensor) -> dict[int, torch.Tensor]:
         if len(sel) == 0:
             raise ValueError(f"h_by_step: the harvest in {folder} stored no full h at step {s} "
                              "(harvest shard_steps); attribute only stored steps")
-        order = torch.full((int(sh["sample"].max()) + 1,), -1, dtype=torch.long)
+        order = torch.full((max(int(sh["sample"].max()), int(torch.as_tensor(samples).max())) + 1,), -1,
+                           dtype=torch.long)
         order[sh["sample"][sel]] = sel
-        out[int(s)] = sh["h"][order[samples]]
+        rows = order[torch.as_tensor(samples).long()]
+        if (rows < 0).any():
+            raise ValueError(f"h_by_step: samples {torch.as_tensor(samples)[rows < 0][:5].tolist()} have no stored h at "
+                             f"step {s} in {folder}")
+        out[int(s)] = sh["h"][rows]
     return out
 
 
@@ -179,7 +188,7 @@ def features(folder, attribute: str, cls: int, k: int) -> tuple[list[int], torch
     if k > meta.get("k_max", K_MAX):
         raise ValueError(f"features: k={k} but only the top {meta.get('k_max', K_MAX)} footprints are stored")
     if f"{cls}.features" not in t:
-        raise ValueError(f"features: class {cls} of {attribute!r} had no harvested samples, so no ranking")
+        raise NoRanking(f"features: class {cls} of {attribute!r} had no harvested samples, so no ranking")
     return t[f"{cls}.features"][:k].tolist(), t[f"{cls}.map"][:k]
 
 

@@ -42,9 +42,7 @@ import torch
 from . import io
 
 STAGES = ("harvest", "sae", "probe", "attribution", "intervention", "metrics")
-SITE_PATTERN = re.compile(r"^(mid_block(\.(resnets|attentions)\.\d+)?|(down|up)_blocks\.\d+(\.(resnets|attentions|"
-                          r"downsamplers|upsamplers)\.\d+)?|up_blocks\.\d+\.skips\.\d+)$")
-BASELINES = ("Activation", "Latent Direction", "H-Distribution", "Latent Editing", "Finetuning")
+SITE_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")  # a module path; the model itself confirms it exists
 DEGENERATE_SHARE = 0.98  # a judge reading one class for more than this share of the harvest is an error
 
 
@@ -111,6 +109,7 @@ class InterventionCfg:
     batch_size: int = 64
     baselines: list[str] = field(default_factory=list)  # run next to DiffLens on the same noise, e.g. ["Activation"]
     baseline_settings: dict = field(default_factory=dict)  # {method: knob value}; default: the method's own
+    baseline_fit: dict = field(default_factory=dict)  # {method: {fit setting: value}}, e.g. {"Latent Direction": {iters = 100}}
     grid: int = 8  # samples per row of grid_<attribute>.png
 
 
@@ -235,6 +234,8 @@ def problems(cfg: Config, check_files: bool = True) -> list[str]:
         schema = judges.schema(j.spec, j.prompts or None, j.classes or None)
     except ValueError as e:
         errs.append(f"[judge] {e}")
+    except Exception as e:  # a python:<module>:<fn> judge that fails to build
+        errs.append(f"[judge] spec {j.spec!r} could not be built: {type(e).__name__}: {e}")
     if j.spec.partition(":")[0] != "clip" and (j.prompts or j.classes):
         errs.append("[judge] prompts and classes apply to CLIP judges only (spec = \"clip:weights/clip\")")
     if schema is not None and isinstance(cfg.attributes, list):
@@ -252,7 +253,9 @@ def problems(cfg: Config, check_files: bool = True) -> list[str]:
             errs.append(f"[judge] spec {j.spec!r}: nothing at {w}; {how}")
     # the model
     m = cfg.model
-    looks_repo = m.path.count("/") == 1 and not m.path.startswith((".", "/", "~")) and not Path(m.path).suffix
+    first = Path(m.path).expanduser().parts[0] if m.path else ""
+    looks_repo = (m.path.count("/") == 1 and not m.path.startswith((".", "/", "~")) and not Path(m.path).suffix
+                  and first != "weights" and not Path(first).exists())
     index = None
     if check_files and m.path != "embedded":
         p = Path(m.path).expanduser()
@@ -324,14 +327,38 @@ def problems(cfg: Config, check_files: bool = True) -> list[str]:
         errs.append(f"[intervention] from_step must be in 0..{steps - 1}")
     import math
 
+    from .pipeline import K_MAX
+
+    if isinstance(cfg.intervention.k, int) and cfg.intervention.k > K_MAX:
+        errs.append(f"[intervention] k = {cfg.intervention.k}: at most {K_MAX} ranked features per class are stored")
     if not math.isfinite(cfg.intervention.beta):
         errs.append(f"[intervention] beta must be a finite number, got {cfg.intervention.beta}")
     for b in cfg.intervention.baselines:
         if b not in baselines.METHODS:
             errs.append(f"[intervention] baselines: unknown method {b!r}; the baselines are {list(baselines.METHODS)}")
-        elif text_model and b in ("Latent Direction", "Latent Editing", "Finetuning"):
-            errs.append(f"[intervention] baselines: {b!r} trains through a pixel-space UNet and does not run on the "
-                        "text-to-image pipeline yet; use Activation or H-Distribution there")
+    import inspect
+
+    for b, kw in cfg.intervention.baseline_fit.items():
+        if b not in cfg.intervention.baselines:
+            errs.append(f"[intervention] baseline_fit names {b!r}, which is not in baselines")
+            continue
+        if not isinstance(kw, dict):
+            errs.append(f"[intervention] baseline_fit {b!r} must be a table of fit settings, got {kw!r}")
+            continue
+        cls = baselines.METHODS[b]
+        params = inspect.signature(cls.from_context).parameters
+        known = {n for n, q in params.items() if n != "ctx" and q.kind != q.VAR_KEYWORD}
+        if any(q.kind == q.VAR_KEYWORD for q in params.values()):  # the rest goes to fit()
+            known |= set(inspect.signature(cls.fit).parameters) - {
+                "cls", "model", "judge", "attribute", "target", "progress", "images_of", "classes", "site", "steps"}
+        bad = sorted(set(kw) - known)
+        if bad:
+            errs.append(f"[intervention] baseline_fit {b!r}: unknown setting(s) {bad}; known: {sorted(known)}")
+    if "Latent Editing" in cfg.intervention.baselines:
+        es = cfg.intervention.baseline_fit.get("Latent Editing", {}).get("edit_steps", 12)
+        if isinstance(es, int) and isinstance(h.steps, int) and not 0 < es <= h.steps:
+            errs.append(f"[intervention] Latent Editing edits the first edit_steps = {es} of {h.steps} sampling steps; "
+                        "set baseline_fit = {\"Latent Editing\" = {edit_steps = ...}} to at most [harvest] steps")
     for b, v in cfg.intervention.baseline_settings.items():
         if b not in cfg.intervention.baselines:
             errs.append(f"[intervention] baseline_settings names {b!r}, which is not in baselines")
@@ -463,8 +490,10 @@ class Run:
         upto = STAGES[: STAGES.index(stage) + 1]
         m = {k: v for k, v in c["model"].items() if k != "device"}  # where it runs does not change results
         parts = {"model": m}
-        if stage != "harvest":  # the harvest's images do not depend on the judge: it is re-read, not re-sampled
+        if stage not in ("harvest", "sae"):  # the images (and the SAE on their h) do not depend on the judge
             parts["judge"] = c["judge"]
+        if stage != "harvest":  # which samples train the SAE and the probe
+            parts["train_share"] = c["probe"]["train_share"]
         if stage not in ("harvest", "sae"):  # adding an attribute must not redo a (GPU-hours) harvest
             parts["attributes"] = c["attributes"]
         parts.update({s: c[s] for s in upto if s in c})
@@ -540,10 +569,13 @@ class Run:
         folder = self.out / "harvest"
         st = self.state.get("harvest", {})
         if st.get("key") == self.key("harvest") and (folder / "summary.safetensors").is_file():
+            info = {k: v for k, v in st.items() if k not in ("key", "judge", "seconds")} | {"rejudged": True}
+            if not self.is_main:
+                return info
             _say("[harvest] only the judge changed: re-reading the stored images")
             H.rejudge(folder, self.judge)
             self._check_judged(folder)
-            return {k: v for k, v in st.items() if k not in ("key", "judge", "seconds")} | {"rejudged": True}
+            return info
         self._warn_world_judge()
         settings = H.HarvestSettings(n=h.n, steps=h.steps, seed=h.seed, batch_size=h.batch_size,
                                      shard_dtype=h.shard_dtype, shard_steps=tuple(h.shard_steps) or None,
@@ -560,6 +592,7 @@ class Run:
             self.device = str(state.device)
         if state is None or state.num_processes == 1:
             H.run(self.model, settings, folder, judge=self.judge, progress=self.progress)
+            self._sampled({"samples": h.n, "processes": 1})
             self._check_judged(folder)
             return {"samples": h.n, "processes": 1}
         # one part per process, merged by the main process
@@ -575,8 +608,16 @@ class Run:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         if state.is_main_process:
+            self._sampled({"samples": h.n, "processes": state.num_processes})
             self._check_judged(folder)
         return {"samples": h.n, "processes": state.num_processes}
+
+    def _sampled(self, info: dict) -> None:
+        """Record a finished sampling before the judge is checked: a rejected judge then costs a re-read, not a
+        re-harvest."""
+        self.state["harvest"] = {"key": self.key("harvest"), "judge": None, **info}
+        if self.is_main:
+            io.write_json(self.state_path, self.state)
 
     def _warn_world_judge(self) -> None:
         if self.cfg.judge.spec == "world" and self.cfg.model.path != "embedded":
@@ -661,7 +702,7 @@ class Run:
                         labels=labels[attribute][:n_train], images=summary.images[:n_train],
                         probe=P.load_probe(self.out / "probe.safetensors")[0],
                         judge=self.judge if cls.learns_from_judge else None, progress=self.progress)
-        return cls.from_context(ctx)
+        return cls.from_context(ctx, **self.cfg.intervention.baseline_fit.get(name, {}))
 
     def _intervention(self) -> dict:
         from . import intervention as I
@@ -679,13 +720,13 @@ class Run:
         orig = models.sample(model, noise=noise, steps=steps, batch_size=c.batch_size, progress=self.progress)
         self._save_images(folder / "original.safetensors", orig, None)
         summary, labels, n_train = self._labels_split()
-        skipped, made = {}, []
+        skipped, made = {}, {}
         for a in self.cfg.attributes:
             names = self.judge.attributes[a]
             try:
                 e = pipeline.edit_for(self.out / "attribution", a, c.beta, c.k, target=_uniform(names),
                                       steps=range(c.from_step, steps))
-            except ValueError as err:  # a class the harvest never produced has no ranked features
+            except pipeline.NoRanking as err:  # a class the harvest never produced has no ranked features
                 skipped[a] = str(err)
                 _say(f"[intervention] {a}: skipped ({err})")
                 continue
@@ -695,22 +736,24 @@ class Run:
             classes = iv.classes(a)
             self._save_images(folder / f"edited_{a}.safetensors", imgs, classes)
             rows = [("original", orig), ("DiffLens", imgs)]
+            files = {"DiffLens": f"edited_{a}.safetensors"}
             for b in c.baselines:
                 _say(f"[intervention] {a}: {b}")
                 fitted = self._baseline(b, a, summary, labels, n_train)
                 setting = c.baseline_settings.get(b, fitted.default)
                 bimgs = fitted.sample_edited(model, noise, steps, setting, classes, batch_size=c.batch_size,
                                              progress=self.progress)
-                self._save_images(folder / f"baseline_{b.replace(' ', '-')}_{a}.safetensors", bimgs,
-                                  classes if fitted.per_sample else None, meta={"method": b, "setting": setting})
+                files[b] = f"baseline_{b.replace(' ', '-')}_{a}.safetensors"
+                self._save_images(folder / files[b], bimgs, classes if fitted.per_sample else None,
+                                  meta={"method": b, "setting": setting})
                 rows.append((b, bimgs))
             _grid_png(self.out / f"grid_{a}.png", rows, c.grid, title=f"{a}: asked-for class per column: " +
                       ", ".join(names[int(k)] if k >= 0 else "-" for k in classes[: c.grid]))
-            made.append(a)
+            made[a] = files
         if not made:
             raise RuntimeError("every attribute's edit was skipped: " + "; ".join(f"{a}: {m}" for a, m in skipped.items())
                                + ". The harvest judged too few samples in some class; harvest more samples.")
-        return {"skipped": skipped} if skipped else {}
+        return {"made": made, **({"skipped": skipped} if skipped else {})}
 
     def _save_images(self, path, images, classes, meta: dict | None = None):
         probs = self.judge.predict(images)
@@ -728,13 +771,10 @@ class Run:
         o, _ = io.load_tensors(folder / "original.safetensors")
         oprobs = io.unprefixed("probs", o)
         res = {}
+        made = self.state["intervention"]["made"]  # this run's files only, never an earlier run's leftovers
         for a in self.cfg.attributes:
-            files = [("DiffLens", folder / f"edited_{a}.safetensors")] + [
-                (b, folder / f"baseline_{b.replace(' ', '-')}_{a}.safetensors") for b in self.cfg.intervention.baselines]
-            for method, p in files:
-                if not p.is_file():
-                    continue
-                e, meta = io.load_tensors(p)
+            for method, name in made.get(a, {}).items():
+                e, meta = io.load_tensors(folder / name)
                 eprobs = io.unprefixed("probs", e)
                 others = [b for b in eprobs if b != a]
                 row = pipeline.evaluate(oprobs, eprobs, a, keep={"other attributes": others},
@@ -779,7 +819,7 @@ def _grid_png(path, rows, n: int, title: str = "") -> Path:
 
 def _report(cfg: Config, res: dict) -> str:
     def f(v):
-        return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+        return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
     lines = [f"# DiffLens run: {cfg.model.path}", "",
              f"Prompt: {cfg.model.prompt or '(unconditional)'} · judge: {cfg.judge.spec} · hook site: "
@@ -801,6 +841,13 @@ def _report(cfg: Config, res: dict) -> str:
         shares = ", ".join(f"{c} {o:.2f} → {e:.2f}" for c, o, e in zip(r["classes"], r["share original"],
                                                                        r["share edited"]))
         lines.append(f"- {r['attribute']} / {r['method']}: {shares}")
+    from . import baselines as B
+
+    learners = [b for b in cfg.intervention.baselines if B.METHODS[b].learns_from_judge]
+    if learners:
+        lines += ["", f"{' and '.join(learners)} learned from the same judge that scores them here; the book's "
+                  "benchmark (chapter 6) trains them against a second judge, because a method trained against the "
+                  "scoring judge can learn that judge's blind spots instead of the attribute."]
     lines += ["", "Image grids: " + ", ".join(f"`grid_{a}.png`" for a in cfg.attributes) +
               " (first row: original samples; the rows below: the same noise, edited).", ""]
     return "\n".join(lines)

@@ -135,6 +135,9 @@ class TopKSAE(nn.Module):
     def check_h(self, h: torch.Tensor, site: str | None = None) -> None:
         """Raise a clear error when ``h`` ``(batch, channels, H, W)`` captured at ``site`` is not what this SAE reads."""
         site = site or self.cfg.site
+        if site != self.cfg.site:
+            raise ValueError(f"TopKSAE: the SAE was trained on activations at {self.cfg.site!r}, not at {site!r}; "
+                             "edit at its own site or train an SAE on the activations at that site")
         if h.ndim != 4 or h.shape[1] != self.cfg.d_in:
             raise ValueError(
                 f"TopKSAE: the SAE was trained on {self.cfg.d_in}-channel activations at {self.cfg.site!r}, but h at "

@@ -333,3 +333,26 @@ def variations(attr: str, base: dict[str, int] | None = None, seed: int = 0,
     imgs = [render({a: v[i:i + 1] for a, v in labels.items()}, torch.Generator().manual_seed(seed), resolution)
             for i in range(k)]
     return Batch(torch.cat(imgs), labels)
+
+
+def render_classes(attribute: str, classes: torch.Tensor, seed: int, spec: BiasSpec | None = None,
+                   resolution: int = 32) -> torch.Tensor:
+    """World renders in [-1, 1], one per entry of ``classes``, each of that class of ``attribute``.
+
+    Other attributes follow ``spec`` *given* the class (rejection sampling keeps the world's correlations).
+    """
+    spec = spec or default_spec()
+    g = torch.Generator().manual_seed(seed)
+    want = torch.as_tensor(classes).long()
+    pool = {a: torch.empty(0, dtype=torch.long) for a in ATTRIBUTES}
+    while True:
+        lab = spec.sample_labels(max(256, 8 * len(want)), g)
+        pool = {a: torch.cat([pool[a], lab[a]]) for a in ATTRIBUTES}
+        counts = torch.bincount(pool[attribute], minlength=int(want.max()) + 1)
+        if all(counts[c] >= (want == c).sum() for c in want.unique()):
+            break
+    rows = torch.empty(len(want), dtype=torch.long)
+    for c in want.unique():
+        rows[want == c] = (pool[attribute] == c).nonzero().flatten()[: int((want == c).sum())]
+    labels = {a: pool[a][rows] for a in ATTRIBUTES}
+    return render(labels, g, resolution=resolution) * 2 - 1

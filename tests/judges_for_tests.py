@@ -23,3 +23,15 @@ class Brightness(Batched, torch.nn.Module):
 
 def brightness():
     return Brightness()
+
+
+class AlwaysGlasses(Brightness):
+    """A broken judge: reads every image as wearing glasses."""
+
+    def forward(self, images):
+        n = len(images)
+        return {"eyewear": torch.tensor([[-5.0, 5.0]]).expand(n, 2)}
+
+
+def always_glasses():
+    return AlwaysGlasses()

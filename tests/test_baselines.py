@@ -4,7 +4,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from helpers import baselines as B
-from helpers import hooks, models
+from helpers import hooks, models, world
 from helpers import judge as J
 from helpers import probe as P
 from conftest import tiny_unet
@@ -40,7 +40,7 @@ def test_activation_scales_the_drawn_class_channels(tiny):
     pooled = torch.randn(40, STEPS, 32)
     labels = torch.arange(40) % 2
     pooled[labels == 1, :, 5] += 3.0  # channel 5 is much higher in class 1
-    act = B.Activation.fit(pooled, labels, "gender", k=3, beta=2.0)
+    act = B.Activation.fit(pooled, labels, "gender", k=3, beta=2.0, classes=("male", "female"))
     assert act.channels[1][0] == 5
     classes = torch.tensor([0, 1, 1, 0])
     h = torch.randn(4, 32, 4, 4)
@@ -79,12 +79,14 @@ def test_h_distribution_moves_batch_prediction_towards_target(tiny):
 
 def test_latent_direction_learns_and_adds_per_class(tiny):
     model, _ = tiny
-    ld = B.LatentDirection.fit(model, "gender", iters=30, batch_size=8, lr=0.05, progress=False)
+    ld = B.LatentDirection.fit(model, "gender", iters=30, batch_size=8, lr=0.05, progress=False,
+                               classes=world.ATTRIBUTES["gender"],
+                               images_of=lambda cl, sd: world.render_classes("gender", cl, sd, resolution=16))
     assert ld.directions.shape == (2, 32, 8, 8) and ld.directions.abs().sum() > 0
     # on a fixed held-out batch, the learned directions lower the denoising loss
     g = torch.Generator().manual_seed(99)
     classes = torch.arange(64) % 2
-    x0 = B.images_of("gender", classes, seed=99, resolution=16)
+    x0 = world.render_classes("gender", classes, seed=99, resolution=16)
     eps, t = torch.randn(x0.shape, generator=g), torch.randint(0, 100, (64,), generator=g)
     with torch.no_grad():
         plain = models.diffusion_loss(model.unet, model.scheduler, x0, eps, t)
@@ -133,12 +135,14 @@ def test_assign_targets_is_optimal_with_target_counts():
     assert got.tolist() == [0, 0, 1, 1]  # the two most class-1-like samples get class 1
 
 
-def test_images_of_gives_the_asked_classes():
+def test_render_classes_gives_the_asked_classes():
     from helpers import judge as Jmod
     classes = torch.tensor([2, 0, 2, 1, 2])
-    imgs = B.images_of("age", classes, seed=0)
+    imgs = world.render_classes("age", classes, seed=0)
     assert imgs.shape == (5, 3, 32, 32) and imgs.min() >= -1 and imgs.max() <= 1
     judge = Jmod.load_judge()
     assert torch.equal(judge.predict((imgs + 1) / 2)["age"].argmax(-1), classes)
-    with pytest.raises(ValueError, match="unknown attribute"):
+    with pytest.raises(ValueError, match="give the attribute's class names"):
         B.Activation.fit(torch.zeros(4, 2, 8), torch.zeros(4), "height")
+    with pytest.raises(ValueError, match="give images_of"):
+        B.LatentDirection.fit(None, "gender", classes=("m", "f"))

@@ -40,3 +40,24 @@ def test_no_generic_module_imports_a_chapter_module():
 def test_the_import_check_sees_chapter_imports():
     """The check above must be able to fail: a chapter module importing its sibling is seen."""
     assert "chapters.dissect" in imports(HELPERS / "chapters" / "identify.py")
+
+
+# The floors of ../shared/DESIGN.md (and README's layout row): a module imports only from its floor or below.
+FLOORS = {
+    "world": 1, "metrics": 1, "io": 1, "plots": 1, "cache": 1, "tiny": 1,
+    "hooks": 2, "sae": 2, "probe": 2, "widgets": 2,
+    "models": 3, "attribution": 3,
+    "intervention": 4, "judge": 4, "judges": 4,
+    "harvest": 5, "baselines": 5,
+    "pipeline": 6,
+    "runner": 7, "__main__": 7, "__init__": 7,
+}
+
+
+def test_modules_import_only_from_their_floor_or_below():
+    for p in HELPERS.glob("*.py"):
+        assert p.stem in FLOORS, f"{p.name} has no floor; add it to FLOORS (and README's layout)"
+        for m in imports(p):
+            top = m.split(".")[0]
+            if top in FLOORS:
+                assert FLOORS[top] <= FLOORS[p.stem], f"{p.stem} (floor {FLOORS[p.stem]}) imports {top} (floor {FLOORS[top]})"

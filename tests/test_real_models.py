@@ -221,7 +221,10 @@ def test_runner_on_tiny_pixel_ddpm_and_harvest_parts_merge(ddpm_dir, tmp_path):
     ({"colour": "red"}, "unknown key"),
     ({"attribution": {"steps": [0, 9]}}, "outside the harvest"),
     ({"harvest": {"n": 4, "shard_steps": [0]}}, "not in [harvest] shard_steps"),
-    ({"model": {"site": "bottleneck"}}, "not a hook site name"),
+    ({"model": {"site": "mid block"}}, "not a hook site name"),
+    ({"model": {"site": "bottleneck"}}, "has no module 'bottleneck'"),
+    ({"intervention": {"k": 65}}, "at most 64 ranked features"),
+    ({"intervention": {"baselines": ["Latent Editing"]}}, "edit_steps = 12 of 4 sampling steps"),
     ({"harvest": {"n": "many"}}, "expected int"),
     ({"intervention": {"baselines": ["Magic"]}}, "unknown method 'Magic'"),
     ({"out": ""}, "out is empty"),
@@ -239,7 +242,7 @@ def test_bad_configs_get_one_clear_error(tmp_path, capsys, change, message):
 
 def test_every_config_problem_is_reported_at_once_before_loading_anything(tmp_path, capsys, monkeypatch):
     d = _tiny_cfg(tmp_path / "run", "/no/such/model", attributes=["gender", "hair"],
-                  model={"device": "cuda", "site": "neck"}, judge={"spec": "clip:/no/clip"},
+                  model={"device": "cuda", "site": "neck!"}, judge={"spec": "clip:/no/clip"},
                   attribution={"steps": [0, 9]})
     (tmp_path / "c.json").write_text(json.dumps(d))
     loaded = []
@@ -292,27 +295,83 @@ def test_runner_non_world_attribute_at_another_site_with_a_baseline_on_tiny_sd(s
     assert "the judge reads 'eyewear' as" in text and "of 24 harvested images" in text, text
 
 
+def test_runner_runs_every_baseline_on_tiny_sd(sd_dir, tmp_path, capsys):
+    """All five baselines behind one interface, on the text-to-image pipeline (latents, prompt, guidance),
+    next to DiffLens on the same noise, each with tiny fit settings."""
+    from helpers import baselines as B
+
+    d = _tiny_cfg(tmp_path / "run", sd_dir, attributes=["eyewear"],
+                  model={"prompt": "a photo of a doctor", "guidance_scale": 5.0},
+                  judge={"spec": "python:judges_for_tests:brightness"},
+                  intervention={"baselines": list(B.METHODS), "baseline_fit": {
+                      "Activation": {"k": 4},
+                      "Latent Direction": {"iters": 2, "batch_size": 4},
+                      "Latent Editing": {"edit_steps": 2, "iters": 1, "batch_size": 4},
+                      "Finetuning": {"iters": 1, "batch_size": 4, "train_steps": 2, "rank": 2}}})
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 0, capsys.readouterr().out
+    m = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert set(m) == {f"eyewear/{x}" for x in ["DiffLens", *B.METHODS]}
+    o, _ = io.load_tensors(tmp_path / "run/intervention/original.safetensors")
+    for b in B.METHODS:
+        e, meta = io.load_tensors(tmp_path / f"run/intervention/baseline_{b.replace(' ', '-')}_eyewear.safetensors")
+        assert meta["method"] == b and e["images"].shape == o["images"].shape
+        assert ("classes" in e) == B.METHODS[b].per_sample
+    assert "learned from the same judge that scores them" in (tmp_path / "run/report.md").read_text()
+    d["intervention"]["baseline_fit"] = {"Finetuning": {"epochs": 3}}
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 2
+    assert "baseline_fit 'Finetuning': unknown setting(s) ['epochs']" in capsys.readouterr().out
+
+
 def test_changing_only_the_judge_rejudges_without_sampling(sd_dir, tmp_path, monkeypatch, capsys):
+    # a broken judge stops the run after sampling; fixing the judge then re-reads the images, no re-sampling
     d = _tiny_cfg(tmp_path / "run", sd_dir, attributes=["eyewear"], stages=["harvest"],
                   model={"prompt": "a photo of a doctor", "guidance_scale": 5.0},
-                  judge={"spec": "python:judges_for_tests:brightness"})
+                  judge={"spec": "python:judges_for_tests:always_glasses"})
     (tmp_path / "c.json").write_text(json.dumps(d))
-    assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 0
-    before = json.loads((tmp_path / "run/state.json").read_text())["harvest"]
+    assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 2
+    assert "reads 'eyewear' as 'glasses' for 24 of 24" in capsys.readouterr().out
     calls = []
     real = models.sample
     monkeypatch.setattr(models, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    d["judge"] = {"spec": "python:judges_for_tests:brightness"}
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 0
+    assert "re-reading the stored images" in capsys.readouterr().out and not calls
+    before = json.loads((tmp_path / "run/state.json").read_text())["harvest"]
     d.update(attributes=["gender"], judge={"spec": "world"})
     (tmp_path / "c.json").write_text(json.dumps(d))
     code = runner.main(["run", str(tmp_path / "c.json"), "--no-progress"])
     out = capsys.readouterr().out
-    assert "re-reading the stored images" in out and not calls
-    assert code == 0, out
+    assert code == 0 and "re-reading the stored images" in out and not calls, out
     after = json.loads((tmp_path / "run/state.json").read_text())["harvest"]
     assert after["judge"] != before["judge"] and after["key"] == before["key"] and after["rejudged"]
     from helpers import harvest as H
 
     assert set(H.load_summary(tmp_path / "run/harvest").probs) == set(judges.load("world").attributes)
+
+
+def test_stage_keys_split_and_stale_outputs(sd_dir, tmp_path, capsys):
+    """The SAE reruns when the train share changes; metrics report only what this run's intervention made."""
+    d = _tiny_cfg(tmp_path / "run", sd_dir, attributes=["eyewear"],
+                  model={"prompt": "a photo of a doctor", "guidance_scale": 5.0},
+                  judge={"spec": "python:judges_for_tests:brightness"}, intervention={"baselines": ["Activation"]})
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 0
+    assert set(json.loads((tmp_path / "run/metrics.json").read_text())) == {"eyewear/DiffLens", "eyewear/Activation"}
+    capsys.readouterr()
+    d["intervention"]["baselines"] = []
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 0
+    assert (tmp_path / "run/intervention/baseline_Activation_eyewear.safetensors").is_file()  # left, not deleted
+    assert set(json.loads((tmp_path / "run/metrics.json").read_text())) == {"eyewear/DiffLens"}  # not reported
+    assert capsys.readouterr().out.count("up to date") == 4
+    d["probe"] = {"train_share": 0.75}
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "[harvest] up to date" in out and "[sae] up to date" not in out
 
 
 def _toml(d) -> str:

@@ -227,7 +227,7 @@ class Runner:
         return B.Context(self.model, attribute, world.ATTRIBUTES[attribute], uniform(attribute), steps=self.steps,
                          pooled=self.summary.pooled.float(), labels=self.summary.labels()[attribute],
                          probe=self.probe, judge=self.trainer_judge if learner else None,
-                         images_of=lambda cl, sd: B.images_of(attribute, cl, sd, resolution=self.model.sample_size),
+                         images_of=lambda cl, sd: world.render_classes(attribute, cl, sd, resolution=self.model.sample_size),
                          progress=self.progress)
 
     def fitted_method(self, method: str, attribute: str):
