@@ -1,4 +1,6 @@
 """The five baselines end to end on a tiny UNet (seconds each), and the DDIM pieces they share."""
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -47,12 +49,30 @@ def test_activation_scales_the_drawn_class_channels(tiny):
     got = act.hook(classes)(torch.arange(4))(h, None)
     for i, c in enumerate(classes.tolist()):
         mult = torch.ones(32)
-        mult[act.channels[c]] = 2.0
+        mult[act.channels[c]] = torch.tensor([2.0 if s > 0 else 0.5 for s in act.signs[c]])
         torch.testing.assert_close(got[i], h[i] * mult[:, None, None])
     noise = models.make_noise(4, 16, 0)
     plain = B.sample(model, noise, STEPS)
     assert torch.equal(B.sample(model, noise, STEPS, B.Activation("gender", act.channels, 1.0).hook(classes)), plain)
     assert not torch.equal(B.sample(model, noise, STEPS, act.hook(classes)), plain)
+
+
+def test_activation_moves_each_channel_towards_its_class():
+    """The sign fix: a channel whose class mean is negative (but above the rest's) is scaled by 1/β, which raises
+    it towards the class; the unsigned version scaled it by β and pushed it further away."""
+    pooled = torch.randn(40, 2, 6) * 0.1
+    labels = torch.arange(40) % 2
+    pooled[labels == 1, :, 2] += -1.0  # class 1 mean ≈ −1
+    pooled[labels == 0, :, 2] += -4.0  # the rest ≈ −4: channel 2 is class 1's top channel, with a negative mean
+    pooled[labels == 1, :, 4] += 3.0  # and channel 4 its top positive one
+    act = B.Activation.fit(pooled, labels, "gender", k=2, beta=2.0, classes=("male", "female"))
+    assert set(act.channels[1]) == {2, 4}
+    h = torch.zeros(1, 6, 1, 1)
+    h[0, 2], h[0, 4] = -3.0, 1.0  # a sample between the classes on both channels
+    out = act.hook(torch.tensor([1]))(torch.arange(1))(h, None)
+    assert out[0, 2] > h[0, 2] and out[0, 4] > h[0, 4]  # both move towards class 1's side
+    unsigned = replace(act, signs=None).hook(torch.tensor([1]))(torch.arange(1))(h, None)
+    assert unsigned[0, 2] < h[0, 2]  # the old behaviour: away from the class
 
 
 def test_h_distribution_moves_batch_prediction_towards_target(tiny):
