@@ -57,7 +57,7 @@ class Edit:
 
     attribute: str
     features: dict[int, Sequence[int]]  # class -> SAE latent ids
-    beta: float
+    beta: float | Sequence[float]  # one strength, or one per class (the released configs' per-class ratios)
     mode: str = "scale"  # "scale" (s ← β·s) or "add" (s ← s + β)
     target: Sequence[float] | None = None
     cls: int | None = None
@@ -66,6 +66,9 @@ class Edit:
     suppress_others: bool = False  # also set every other class's features to 0 in a sample assigned class c
     source: torch.Tensor | None = None  # (n,) each sample's own (unedited) class: move only the surplus
     classes: Sequence[str] | None = None  # the attribute's class names (e.g. judge.attributes[attribute])
+    policy: str = "quota"  # who gets edited, with a target: see POLICIES
+    probe: object | None = None  # policy "minimal": the h-probe that reads each sample's own class
+    read_step: int | None = None  # policy "minimal": the step whose h the probe reads (default: the first edited)
 
     def n_classes(self) -> int:
         """How many classes the attribute has: from ``classes``, else ``target``, else the largest class id used."""
@@ -79,14 +82,45 @@ class Edit:
     def _names(self) -> str:
         return f" {list(self.classes)}" if self.classes is not None else ""
 
+    def betas(self) -> list[float] | None:
+        """Per-class strengths, or ``None`` when one β serves every class."""
+        if isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool):
+            return None
+        return [float(b) for b in self.beta]
+
+    def first_step(self) -> int:
+        return 0 if self.steps is None else min(int(s) for s in self.steps)
+
     def validate(self, d_sae: int) -> None:
+        if self.steps is not None and not isinstance(self.steps, (list, tuple, range, set, frozenset)):
+            self.steps = list(self.steps)  # an iterator would be used up here and never fire
         k = self.n_classes()
+        if self.policy not in POLICIES:
+            raise ValueError(f"Edit: policy must be one of {list(POLICIES)}, got {self.policy!r}")
+        if self.policy != "quota" and self.target is None:
+            raise ValueError(f"Edit: policy {self.policy!r} assigns classes from a target distribution; give target")
+        if self.policy == "minimal":
+            if self.source is not None:
+                raise ValueError("Edit: policy 'minimal' reads each sample's class with the probe; drop source "
+                                 "(source is the oracle reading of policy 'quota')")
+            if self.probe is None or self.attribute not in getattr(self.probe, "classes", {}):
+                raise ValueError(f"Edit: policy 'minimal' needs an h-probe with a head for {self.attribute!r} (probe=...)")
+            if self.probe.classes[self.attribute] != k:
+                raise ValueError(f"Edit: the probe's {self.attribute!r} head has {self.probe.classes[self.attribute]} "
+                                 f"classes, the edit {k}")
+            rs = self.first_step() if self.read_step is None else int(self.read_step)
+            if rs > self.first_step():
+                raise ValueError(f"Edit: read_step {rs} comes after the first edited step {self.first_step()}; the "
+                                 "class must be read before the sample is edited")
+        bs = self.betas()
+        if bs is not None and len(bs) != k:
+            raise ValueError(f"Edit: beta has {len(bs)} per-class strengths for {k} classes{self._names()}")
         if self.classes is not None and (isinstance(self.classes, str) or len(self.classes) < 2):
             raise ValueError(f"Edit: classes must name the attribute's two or more classes, got {self.classes!r}")
         if self.mode not in ("scale", "add"):
             raise ValueError(f"Edit: mode must be 'scale' or 'add', got {self.mode!r}")
-        if not math.isfinite(float(self.beta)):
-            raise ValueError(f"Edit: beta must be a finite number, got {self.beta!r}")
+        if not all(math.isfinite(float(b)) for b in (self.betas() or [self.beta])):
+            raise ValueError(f"Edit: beta must be a finite number (or one per class), got {self.beta!r}")
         for c, feats in self.features.items():
             if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < k:
                 raise ValueError(f"Edit: {self.attribute!r} has classes 0..{k - 1}{self._names()}; "
@@ -128,10 +162,27 @@ class Edit:
             raise ValueError("Edit: steps is empty; give None (all steps) or at least one step index")
 
     def is_noop(self) -> bool:
-        ident = (self.mode == "scale" and float(self.beta) == 1.0) or (self.mode == "add" and float(self.beta) == 0.0)
+        identity = 1.0 if self.mode == "scale" else 0.0
+        ident = all(float(b) == identity for b in (self.betas() or [self.beta]))
         if self.suppress_others and sum(1 for f in self.features.values() if len(f)) > 1:
             return False  # the suppression edits even at the identity β
         return ident or not any(len(f) for f in self.features.values())
+
+
+POLICIES = {
+    "quota": "each sample is asked for a class; the counts match n·target exactly (largest remainder), order "
+             "seeded; with source (each sample's own class, e.g. an unedited pass read by a judge): only the surplus",
+    "iid": "each sample draws its class independently from the target (the paper's probability mode)",
+    "minimal": "only enough samples of the over-represented classes are moved (the earth-mover minimum), per "
+               "sampling batch; each sample's own class is read by the h-probe from its own h at read_step, "
+               "inside the same pass",
+}
+
+
+def assign_iid(n: int, target: Sequence[float], seed: int = 0) -> torch.Tensor:
+    """``n`` independent draws from ``target`` (seeded)."""
+    t = torch.as_tensor(target, dtype=torch.float64)
+    return torch.multinomial(t, n, replacement=True, generator=torch.Generator().manual_seed(seed))
 
 
 def assign_classes(n: int, target: Sequence[float], seed: int = 0) -> torch.Tensor:
@@ -185,6 +236,11 @@ class _Plan:
     sel: torch.Tensor | None = None  # ids of the latents any class edits
     coef: torch.Tensor | None = None  # add mode: (classes, positions or 1, len(sel)) amount added per unit β
     zero: torch.Tensor | None = None  # suppress_others: (classes, d_sae) bool, latents set to 0 for each class
+    bvec: torch.Tensor | None = None  # per-class β (classes,), the "no edit" row last; None: one β for all
+    read_step: int | None = None  # policy "minimal": when the probe reads each sample's class
+    seed: int = 0
+    decided: torch.Tensor | None = None  # policy "minimal": (n,) whose class has been read
+    own: torch.Tensor | None = None  # policy "minimal": (n,) the probe's reading of each sample's own class
 
     def to(self, device) -> None:
         """Move the edit tensors next to the SAE (once; a no-op when they are already there)."""
@@ -195,6 +251,8 @@ class _Plan:
         self.sel = None if self.sel is None else self.sel.to(device)
         self.coef = None if self.coef is None else self.coef.to(device)
         self.zero = None if self.zero is None else self.zero.to(device)
+        self.bvec = None if self.bvec is None else self.bvec.to(device)
+        self.decided = None if self.decided is None else self.decided.to(device)
 
 
 class Intervention:
@@ -211,6 +269,10 @@ class Intervention:
                 if len(e.source) != n:
                     raise ValueError(f"Edit: source has {len(e.source)} classes for {n} samples; give one per sample")
                 classes = assign_surplus(e.source, e.target, seed=seed * 7919 + j)
+            elif e.policy == "minimal":
+                classes = torch.full((n,), -1, dtype=torch.long)  # decided by the probe at read_step, per batch
+            elif e.policy == "iid":
+                classes = assign_iid(n, e.target, seed=seed * 7919 + j)
             elif e.target is not None:
                 classes = assign_classes(n, e.target, seed=seed * 7919 + j)
             else:
@@ -237,12 +299,44 @@ class Intervention:
             if e.suppress_others:  # every class's features but c's own (a latent two classes share stays)
                 zero = masks.any(0, keepdim=True) & ~masks
                 zero[-1] = False
-            self.plans.append(_Plan(e, classes, masks, None if e.steps is None else set(map(int, e.steps)), amounts,
-                                    sel, coef, zero))
+            bs = e.betas()
+            plan = _Plan(e, classes, masks, None if e.steps is None else set(map(int, e.steps)), amounts, sel, coef,
+                         zero, None if bs is None else torch.tensor(bs + [1.0 if e.mode == "scale" else 0.0]))
+            if e.policy == "minimal":
+                plan.read_step = e.first_step() if e.read_step is None else int(e.read_step)
+                plan.seed = seed * 7919 + j
+                plan.decided = torch.zeros(n, dtype=torch.bool)
+            self.plans.append(plan)
         self.active = [p for p in self.plans if not p.edit.is_noop()]
 
+    def _decide(self, p: _Plan, ids: torch.Tensor, h: torch.Tensor, step: int) -> None:
+        """Policy "minimal": read the batch's own classes with the probe from h at this step, then ask only the
+        over-represented classes' surplus (counts for this batch) to change."""
+        probe = p.edit.probe
+        if h.shape[1] != probe.cfg.width:
+            raise ValueError(f"Edit policy 'minimal': the probe reads {probe.cfg.width}-channel h, h here has "
+                             f"{h.shape[1]}; use the probe trained at this hook site")
+        with torch.no_grad():
+            probe.to(h.device)
+            own = probe(h.float(), step)[p.edit.attribute].argmax(-1).cpu()
+        batch_seed = p.seed * 1_000_003 + int(ids[0])  # per batch, reproducible whatever else runs
+        c = assign_surplus(own, p.edit.target, seed=batch_seed)
+        k = p.masks.shape[0] - 1
+        p.classes[ids] = torch.where(c < 0, k, c).to(p.classes.device)
+        p.decided[ids] = True
+        if p.own is None:
+            p.own = torch.full((len(p.classes),), -1, dtype=torch.long)
+        p.own[ids.cpu()] = own
+
+    def own_classes(self, attribute: str) -> torch.Tensor | None:
+        """Policy "minimal": each sample's own class as the probe read it (``-1`` where not read)."""
+        for p in self.plans:
+            if p.edit.attribute == attribute:
+                return None if p.own is None else p.own.clone()
+        raise ValueError(f"Intervention: no edit for {attribute!r}")
+
     def classes(self, attribute: str) -> torch.Tensor:
-        """The class drawn for every sample for ``attribute``'s edit (``-1``: not edited)."""
+        """The class asked of every sample for ``attribute``'s edit (``-1``: not edited)."""
         for p in self.plans:
             if p.edit.attribute == attribute:
                 c = p.classes.cpu()
@@ -258,6 +352,9 @@ class Intervention:
         ids = torch.as_tensor(ids).to(dev)
 
         def apply(h, info):
+            for p in self.active:
+                if p.read_step is not None and info.step == p.read_step and not bool(p.decided[ids].all()):
+                    self._decide(p, ids, h, info.step)
             plans = [p for p in self.active if p.steps is None or info.step in p.steps]
             if not plans:
                 return None
@@ -276,7 +373,8 @@ class Intervention:
                 factor = torch.ones_like(vals)
                 for p in scale_plans:
                     hit = p.masks[p.classes[ids]][row_sample[:, None], idx]  # (b·pos, k)
-                    factor = torch.where(hit, factor * p.edit.beta, factor)
+                    beta = p.edit.beta if p.bvec is None else p.bvec[p.classes[ids]][row_sample][:, None]
+                    factor = torch.where(hit, factor * beta, factor)
                 for p in zplans:
                     factor = torch.where(p.zero[p.classes[ids]][row_sample[:, None], idx], 0.0, factor)
                 return factor
@@ -287,7 +385,8 @@ class Intervention:
                 with torch.no_grad():
                     delta = None
                     for p in plans:
-                        d = p.edit.beta * (p.coef[p.classes[ids]] @ sae.W_dec[p.sel])  # (b, positions or 1, C)
+                        beta = p.edit.beta if p.bvec is None else p.bvec[p.classes[ids]][:, None, None]
+                        d = beta * (p.coef[p.classes[ids]] @ sae.W_dec[p.sel])  # (b, positions or 1, C)
                         delta = d if delta is None else delta + d
                     delta = (delta * sae.input_scale).expand(b, pos, -1).reshape(b * pos, -1)
                     if zplans:  # zeroing active latents of other classes: −s·W_dec on each (relative to the unedited z)
@@ -307,10 +406,11 @@ class Intervention:
                 z_new = z.clone()
                 for p in plans:
                     mask = p.masks[p.classes[ids]].repeat_interleave(pos, dim=0)  # (b·pos, m)
+                    beta = p.edit.beta if p.bvec is None else p.bvec[p.classes[ids]].repeat_interleave(pos)[:, None]
                     if p.amounts is not None:
-                        edited = z_new + p.edit.beta * p.amounts[p.classes[ids]].reshape(b * pos, -1)
+                        edited = z_new + beta * p.amounts[p.classes[ids]].reshape(b * pos, -1)
                     else:
-                        edited = z_new * p.edit.beta if p.edit.mode == "scale" else z_new + p.edit.beta
+                        edited = z_new * beta if p.edit.mode == "scale" else z_new + beta
                     z_new = torch.where(mask, edited, z_new)
                 for p in zplans:
                     z_new = torch.where(p.zero[p.classes[ids]].repeat_interleave(pos, dim=0), 0.0, z_new)

@@ -234,3 +234,62 @@ def test_surplus_edit_leaves_unmoved_samples_bit_identical(setup):
             intervention.Intervention(sae, [dataclasses.replace(e, source=bad)], 6)
     with pytest.raises(ValueError, match="only applies with a target"):
         intervention.Intervention(sae, [intervention.Edit("gender", {0: [1]}, beta=1.0, cls=0, source=src)], 6)
+
+
+# ----------------------------------------------------------------------------- assignment policies
+
+
+def test_iid_policy_draws_independently_and_reproducibly():
+    a = intervention.assign_iid(1000, [0.5, 0.3, 0.2], seed=3)
+    assert torch.equal(a, intervention.assign_iid(1000, [0.5, 0.3, 0.2], seed=3))
+    counts = torch.bincount(a, minlength=3)
+    assert counts.tolist() != [500, 300, 200] and (counts.float() / 1000 - torch.tensor([0.5, 0.3, 0.2])).abs().max() < 0.05
+
+
+def test_minimal_policy_reads_own_class_with_the_probe_and_moves_only_the_surplus(setup):
+    model, sae, probe, h, y = setup
+    feats = {0: [1, 2], 1: [3, 4]}
+    e = intervention.Edit("gender", feats, beta=2.0, mode="add", target=[0.5, 0.5], steps=[2, 3], policy="minimal",
+                          probe=probe, classes=("low", "high"))
+    plain = models.sample(model, 12, steps=STEPS, seed=11, batch_size=6)  # same batches as the edited run
+    with hooks.capture(model.unet, steps=[2]) as cap:
+        models.sample(model, 12, steps=STEPS, seed=11)
+    got, iv = intervention.sample_edited(model, sae, [e], 12, steps=STEPS, seed=11, batch_size=6)
+    own = iv.own_classes("gender")
+    # the reading is the probe's on the sample's own h at the first edited step (same pass, nothing edited yet)
+    assert torch.equal(own, probe(cap.activations[0], 2)["gender"].argmax(-1))
+    asked = iv.classes("gender")
+    for b in (slice(0, 6), slice(6, 12)):  # per batch: the earth-mover minimum, surplus only, to the short class
+        have = torch.bincount(own[b], minlength=2)
+        moved = (asked[b] >= 0).sum()
+        assert moved == (have - 3).clamp(min=0).sum()
+        assert ((asked[b] < 0) | (asked[b] != own[b])).all()
+    untouched = asked < 0
+    assert untouched.any() and torch.equal(got[untouched], plain[untouched])  # unedited samples are bit-identical
+    with pytest.raises(ValueError, match="read_step 3 comes after"):
+        intervention.Intervention(sae, [dataclasses.replace(e, read_step=3)], 4)
+    with pytest.raises(ValueError, match="needs an h-probe"):
+        intervention.Intervention(sae, [dataclasses.replace(e, probe=None)], 4)
+
+
+def test_per_class_beta_makes_a_majority_draw_a_noop(setup):
+    """The released configs' per-class ratios: the majority's ratio 1.0 leaves those samples bit-identical."""
+    model, sae, *_ = setup
+    e = intervention.Edit("gender", {0: [1, 2], 1: [3, 4]}, beta=[1.0, 3.0], mode="scale", target=[0.5, 0.5],
+                          policy="iid", classes=("male", "female"))
+    plain = models.sample(model, 8, steps=STEPS, seed=12)
+    got, iv = intervention.sample_edited(model, sae, [e], 8, steps=STEPS, seed=12, batch_size=8)
+    drawn = iv.classes("gender")
+    assert (drawn == 0).any() and (drawn == 1).any()
+    assert torch.equal(got[drawn == 0], plain[drawn == 0]) and not torch.equal(got[drawn == 1], plain[drawn == 1])
+    with pytest.raises(ValueError, match="2 per-class strengths for 3 classes"):
+        intervention.Edit("age", {0: [1]}, beta=[1.0, 2.0], mode="scale", target=[0.4, 0.3, 0.3]).validate(64)
+    assert intervention.Edit("g", {0: [1]}, beta=[1.0, 1.0], mode="scale", target=[0.5, 0.5]).is_noop()
+
+
+def test_steps_given_as_an_iterator_still_fire(setup):
+    model, sae, *_ = setup
+    plain = models.sample(model, 2, steps=STEPS, seed=4)
+    e = intervention.Edit("gender", {0: [1, 2]}, beta=3.0, mode="scale", cls=0, steps=iter([0, 1]))
+    got, _ = intervention.sample_edited(model, sae, [e], 2, steps=STEPS, seed=4)
+    assert not torch.equal(got, plain)
