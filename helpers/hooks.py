@@ -242,19 +242,20 @@ def _check_not_compiled(unet, site: str) -> None:
 @contextmanager
 def site_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor | None] | None = None,
                record: bool = False, steps: Iterable[int] | None = None, sink: ShardWriter | None = None,
-               site: str = DEFAULT_SITE):
+               site: str = DEFAULT_SITE, first_step: int = 0):
     """Install a timestep tracker on ``unet`` and a hook at ``site`` (see :func:`sites`).
 
     ``fn(h, info)`` may return a replacement for ``h`` (``None`` keeps it). With ``record``,
     ``h`` (after ``fn``) is detached into the yielded :class:`Cache`. ``steps`` limits both to
     those UNet-call indices. With ``sink`` (a :class:`ShardWriter`), recorded activations
     stream to disk instead of the cache. Hooks are removed on exit, also after an exception.
+    ``first_step`` numbers the first UNet call inside the block (a sampler resumed at step s passes s).
     """
     mod, skip = resolve(unet, site)
     _check_not_compiled(unet, site)
     keep = None if steps is None else set(int(s) for s in steps)
     cache = Cache()
-    state = {"step": -1, "t": None, "half": False}
+    state = {"step": int(first_step) - 1, "t": None, "half": False}
 
     def pre(module, args, kwargs):
         state["step"] += 1
@@ -324,16 +325,17 @@ def site_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor | None]
 
 
 
-def capture(unet, steps: Iterable[int] | None = None, sink: ShardWriter | None = None, site: str = DEFAULT_SITE):
+def capture(unet, steps: Iterable[int] | None = None, sink: ShardWriter | None = None, site: str = DEFAULT_SITE,
+            first_step: int = 0):
     """``with capture(unet) as cache:`` records ``h`` at ``site`` at every (or each listed) UNet call.
 
     Pass ``sink=ShardWriter(folder)`` to stream to disk instead; call ``sink.close()`` after
     the harvest completes.
     """
-    return site_hooks(unet, None, record=True, steps=steps, sink=sink, site=site)
+    return site_hooks(unet, None, record=True, steps=steps, sink=sink, site=site, first_step=first_step)
 
 
 def edit(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor | None], steps: Iterable[int] | None = None,
-         record: bool = False, site: str = DEFAULT_SITE):
+         record: bool = False, site: str = DEFAULT_SITE, first_step: int = 0):
     """``with edit(unet, fn):`` replaces ``h`` at ``site`` by ``fn(h, info)`` at every (or each listed) UNet call."""
-    return site_hooks(unet, fn, record=record, steps=steps, site=site)
+    return site_hooks(unet, fn, record=record, steps=steps, site=site, first_step=first_step)

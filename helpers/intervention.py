@@ -69,6 +69,7 @@ class Edit:
     policy: str = "quota"  # who gets edited, with a target: see POLICIES
     probe: object | None = None  # policy "minimal": the h-probe that reads each sample's own class
     read_step: int | None = None  # policy "minimal": the step whose h the probe reads (default: the first edited)
+    assigned: torch.Tensor | None = None  # (n,) the class asked of each sample, decided beforehand (-1: none)
 
     def n_classes(self) -> int:
         """How many classes the attribute has: from ``classes``, else ``target``, else the largest class id used."""
@@ -185,6 +186,20 @@ def assign_iid(n: int, target: Sequence[float], seed: int = 0) -> torch.Tensor:
     return torch.multinomial(t, n, replacement=True, generator=torch.Generator().manual_seed(seed))
 
 
+def _batch_seed(seed: int, start: int) -> int:
+    return seed * 1_000_003 + start  # per batch, reproducible whatever else runs
+
+
+def assign_minimal(own: torch.Tensor, target: Sequence[float], batch_size: int, seed: int = 0) -> torch.Tensor:
+    """Policy "minimal" decided beforehand: per sampling batch of ``batch_size``, only the surplus of the classes
+    over ``batch · target`` moves (:func:`assign_surplus`). ``own`` is each sample's own class as the probe reads
+    it at the read step (from a stored pass). Gives exactly what the in-pass decision of an :class:`Intervention`
+    with the same ``seed`` (``class_seed · 7919 + edit index``) and batch size gives."""
+    own = torch.as_tensor(own).long()
+    return torch.cat([assign_surplus(own[s:s + batch_size], target, seed=_batch_seed(seed, s))
+                      for s in range(0, len(own), batch_size)]) if len(own) else own.clone()
+
+
 def assign_classes(n: int, target: Sequence[float], seed: int = 0) -> torch.Tensor:
     """``n`` class ids whose counts match ``n · target`` (largest remainder), in seeded random order."""
     t = torch.as_tensor(target, dtype=torch.float64)
@@ -265,7 +280,12 @@ class Intervention:
         for j, e in enumerate(edits):
             e.validate(m)
             k = e.n_classes()
-            if e.source is not None:
+            if e.assigned is not None:
+                classes = torch.as_tensor(e.assigned).long().clone()
+                if classes.shape != (n,) or (classes < -1).any() or (classes >= k).any():
+                    raise ValueError(f"Edit: assigned must hold one class id (-1: no edit) per sample, {n} in all, "
+                                     f"within 0..{k - 1}")
+            elif e.source is not None:
                 if len(e.source) != n:
                     raise ValueError(f"Edit: source has {len(e.source)} classes for {n} samples; give one per sample")
                 classes = assign_surplus(e.source, e.target, seed=seed * 7919 + j)
@@ -302,7 +322,7 @@ class Intervention:
             bs = e.betas()
             plan = _Plan(e, classes, masks, None if e.steps is None else set(map(int, e.steps)), amounts, sel, coef,
                          zero, None if bs is None else torch.tensor(bs + [1.0 if e.mode == "scale" else 0.0]))
-            if e.policy == "minimal":
+            if e.policy == "minimal" and e.assigned is None:
                 plan.read_step = e.first_step() if e.read_step is None else int(e.read_step)
                 plan.seed = seed * 7919 + j
                 plan.decided = torch.zeros(n, dtype=torch.bool)
@@ -319,8 +339,7 @@ class Intervention:
         with torch.no_grad():
             probe.to(h.device)
             own = probe(h.float(), step)[p.edit.attribute].argmax(-1).cpu()
-        batch_seed = p.seed * 1_000_003 + int(ids[0])  # per batch, reproducible whatever else runs
-        c = assign_surplus(own, p.edit.target, seed=batch_seed)
+        c = assign_surplus(own, p.edit.target, seed=_batch_seed(p.seed, int(ids[0])))
         k = p.masks.shape[0] - 1
         p.classes[ids] = torch.where(c < 0, k, c).to(p.classes.device)
         p.decided[ids] = True
@@ -448,12 +467,15 @@ def class_latents(sae: TopKSAE, h_by_step: dict[int, torch.Tensor], labels: torc
 
 def sample_edited(model: models.Diffusion, sae: TopKSAE, edits: Sequence[Edit], n: int | None = None,
                   steps: int = 25, seed: int = 0, noise: torch.Tensor | None = None, batch_size: int = 250,
-                  class_seed: int = 0, progress: bool = False, site: str | None = None):
+                  class_seed: int = 0, progress: bool = False, site: str | None = None, start_step: int = 0):
     """DDIM samples with ``edits`` applied at ``site`` (default: where the SAE was trained); returns
     ``(images, intervention)``.
 
     Same noise convention as :func:`helpers.models.sample`, so edited and unedited samples from
     the same ``seed`` are paired. ``intervention.classes(attr)`` tells which class each sample drew.
+    With ``start_step = s`` (no edit before ``s``), ``noise`` is the unedited run's state entering step ``s``
+    (``models.sample(..., states={s: None})``) and only steps ``s ..`` run: the same images for a fraction
+    of the UNet passes.
     """
     from tqdm.auto import tqdm
 
@@ -463,14 +485,21 @@ def sample_edited(model: models.Diffusion, sae: TopKSAE, edits: Sequence[Edit], 
             raise ValueError("sample_edited: give n (with seed) or an explicit noise tensor")
         noise = models.make_noise(n, model.sample_size, seed, model.unet.config.in_channels)
     iv = Intervention(sae, edits, len(noise), seed=class_seed)
+    early = [p.edit.attribute for p in iv.active if min([p.edit.first_step()] + ([p.read_step] if p.read_step is not None
+                                                                                   else [])) < start_step]
+    if early:
+        raise ValueError(f"sample_edited: the edits of {early} act (or read) before start_step {start_step}; resume "
+                         "only from a step at or before the first edited one")
     outs = []
     bar = tqdm(total=len(noise) * steps, disable=not progress, desc="edited DDIM", unit="img-step")
     for s in range(0, len(noise), batch_size):
         ids = torch.arange(s, min(len(noise), s + batch_size))
         if iv.active:
-            with hooks.edit(model.unet, iv.fn(ids, site), site=site):
-                outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids), bar=bar))
+            with hooks.edit(model.unet, iv.fn(ids, site), site=site, first_step=start_step):
+                outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids), bar=bar,
+                                          start_step=start_step))
         else:
-            outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids), bar=bar))
+            outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids), bar=bar,
+                                      start_step=start_step))
     bar.close()
     return torch.cat(outs), iv

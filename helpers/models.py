@@ -268,12 +268,17 @@ def make_noise(n: int, size: int, seed: int = 0, channels: int = 3) -> torch.Ten
 @torch.no_grad()
 def sample(model: Diffusion, n: int | None = None, steps: int = 25, seed: int = 0,
            noise: torch.Tensor | None = None, batch_size: int = 256, progress: bool = False,
-           bar=None) -> torch.Tensor:
+           bar=None, start_step: int = 0, states: dict | None = None) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) samples ``(n, 3, H, W)`` in [0, 1].
 
     Give either ``noise`` (``(n, 3, H, W)``) or ``n`` and ``seed`` (see :func:`make_noise`).
     ``progress`` shows a bar that ticks per denoising step; ``bar`` (a tqdm bar in image-steps) is
     updated instead, so a caller sampling in several calls shows one bar.
+
+    Resuming (pixel models): with ``start_step = s``, ``noise`` is the state x entering step ``s`` (as
+    recorded by ``states``) and only steps ``s ..`` run — an edit that starts at step ``s`` then costs
+    ``steps − s`` UNet passes per sample instead of ``steps``. ``states`` (a dict ``{step: None}``) is
+    filled with the state entering each listed step, ``(n, C, H, W)`` float32 on the CPU.
     """
     if noise is None:
         if n is None:
@@ -284,19 +289,35 @@ def sample(model: Diffusion, n: int | None = None, steps: int = 25, seed: int = 
         bar = tqdm(total=len(noise) * steps, disable=not progress, desc="DDIM", unit="img-step")
     try:
         if model.text_conditioned:
+            if start_step or states:
+                raise ValueError("sample: resuming (start_step, states) is for pixel models; text-to-image "
+                                 "sampling runs through the diffusers pipeline from the first step")
             return _sample_text(model, noise, steps, batch_size, bar)
         ddim = DDIMScheduler.from_config(model.scheduler.config)
         ddim.set_timesteps(steps)
+        if not 0 <= start_step < steps:
+            raise ValueError(f"sample: start_step must be in 0..{steps - 1}, got {start_step}")
+        keep = {int(k): [] for k in (states or {})}
+        bad = [k for k in keep if not start_step <= k < steps]
+        if bad:
+            raise ValueError(f"sample: states {bad} are outside the sampled steps {start_step}..{steps - 1}")
         dev = next(model.unet.parameters()).device
         dtype = next(model.unet.parameters()).dtype
         outs = []
         for s in range(0, len(noise), batch_size):
             x = noise[s:s + batch_size].to(dev, dtype)
-            for t in ddim.timesteps:
+            for i, t in enumerate(ddim.timesteps):
+                if i < start_step:
+                    continue
+                if i in keep:
+                    keep[i].append(x.float().cpu())
                 eps = model.unet(x, t).sample
                 x = ddim.step(eps, t, x, eta=0.0).prev_sample
                 bar.update(len(x))
             outs.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())
+        if states is not None:
+            for k, v in keep.items():
+                states[k] = torch.cat(v) if v else noise.new_zeros((0, *noise.shape[1:]))
         return torch.cat(outs) if outs else noise.new_zeros((0, *noise.shape[1:]))
     finally:
         if own:

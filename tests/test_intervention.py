@@ -293,3 +293,34 @@ def test_steps_given_as_an_iterator_still_fire(setup):
     e = intervention.Edit("gender", {0: [1, 2]}, beta=3.0, mode="scale", cls=0, steps=iter([0, 1]))
     got, _ = intervention.sample_edited(model, sae, [e], 2, steps=STEPS, seed=4)
     assert not torch.equal(got, plain)
+
+
+def test_resuming_an_edit_from_the_unedited_state_gives_the_same_images(setup):
+    """Cost grows with edited samples only: an edit that starts at step s, run from the unedited pass's state at s
+    (steps s.. only), equals the full run; the samples the policy leaves alone are the unedited ones."""
+    model, sae, probe, *_ = setup
+    n, s0 = 10, 2
+    noise = models.make_noise(n, 16, 21)
+    states = {s0: None}
+    plain = models.sample(model, noise=noise, steps=STEPS, batch_size=5, states=states)
+    e = intervention.Edit("gender", {0: [1, 2], 1: [3, 4]}, beta=2.0, mode="add", target=[0.5, 0.5],
+                          steps=range(s0, STEPS), policy="minimal", probe=probe, classes=("low", "high"))
+    full, iv = intervention.sample_edited(model, sae, [e], noise=noise, steps=STEPS, batch_size=5, class_seed=3)
+    # decided beforehand from the stored pass (the probe reads pooled h at the read step): the same classes
+    hs = []
+    for b in (slice(0, 5), slice(5, 10)):  # the hook counts UNet calls within its block: one block per batch
+        with hooks.capture(model.unet, steps=[s0]) as cap:
+            models.sample(model, noise=noise[b], steps=STEPS)
+        hs.append(cap.activations[0])
+    own = probe(torch.cat(hs), s0)["gender"].argmax(-1)
+    asked = intervention.assign_minimal(own, [0.5, 0.5], batch_size=5, seed=3 * 7919 + 0)
+    assert torch.equal(asked, iv.classes("gender"))
+    edited = (asked >= 0).nonzero().flatten()
+    assert 0 < len(edited) < n
+    pre = dataclasses.replace(e, assigned=asked[edited], policy="quota", probe=None)
+    resumed, _ = intervention.sample_edited(model, sae, [pre], noise=states[s0][edited], steps=STEPS,
+                                            batch_size=len(edited), start_step=s0)
+    torch.testing.assert_close(resumed, full[edited], atol=1e-6, rtol=0)
+    assert torch.equal(full[asked < 0], plain[asked < 0])
+    with pytest.raises(ValueError, match="before start_step 3"):
+        intervention.sample_edited(model, sae, [pre], noise=states[s0][edited], steps=STEPS, start_step=3)
