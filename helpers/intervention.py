@@ -362,8 +362,38 @@ class Intervention:
                 return torch.where(c == p.masks.shape[0] - 1, -1, c)
         raise ValueError(f"Intervention: no edit for {attribute!r}")
 
-    def fn(self, ids: torch.Tensor, site: str | None = None):
-        """The hook function for samples ``ids`` (the current sampling batch) at ``site``."""
+    def fn(self, ids: torch.Tensor, site: str | None = None, null_seed: int | None = None):
+        """The hook function for samples ``ids`` (the current sampling batch) at ``site``.
+
+        With ``null_seed`` the edit is replaced by a *null edit* of the same size: each sample's change of h is
+        swapped for a random direction (fixed per sample, seeded) with the same norm, at the same steps — the
+        control for how often the judge's reading flips under an edit of that size that means nothing.
+        """
+        real = self._fn(ids, site)
+        if null_seed is None:
+            return real
+
+        dirs = {}
+
+        def null(h, info):
+            new = real(h, info)
+            if new is None:
+                return None
+            delta = (new - h).float()
+            norm = delta.flatten(1).norm(dim=1)
+            out = h.float().clone()
+            for i, sid in enumerate(torch.as_tensor(ids).tolist()):
+                if float(norm[i]) == 0.0:
+                    continue
+                if sid not in dirs:
+                    g = torch.Generator().manual_seed(int(null_seed) * 1_000_003 + sid)
+                    d = torch.randn(h.shape[1:], generator=g)
+                    dirs[sid] = (d / d.norm()).to(h.device)
+                out[i] = out[i] + norm[i] * dirs[sid]
+            return out.to(h.dtype)
+        return null
+
+    def _fn(self, ids: torch.Tensor, site: str | None = None):
         sae = self.sae
         dev = sae.W_dec.device  # on a GPU the plans move there once; sample ids may stay on the CPU
         for p in self.active:
@@ -467,7 +497,8 @@ def class_latents(sae: TopKSAE, h_by_step: dict[int, torch.Tensor], labels: torc
 
 def sample_edited(model: models.Diffusion, sae: TopKSAE, edits: Sequence[Edit], n: int | None = None,
                   steps: int = 25, seed: int = 0, noise: torch.Tensor | None = None, batch_size: int = 250,
-                  class_seed: int = 0, progress: bool = False, site: str | None = None, start_step: int = 0):
+                  class_seed: int = 0, progress: bool = False, site: str | None = None, start_step: int = 0,
+                  null_seed: int | None = None):
     """DDIM samples with ``edits`` applied at ``site`` (default: where the SAE was trained); returns
     ``(images, intervention)``.
 
@@ -475,7 +506,7 @@ def sample_edited(model: models.Diffusion, sae: TopKSAE, edits: Sequence[Edit], 
     the same ``seed`` are paired. ``intervention.classes(attr)`` tells which class each sample drew.
     With ``start_step = s`` (no edit before ``s``), ``noise`` is the unedited run's state entering step ``s``
     (``models.sample(..., states={s: None})``) and only steps ``s ..`` run: the same images for a fraction
-    of the UNet passes.
+    of the UNet passes. ``null_seed`` runs the size-matched null edit instead (:meth:`Intervention.fn`).
     """
     from tqdm.auto import tqdm
 
@@ -495,7 +526,7 @@ def sample_edited(model: models.Diffusion, sae: TopKSAE, edits: Sequence[Edit], 
     for s in range(0, len(noise), batch_size):
         ids = torch.arange(s, min(len(noise), s + batch_size))
         if iv.active:
-            with hooks.edit(model.unet, iv.fn(ids, site), site=site, first_step=start_step):
+            with hooks.edit(model.unet, iv.fn(ids, site, null_seed), site=site, first_step=start_step):
                 outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids), bar=bar,
                                           start_step=start_step))
         else:

@@ -203,23 +203,28 @@ def class_names(folder, attribute: str) -> list[str]:
     return list(meta["classes"])
 
 
-def edit_for(folder, attribute: str, beta: float, k: int, cls: int | None = None, target=None, flat: bool = False,
-             steps=None, swap: bool = False, source: torch.Tensor | None = None) -> intervention.Edit:
-    """An add-mode :class:`~helpers.intervention.Edit` on the ranked features of ``folder`` (footprint unless ``flat``).
+def edit_for(folder, attribute: str, beta, k: int, cls: int | None = None, target=None, flat: bool = False,
+             steps=None, swap: bool = False, source: torch.Tensor | None = None, mode: str = "add",
+             policy: str = "quota", probe=None, read_step: int | None = None) -> intervention.Edit:
+    """An :class:`~helpers.intervention.Edit` on the ranked features of ``folder``.
 
-    With ``cls`` every sample is pushed towards that class; with ``target`` each sample draws its class
-    and that class's features are edited (``source``: each sample's own class, to move only the surplus).
-    ``steps`` limits the edit to those sampling steps. ``swap`` also zeroes the other classes' ranked
-    features in each sample (``Edit.suppress_others``).
+    ``mode="add"`` (default) adds β at each feature's footprint (flat everywhere with ``flat``); ``mode="scale"``
+    multiplies the features by β. ``beta`` is one strength or one per class (the released configs' ratios,
+    the majority's at 1). With ``cls`` every sample is pushed towards that class; with ``target`` each sample
+    is assigned a class by ``policy`` (:data:`helpers.intervention.POLICIES`; ``"minimal"`` reads each
+    sample's own class with ``probe``), and that class's features are edited (``source``: each sample's own
+    class from elsewhere, to move only the surplus). ``steps`` limits the edit to those sampling steps.
+    ``swap`` also zeroes the other classes' ranked features in each sample (``Edit.suppress_others``).
     """
     names = class_names(folder, attribute)
-    classes = range(len(names)) if cls is None or swap else [cls]
+    classes = range(len(names)) if cls is None or swap or not isinstance(beta, (int, float)) else [cls]
     feats, fps = {}, {}
     for c in classes:
         feats[c], fps[c] = features(folder, attribute, c, k)
-    return intervention.Edit(attribute, feats, beta=beta, mode="add", cls=cls, target=target,
-                             footprint=None if flat else fps, steps=None if steps is None else list(steps),
-                             suppress_others=swap, source=source, classes=tuple(names))
+    return intervention.Edit(attribute, feats, beta=beta, mode=mode, cls=cls, target=target,
+                             footprint=None if flat or mode != "add" else fps,
+                             steps=None if steps is None else list(steps), suppress_others=swap, source=source,
+                             classes=tuple(names), policy=policy, probe=probe, read_step=read_step)
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -324,3 +324,21 @@ def test_resuming_an_edit_from_the_unedited_state_gives_the_same_images(setup):
     assert torch.equal(full[asked < 0], plain[asked < 0])
     with pytest.raises(ValueError, match="before start_step 3"):
         intervention.sample_edited(model, sae, [pre], noise=states[s0][edited], steps=STEPS, start_step=3)
+
+
+def test_null_edit_has_the_same_size_in_a_random_direction(setup):
+    model, sae, *_ = setup
+    e = intervention.Edit("gender", {0: [1, 2], 1: [3, 4]}, beta=3.0, mode="add", target=[0.5, 0.5], steps=[1],
+                          classes=("m", "f"))
+    iv = intervention.Intervention(sae, [e], 4)
+    with hooks.capture(model.unet, steps=[1]) as before:
+        models.sample(model, 4, steps=STEPS, seed=5)
+    h = before.activations[0]
+    info = hooks.StepInfo(step=1, timestep=torch.tensor(0))
+    real = iv.fn(torch.arange(4))(h, info) - h
+    null = iv.fn(torch.arange(4), null_seed=7)(h, info) - h
+    torch.testing.assert_close(null.flatten(1).norm(dim=1), real.flatten(1).norm(dim=1), rtol=1e-4, atol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(null.flatten(1), real.flatten(1), dim=1)
+    assert cos.abs().max() < 0.3  # unrelated to the edit's direction
+    again = iv.fn(torch.arange(4), null_seed=7)(h, info) - h
+    assert torch.equal(null, again)  # fixed per sample and seed
