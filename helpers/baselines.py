@@ -10,24 +10,30 @@ text-to-image model the learned methods train through :func:`helpers.models.deno
 classifier-free guidance), in the VAE's latent space, judging VAE-decoded images.
 
 * :class:`Activation` — rank bottleneck channels by the difference of their mean activation between
-  a class and the rest; scale the class's top channels by β (per-sample class targeting, like DiffLens).
+  a class and the rest; move the class's top channels towards it by a factor β (β where the class mean is
+  positive, 1/β where it is negative; per-sample class targeting, like DiffLens).
 * :class:`LatentDirection` (Li et al., CVPR 2024) — one learned vector per class added to h at every
   step, trained with the denoising loss on images of that class, UNet frozen. Their images of a class
-  came from prompting Stable Diffusion; ours are renders of the world conditioned on the class.
+  came from prompting Stable Diffusion; ours are renders of the world conditioned on the class (chapter 6)
+  or the model's own harvested images the judge read as that class (the runner).
 * :class:`HDistribution` (Parihar et al., CVPR 2024) — at each step, h moves along the gradient of a
-  distribution loss between the batch-mean probe prediction and the target distribution (guidance
-  through the per-step linear head only). The loss is on a *batch mean*, so its effect depends on the
-  batch size: compare runs at equal batch size.
+  distribution loss between the batch-mean probe prediction and the target distribution. Deviation: the
+  original guides with a linear classifier on the *flattened* h of each step; ours is the book's h-probe,
+  which reads the *spatially pooled* h, so its gradient is the same at every position — a flat shift of
+  h, the same fault chapter 4 finds in flat adds. Its loss is on a *batch mean*, so its effect depends on
+  the batch size: compare runs at equal batch size.
 * :class:`LatentEditing` (Kwon et al., ICLR 2023, "Asyrp") — a learned Δh per step and class, used in
   their asymmetric reverse process (the predicted x0 uses the edited h, the direction term the
-  unedited one) over the first part of sampling. Their CLIP directional loss needs CLIP weights we
-  cannot have; the attribute loss is the judge's cross-entropy on the predicted x0 plus an L1 term to
-  the unedited predicted x0.
+  unedited one) over the first part of sampling. Deviations: their Δh comes from a small network of h and
+  t; ours is a free tensor per (class, step). Their CLIP directional loss needs CLIP weights we cannot
+  have; the attribute loss is the judge's cross-entropy on the predicted x0 plus an L1 term to the
+  unedited predicted x0.
 * :class:`Finetuning` (Shen et al., ICLR 2024) — a LoRA adapter (peft) on the up-blocks' convolutions,
   trained through a few differentiable DDIM steps to align the judged attribute distribution with the
   target (their dynamic target assignment: each batch's samples are assigned target classes in the
   target proportions at least cost), with an image-space preservation loss against the frozen model
-  from the same noise. It changes the model, so it has no per-sample class.
+  from the same noise. Deviation: trained through ``train_steps`` (8) DDIM steps for CPU cost, evaluated
+  at the sampler's 25. It changes the model, so it has no per-sample class.
 """
 from __future__ import annotations
 
