@@ -138,11 +138,83 @@ def keep_rate(probs_a: dict[str, torch.Tensor], probs_b: dict[str, torch.Tensor]
     """Share of paired samples whose judged class is unchanged on *every* attribute in ``attrs``."""
     if not attrs:
         raise ValueError("keep_rate: give at least one attribute")
+    same = kept(probs_a, probs_b, attrs)
+    return int(same.sum()) / len(same)  # exact (a float32 mean reads 475/500 as 0.94999)
+
+
+def kept(probs_a: dict[str, torch.Tensor], probs_b: dict[str, torch.Tensor], attrs: Sequence[str]) -> torch.Tensor:
+    """Per paired sample: is its judged class unchanged on every attribute in ``attrs``? ``(n,)`` bool."""
+    if not attrs:
+        raise ValueError("kept: give at least one attribute")
     same = None
     for a in attrs:
         s = probs_a[a].argmax(-1) == probs_b[a].argmax(-1)
         same = s if same is None else same & s
-    return int(same.sum()) / len(same)  # exact (a float32 mean reads 475/500 as 0.94999)
+    return same
+
+
+def keep_among(probs_a: dict[str, torch.Tensor], probs_b: dict[str, torch.Tensor], attrs: Sequence[str],
+               mask: torch.Tensor) -> float | None:
+    """Keep-rate among the samples of ``mask`` only (e.g. those an edit actually changed): samples left alone are
+    bit-identical and always kept, so the overall keep-rate rises with every sample a policy does not touch.
+    ``None`` when the mask is empty."""
+    mask = torch.as_tensor(mask, dtype=torch.bool)
+    if not bool(mask.any()):
+        return None
+    return int(kept(probs_a, probs_b, attrs)[mask].sum()) / int(mask.sum())
+
+
+def paired_difference(x: torch.Tensor, y: torch.Tensor, stat, n_boot: int = 2000, ci: float = 0.95,
+                      seed: int = 0) -> dict[str, float]:
+    """``stat(x) − stat(y)`` for paired per-sample data (same noise, same order) with a paired percentile
+    bootstrap CI: the same resampled sample indices go into both. ``stat`` maps ``(n, ...)`` to a float
+    (e.g. FD of class predictions, or the mean of a kept indicator). Returns ``{"diff", "lo", "hi", "n"}``."""
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    if len(x) != len(y):
+        raise ValueError(f"paired_difference: {len(x)} and {len(y)} samples; pairs need the same noise and n")
+    g = torch.Generator().manual_seed(seed)
+    n = len(x)
+    diffs = []
+    for _ in range(n_boot):
+        idx = torch.randint(n, (n,), generator=g)
+        diffs.append(stat(x[idx]) - stat(y[idx]))
+    d = np.asarray(diffs)
+    a = (1 - ci) / 2
+    return {"diff": float(stat(x) - stat(y)), "lo": float(np.quantile(d, a)), "hi": float(np.quantile(d, 1 - a)),
+            "n": n}
+
+
+def mcnemar(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """McNemar's exact test on paired binary outcomes (e.g. kept by method a / by method b, sample by sample):
+    only the discordant pairs count. Returns the counts and the two-sided binomial p-value."""
+    from scipy.stats import binomtest
+
+    a, b = torch.as_tensor(a, dtype=torch.bool), torch.as_tensor(b, dtype=torch.bool)
+    if a.shape != b.shape:
+        raise ValueError("mcnemar: the outcomes must be paired (same shape)")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    return {"only_a": only_a, "only_b": only_b, "p": p}
+
+
+def matched_setting(rows: Sequence[dict], keep: float, key: str = "keep all", knob: str = "setting") -> dict:
+    """The knob value where a method's validation frontier crosses keep-rate ``keep``, by linear interpolation
+    between the two settings that bracket it (settings sorted; the first crossing from above is used).
+
+    Returns ``{"setting": float | None, "why": str}``: ``None`` with the reason when the grid never reaches
+    the keep-rate (every setting below it) or never leaves it (every setting above it: the grid must extend).
+    """
+    pts = sorted((float(r[knob]), float(r[key])) for r in rows)
+    if not pts:
+        raise ValueError("matched_setting: no validation rows")
+    if all(k < keep for _, k in pts):
+        return {"setting": None, "why": f"every setting keeps less than {keep} (best {max(k for _, k in pts):.3f})"}
+    for (s0, k0), (s1, k1) in zip(pts, pts[1:]):
+        if k0 >= keep > k1:
+            return {"setting": s0 + (k0 - keep) / (k0 - k1) * (s1 - s0), "why": "interpolated"}
+    if all(k >= keep for _, k in pts):
+        return {"setting": None, "why": f"every setting keeps at least {keep}: extend the grid past {pts[-1][0]:g}"}
+    return {"setting": None, "why": "the frontier is not monotone around this keep-rate"}
 
 
 def confident_share(probs: dict[str, torch.Tensor], attrs: Sequence[str], threshold: float = 0.9) -> dict[str, float]:

@@ -85,3 +85,40 @@ def test_keep_rate_and_similarity():
     assert torch.allclose(metrics.similarity(imgs, imgs, _FakeJudge()), torch.ones(5), atol=1e-6)
     with pytest.raises(ValueError, match="shape"):
         metrics.similarity(imgs, imgs[:3], _FakeJudge())
+
+
+def test_keep_among_edited_excludes_untouched_samples():
+    a = {"smile": torch.tensor([[1.0, 0.0]] * 4)}
+    b = {"smile": torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])}
+    edited = torch.tensor([False, False, True, True])
+    assert metrics.keep_rate(a, b, ["smile"]) == 0.75
+    assert metrics.keep_among(a, b, ["smile"], edited) == 0.5
+    assert metrics.keep_among(a, b, ["smile"], torch.zeros(4, dtype=torch.bool)) is None
+
+
+def test_paired_difference_and_mcnemar():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(400, generator=g) < 0.9).float()
+    same = metrics.paired_difference(x, x.clone(), lambda v: float(v.mean()), n_boot=300)
+    assert same["diff"] == 0 and same["lo"] == 0 and same["hi"] == 0  # paired: identical data never differ
+    y = x.clone()
+    y[:60] = 0  # y loses 60 samples' worth (minus those already 0)
+    d = metrics.paired_difference(x, y, lambda v: float(v.mean()), n_boot=300)
+    assert d["diff"] > 0 and d["lo"] > 0  # the paired CI excludes 0
+    fd = lambda v: metrics.fairness_discrepancy(v.long(), 2)  # noqa: E731
+    p = metrics.paired_difference(torch.zeros(50), torch.cat([torch.zeros(25), torch.ones(25)]), fd, n_boot=200)
+    assert abs(p["diff"] - (0.7071 - 0.0)) < 1e-3
+    m = metrics.mcnemar(x.bool(), y.bool())
+    assert m["only_b"] == 0 and m["only_a"] == int(x[:60].sum()) and m["p"] < 1e-6
+    assert metrics.mcnemar(x.bool(), x.bool())["p"] == 1.0
+
+
+def test_matched_setting_interpolates_the_frontier():
+    rows = [{"setting": 1.0, "keep all": 0.99}, {"setting": 2.0, "keep all": 0.95},
+            {"setting": 4.0, "keep all": 0.85}, {"setting": 3.0, "keep all": 0.91}]
+    assert metrics.matched_setting(rows, 0.95)["setting"] == 2.0
+    assert abs(metrics.matched_setting(rows, 0.90)["setting"] - (3 + 1 / 6)) < 1e-9
+    r = metrics.matched_setting(rows, 0.999)
+    assert r["setting"] is None and "every setting keeps less" in r["why"]
+    r = metrics.matched_setting(rows, 0.80)
+    assert r["setting"] is None and "extend the grid past 4" in r["why"]
