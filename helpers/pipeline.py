@@ -17,7 +17,7 @@ embedded model's settings; ``python -m helpers run`` calls them with a config's.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -225,6 +225,75 @@ def edit_for(folder, attribute: str, beta, k: int, cls: int | None = None, targe
                              footprint=None if flat or mode != "add" else fps,
                              steps=None if steps is None else list(steps), suppress_others=swap, source=source,
                              classes=tuple(names), policy=policy, probe=probe, read_step=read_step)
+
+
+# ----------------------------------------------------------------------------- cells that cost what they edit
+
+
+@dataclass
+class Reference:
+    """The unedited pass over a cell's noise, with what edited cells reuse: the judge's reading and features of
+    every sample, the state entering each of ``states``' steps and the pooled h at each of ``pooled``' steps."""
+
+    probs: dict[str, torch.Tensor]  # {attribute: (n, classes)}
+    features: torch.Tensor  # (n, F) judge features
+    states: dict[int, torch.Tensor]  # step -> (n, C, H, W) x entering that step
+    pooled: dict[int, torch.Tensor]  # step -> (n, C_h) spatially pooled h at the site
+    images: torch.Tensor  # (n, 3, H, W) in [0, 1]
+    steps: int
+    passes: int  # UNet passes spent
+
+
+def original_pass(model, noise: torch.Tensor, steps: int, judge, state_steps=(), pooled_steps=(),
+                  batch_size: int = 128, site: str = hooks.DEFAULT_SITE, progress: bool = False) -> Reference:
+    """Sample ``noise`` unedited, keeping what :func:`edited_pass` needs to skip unedited samples and resume
+    edited ones (pixel models)."""
+    from tqdm.auto import tqdm
+
+    from . import models
+
+    states = {int(s): [] for s in state_steps}
+    pooled = {int(s): [] for s in pooled_steps}
+    imgs = []
+    bar = tqdm(total=len(noise) * steps, disable=not progress, desc="original", unit="img-step")
+    for b in range(0, len(noise), batch_size):
+        st = {s: None for s in states}
+
+        def keep(h, info):
+            if info.step in pooled:
+                pooled[info.step].append(h.detach().float().mean((2, 3)).cpu())
+
+        with hooks.site_hooks(model.unet, keep, site=site):  # one block per batch: steps count from 0 in each
+            imgs.append(models.sample(model, noise=noise[b:b + batch_size], steps=steps, batch_size=batch_size,
+                                      states=st, bar=bar))
+        for s in states:
+            states[s].append(st[s])
+    bar.close()
+    images = torch.cat(imgs)
+    return Reference(judge.predict(images), judge.features(images), {s: torch.cat(v) for s, v in states.items()},
+                     {s: torch.cat(v) for s, v in pooled.items()}, images, steps, len(noise) * steps)
+
+
+def edited_pass(ref: Reference, asked: torch.Tensor, run, judge, start_step: int = 0) -> dict:
+    """A cell that costs what it edits: samples asked for no class (``-1``) are the reference's own (an edit that
+    does nothing at any step gives the unedited sample bit for bit), the others are sampled by
+    ``run(idx, x, start_step) -> images`` from ``x`` = their reference state entering ``start_step`` (their
+    noise when 0). Returns ``{"probs", "features", "edited", "passes"}`` for all ``n`` samples."""
+    asked = torch.as_tensor(asked).long()
+    idx = (asked >= 0).nonzero().flatten()
+    probs = {a: p.clone() for a, p in ref.probs.items()}
+    features = ref.features.clone()
+    if len(idx):
+        if start_step not in ref.states:
+            raise ValueError(f"edited_pass: the reference kept no state at step {start_step} (kept: "
+                             f"{sorted(ref.states)}); run original_pass with state_steps=({start_step},)")
+        images = run(idx, ref.states[start_step][idx], start_step)
+        p = judge.predict(images)
+        for a in probs:
+            probs[a][idx] = p[a]
+        features[idx] = judge.features(images)
+    return {"probs": probs, "features": features, "edited": asked >= 0,
+            "passes": len(idx) * (ref.steps - start_step)}
 
 
 # ----------------------------------------------------------------------------- evaluate

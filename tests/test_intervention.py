@@ -342,3 +342,36 @@ def test_null_edit_has_the_same_size_in_a_random_direction(setup):
     assert cos.abs().max() < 0.3  # unrelated to the edit's direction
     again = iv.fn(torch.arange(4), null_seed=7)(h, info) - h
     assert torch.equal(null, again)  # fixed per sample and seed
+
+
+def test_a_cell_that_costs_what_it_edits_equals_the_full_cell(setup):
+    """pipeline.original_pass + edited_pass (reuse unedited samples, resume edited ones at the first edited
+    step) gives the same judged cell as sampling every sample with the edit."""
+    from helpers import judge as J
+    from helpers import pipeline
+
+    model, sae, probe, *_ = setup
+    torch.manual_seed(0)
+    judge = J.Judge(J.JudgeConfig(resolution=16)).eval()
+    n, s0 = 10, 2
+    noise = models.make_noise(n, 16, 31)
+    ref = pipeline.original_pass(model, noise, STEPS, judge, state_steps=(s0,), pooled_steps=(s0,), batch_size=5)
+    assert ref.states[s0].shape == (n, 3, 16, 16) and ref.pooled[s0].shape == (n, 32)
+    e = intervention.Edit("gender", {0: [1, 2], 1: [3, 4]}, beta=2.0, mode="add", target=[0.5, 0.5],
+                          steps=range(s0, STEPS), policy="minimal", probe=probe, classes=("low", "high"))
+    full, iv = intervention.sample_edited(model, sae, [e], noise=noise, steps=STEPS, batch_size=5, class_seed=2)
+    own = probe.logits_pooled(ref.pooled[s0], s0)["gender"].argmax(-1)  # the probe reads pooled h
+    asked = intervention.assign_minimal(own, [0.5, 0.5], 5, seed=2 * 7919)
+    assert torch.equal(asked, iv.classes("gender"))
+
+    def run(idx, x, start):
+        pre = dataclasses.replace(e, assigned=asked[idx], policy="quota", probe=None)
+        return intervention.sample_edited(model, sae, [pre], noise=x, steps=STEPS, batch_size=5, start_step=start)[0]
+
+    cell = pipeline.edited_pass(ref, asked, run, judge, start_step=s0)
+    want = judge.predict(full)
+    for a in want:
+        torch.testing.assert_close(cell["probs"][a], want[a], atol=1e-5, rtol=0)
+    assert cell["passes"] == int((asked >= 0).sum()) * (STEPS - s0) < n * STEPS
+    with pytest.raises(ValueError, match="no state at step 1"):
+        pipeline.edited_pass(ref, asked, run, judge, start_step=1)
