@@ -185,8 +185,13 @@ def ddim_step(sched: DDIMScheduler, out_x0: torch.Tensor, out_eps: torch.Tensor,
 
 
 def sample(model: models.Diffusion, noise: torch.Tensor, steps: int = 25, hook: Callable | None = None,
-           batch_size: int = 128, progress: bool = False, site: str = hooks.DEFAULT_SITE) -> torch.Tensor:
-    """DDIM samples from ``noise``; ``hook(ids)`` returns the edit at ``site`` for samples ``ids``."""
+           batch_size: int = 128, progress: bool = False, site: str = hooks.DEFAULT_SITE, from_step: int = 0,
+           start_step: int = 0) -> torch.Tensor:
+    """DDIM samples from ``noise``; ``hook(ids)`` returns the edit at ``site`` for samples ``ids``, applied at
+    steps ``from_step ..``. With ``start_step`` (≤ ``from_step``), ``noise`` is the unedited state entering that
+    step and only the steps from there run (:func:`helpers.models.sample`)."""
+    if start_step > from_step:
+        raise ValueError(f"sample: resuming at step {start_step} would skip edited steps from {from_step}")
     from tqdm.auto import tqdm
 
     outs = []
@@ -194,10 +199,13 @@ def sample(model: models.Diffusion, noise: torch.Tensor, steps: int = 25, hook: 
     for s in range(0, len(noise), batch_size):
         ids = torch.arange(s, min(len(noise), s + batch_size))
         if hook is None:
-            outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids), bar=bar))
+            outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids), bar=bar,
+                                      start_step=start_step))
         else:
-            with hooks.edit(model.unet, hook(ids), site=site):
-                outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids), bar=bar))
+            with hooks.edit(model.unet, hook(ids), site=site, first_step=start_step,
+                            steps=None if from_step == 0 else range(from_step, steps)):
+                outs.append(models.sample(model, noise=noise[ids], steps=steps, batch_size=len(ids), bar=bar,
+                                          start_step=start_step))
     bar.close()
     return torch.cat(outs)
 
@@ -232,6 +240,7 @@ class Activation:
     name: str = "Activation"
     site: str = hooks.DEFAULT_SITE
     signs: dict[int, list[float]] | None = None  # per class and channel: +1 (scale by β) or −1 (by 1/β); None: all +1
+    from_step: int = 0  # the edit acts at sampling steps from_step .. (0: every step, as published)
     knob: ClassVar[str] = "beta"
     default: ClassVar[float] = 2.0
     per_sample: ClassVar[bool] = True
@@ -259,10 +268,13 @@ class Activation:
         ctx.need(cls.name, "pooled", "labels")
         return cls.fit(ctx.pooled, ctx.labels, ctx.attribute, k=k, classes=ctx.classes, site=ctx.site)
 
-    def sample_edited(self, model, noise, steps, setting=None, classes=None, batch_size=128, progress=False):
-        """Samples with the asked-for class's channels moved by a factor ``setting`` (β)."""
+    def sample_edited(self, model, noise, steps, setting=None, classes=None, batch_size=128, progress=False,
+                      start_step=0):
+        """Samples with the asked-for class's channels moved by a factor ``setting`` (β); ``start_step``: resume
+        from the unedited state entering that step (``noise`` is that state)."""
         me = self if setting is None else replace(self, beta=setting)
-        return sample(model, noise, steps, me.hook(_asked(classes, len(noise))), batch_size, progress, self.site)
+        return sample(model, noise, steps, me.hook(_asked(classes, len(noise))), batch_size, progress, self.site,
+                      self.from_step, start_step)
 
     def factors(self, c: int) -> torch.Tensor:
         """The multiplier of each of class ``c``'s channels: β, or 1/β where the class mean is negative."""
@@ -300,6 +312,7 @@ class LatentDirection:
     seconds: float = 0.0
     name: str = "Latent Direction"
     site: str = hooks.DEFAULT_SITE
+    from_step: int = 0  # the edit acts at sampling steps from_step .. (0: every step, as published)
     knob: ClassVar[str] = "scale"
     default: ClassVar[float] = 1.0
     per_sample: ClassVar[bool] = True
@@ -356,10 +369,13 @@ class LatentDirection:
     def from_tensors(cls, ctx: Context, tensors: dict, meta: dict):
         return cls(ctx.attribute, tensors["directions"], history=meta["history"], site=meta.get("site", ctx.site))
 
-    def sample_edited(self, model, noise, steps, setting=None, classes=None, batch_size=128, progress=False):
-        """Samples with the asked-for class's direction added at every step, times ``setting``."""
+    def sample_edited(self, model, noise, steps, setting=None, classes=None, batch_size=128, progress=False,
+                      start_step=0):
+        """Samples with the asked-for class's direction added at every step (from ``from_step``), times
+        ``setting``; ``start_step``: resume from the unedited state entering that step."""
         me = self if setting is None else replace(self, scale=setting)
-        return sample(model, noise, steps, me.hook(_asked(classes, len(noise))), batch_size, progress, self.site)
+        return sample(model, noise, steps, me.hook(_asked(classes, len(noise))), batch_size, progress, self.site,
+                      self.from_step, start_step)
 
     def hook(self, classes: torch.Tensor):
         d = torch.cat([self.directions, torch.zeros_like(self.directions[:1])])  # class -1: nothing added

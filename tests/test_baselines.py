@@ -166,3 +166,21 @@ def test_render_classes_gives_the_asked_classes():
         B.Activation.fit(torch.zeros(4, 2, 8), torch.zeros(4), "height")
     with pytest.raises(ValueError, match="give images_of"):
         B.LatentDirection.fit(None, "gender", classes=("m", "f"))
+
+
+def test_hook_baselines_with_a_step_window_resume_from_the_unedited_state(tiny):
+    model, _ = tiny
+    pooled = torch.randn(40, STEPS, 32)
+    labels = torch.arange(40) % 2
+    pooled[labels == 1, :, 5] += 3.0
+    act = replace(B.Activation.fit(pooled, labels, "gender", k=3, classes=("m", "f")), from_step=2)
+    noise = models.make_noise(4, 16, 3)
+    classes = torch.tensor([0, 1, -1, 1])
+    full = act.sample_edited(model, noise, STEPS, 3.0, classes, batch_size=4)
+    states = {2: None}
+    plain = models.sample(model, noise=noise, steps=STEPS, batch_size=4, states=states)
+    resumed = act.sample_edited(model, states[2], STEPS, 3.0, classes, batch_size=4, start_step=2)
+    torch.testing.assert_close(resumed, full, atol=1e-6, rtol=0)
+    assert torch.equal(full[2], plain[2]) and not torch.equal(full[1], plain[1])  # class -1: untouched
+    with pytest.raises(ValueError, match="would skip edited steps"):
+        act.sample_edited(model, states[2], STEPS, 3.0, classes, start_step=3)
