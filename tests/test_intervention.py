@@ -375,3 +375,19 @@ def test_a_cell_that_costs_what_it_edits_equals_the_full_cell(setup):
     assert cell["passes"] == int((asked >= 0).sum()) * (STEPS - s0) < n * STEPS
     with pytest.raises(ValueError, match="no state at step 1"):
         pipeline.edited_pass(ref, asked, run, judge, start_step=1)
+
+
+def test_edit_norm_is_the_size_of_an_add_edit(setup):
+    """Chapter 4's size-matched control rests on ‖Δh‖ of a footprint add being linear in β and computable from
+    the footprint and the decoder rows alone."""
+    from helpers.chapters import identify
+
+    model, sae, probe, h, y = setup
+    feats = [1, 5, 9]
+    fp = intervention.footprint(sae, {0: h[0]}, y, 1, feats)
+    e = intervention.Edit("gender", {1: feats}, beta=2.5, mode="add", cls=1, footprint={1: fp})
+    iv = intervention.Intervention(sae, [e], 3)
+    x = h[1][:3]
+    d = iv.fn(torch.arange(3))(x, hooks.StepInfo(step=0, timestep=torch.tensor(0))) - x
+    want = 2.5 * identify.edit_norm(sae, feats, fp)
+    torch.testing.assert_close(d.flatten(1).norm(dim=1), torch.full((3,), want), rtol=1e-4, atol=1e-5)

@@ -34,7 +34,8 @@ CHECK_SEED = 4_242  # noise of the check (not the harvest, not the evaluation se
 # seeds: gender and age move with 8 latents; race (an ordinal skin-tone scale the model encodes as graded
 # intensity on shared features) did not move with 8 at any β up to 32, and did with 32.
 K = {"gender": 8, "age": 8, "race": 32}
-CHECK_BETAS = {"footprint": (1.0, 2.0, 4.0), "flat": (2.0, 4.0), "random": (2.0, 4.0), "channels": (2.0, 4.0)}
+CHECK_BETAS = {"footprint": (1.0, 2.0, 4.0), "flat": (2.0, 4.0), "random": (2.0, 4.0), "random, size-matched": (2.0, 4.0),
+               "channels": (2.0, 4.0)}
 
 
 h_by_step = pipeline.h_by_step
@@ -74,6 +75,13 @@ def edit_for(attribute: str, beta: float, cls: int | None = None, target=None, k
                              flat=flat, steps=steps, swap=swap, source=source)
 
 
+def edit_norm(sae, feats, fp) -> float:
+    """‖Δh‖ of adding β = 1 of ``feats`` at their footprint ``fp`` ``(k, positions)`` (over positions and channels).
+    Add edits are linear in β, so this sizes any β's edit exactly."""
+    d = fp.float().T @ sae.W_dec[list(map(int, feats))].detach().float()  # (positions, channels)
+    return float(d.norm() * sae.input_scale)
+
+
 def check(model, sae, judge, channel_rankings: dict, summary, h_by_step, n_label: int, n: int, steps: int,
           betas=None, seed: int = CHECK_SEED, folder=OUT, progress: bool = True) -> dict:
     """Target effect and leakage: top-k latents (footprint / flat) vs random-k latents vs top-k channels."""
@@ -96,6 +104,7 @@ def check(model, sae, judge, channel_rankings: dict, summary, h_by_step, n_label
         top, fp = features(a, c, k, folder)
         rand = torch.randperm(sae.cfg.d_sae, generator=g)[:k].tolist()
         rfp = I.footprint(sae, h_by_step, labels[a][:n_label], c, rand)
+        size_ratio = edit_norm(sae, top, fp) / edit_norm(sae, rand, rfp)  # random-k's edit is this much smaller
         chans = channel_rankings[a].top(c, min(k, channel_rankings[a].scores.shape[1]))
         signs = channel_signs(h_by_step, labels[a][:n_label], c, chans)
         for method, bs in betas.items():
@@ -111,6 +120,10 @@ def check(model, sae, judge, channel_rankings: dict, summary, h_by_step, n_label
                         "flat": ("top-k latents, flat", top, I.Edit(a, {c: top}, beta, "add", cls=c)),
                         "random": ("random-k latents, footprint", rand, I.Edit(a, {c: rand}, beta, "add", cls=c,
                                                                                 footprint={c: rfp})),
+                        # the same random latents with β scaled so that ‖Δh‖ equals the top-k edit's
+                        "random, size-matched": ("random-k latents, size-matched", rand,
+                                                 I.Edit(a, {c: rand}, beta * size_ratio, "add", cls=c,
+                                                        footprint={c: rfp})),
                     }[method]
                     imgs, _ = I.sample_edited(model, sae, [e], noise=noise, steps=steps, batch_size=n)
                 pe = judge.predict(imgs)
@@ -120,12 +133,33 @@ def check(model, sae, judge, channel_rankings: dict, summary, h_by_step, n_label
                 changed = {b: float((pe[b].argmax(-1) != pb[b].argmax(-1)).float().mean()) for b in world.ATTRIBUTES}
                 out["rows"].append({
                     "attribute": a, "class": world.ATTRIBUTES[a][c], "class_id": c, "method": name, "beta": beta,
-                    "k": k, "units": units, "share_before": ev["share original"][c], "share_after": ev["share edited"][c],
+                    "k": k, "units": units, "size_ratio": size_ratio, "share_before": ev["share original"][c], "share_after": ev["share edited"][c],
                     "keep_other_social": ev["keep other social"], "keep_nuisance": ev["keep nuisance"],
                     "similarity": ev["similarity"], "changed": changed})
                 bar.update(1)
     bar.close()
     return out
+
+
+def rerun_check(out=OUT, progress: bool = True) -> dict:
+    """Only the check, from the stored probe rankings and footprints (the harvest is re-made in the cache when
+    missing): what a new control needs without redoing IG. Rewrites ``check.json``."""
+    from .. import attribution as A
+
+    out = Path(out)
+    hs = H.HarvestSettings()
+    folder = H.cached("embedded", hs, progress=progress)
+    summary = H.load_summary(folder)
+    sae, _ = S.load_sae(D.OUT / "sae.safetensors")
+    n_train = pipeline.n_train(hs.n)
+    hs_by = h_by_step(folder, IG_STEPS, torch.arange(n_train))
+    ch = {a: A.Ranking.load(out / f"rank_channels_{a}.safetensors") for a in world.SOCIAL}
+    t0 = time.time()
+    chk = check(models.load_model("embedded"), sae, J.load_judge(), ch, summary, hs_by, n_train, n=128, steps=hs.steps,
+                folder=out, progress=progress)
+    chk["seconds"] = time.time() - t0
+    io.write_json(out / "check.json", chk)
+    return chk
 
 
 def run(out=OUT, quick: bool = False, progress: bool = True) -> dict:
