@@ -126,6 +126,10 @@ class Edit:
             if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < k:
                 raise ValueError(f"Edit: {self.attribute!r} has classes 0..{k - 1}{self._names()}; "
                                  f"features given for class {c!r}")
+            notint = [f for f in feats if isinstance(f, bool) or not (isinstance(f, int) or (
+                isinstance(f, torch.Tensor) and not f.is_floating_point()) or type(f).__name__.startswith("int"))]
+            if notint:
+                raise ValueError(f"Edit: feature ids must be integers, got {notint} for class {c}")
             bad = [f for f in feats if not 0 <= int(f) < d_sae]
             if bad:
                 raise ValueError(f"Edit: feature ids {bad} out of range; this SAE has latents 0..{d_sae - 1}")
@@ -466,7 +470,14 @@ class Intervention:
                 delta = ((z_new - z) @ sae.W_dec) * sae.input_scale  # Dec(z') − Dec(z); b_dec cancels
             return h + from_rows(delta, h.shape).to(h.dtype)
 
-        return apply
+        def checked(h, info):
+            new = apply(h, info)
+            if new is not None and not bool(torch.isfinite(new).all()):
+                betas = {p.edit.attribute: p.edit.beta for p in self.active}
+                raise ValueError(f"the edit made h non-finite at sampling step {info.step} (β {betas}); lower β")
+            return new
+
+        return checked
 
 
 def footprint(sae: TopKSAE, h_by_step: dict[int, torch.Tensor], labels: torch.Tensor, cls: int,
@@ -516,6 +527,11 @@ def sample_edited(model: models.Diffusion, sae: TopKSAE, edits: Sequence[Edit], 
             raise ValueError("sample_edited: give n (with seed) or an explicit noise tensor")
         noise = models.make_noise(n, model.sample_size, seed, model.unet.config.in_channels)
     iv = Intervention(sae, edits, len(noise), seed=class_seed)
+    for p in iv.plans:
+        out = sorted(s for s in (p.steps or ()) if not 0 <= s < steps)
+        if out:
+            raise ValueError(f"sample_edited: the edit of {p.edit.attribute!r} names steps {out}, outside this "
+                             f"{steps}-step schedule (0..{steps - 1})")
     early = [p.edit.attribute for p in iv.active if min([p.edit.first_step()] + ([p.read_step] if p.read_step is not None
                                                                                    else [])) < start_step]
     if early:

@@ -261,6 +261,14 @@ def train_sae(rows: torch.Tensor, cfg: SAEConfig, tc: SAETrainConfig | None = No
     if rows.ndim != 2 or rows.shape[1] != cfg.d_in:
         raise ValueError(f"train_sae: rows must be (N, {cfg.d_in}); got {tuple(rows.shape)}. "
                          "Use sae.to_rows(h) to turn (B, C, H, W) activations into rows.")
+    if not isinstance(tc.steps, int) or tc.steps < 1:
+        raise ValueError(f"train_sae: steps must be an integer ≥ 1, got {tc.steps!r} (0 would return an untrained SAE)")
+    if not isinstance(tc.batch_size, int) or tc.batch_size < 1:
+        raise ValueError(f"train_sae: batch_size must be an integer ≥ 1, got {tc.batch_size!r}")
+    bad = sum(int((~torch.isfinite(rows[i:i + 65536])).any(1).sum()) for i in range(0, len(rows), 65536))
+    if bad:
+        raise ValueError(f"train_sae: {bad} of {len(rows)} rows hold NaN or inf; the activations are broken "
+                         "(check the harvest's dtype, e.g. float16 overflow) — an SAE trained on them would be NaN")
     if len(rows) < tc.batch_size:
         raise ValueError(f"train_sae: {len(rows)} rows is fewer than one batch ({tc.batch_size}); "
                          "harvest more activations or lower batch_size")
@@ -271,6 +279,9 @@ def train_sae(rows: torch.Tensor, cfg: SAEConfig, tc: SAETrainConfig | None = No
     with torch.no_grad():  # data-dependent init: scale, b_dec at the mean, encoder tied to decoder
         probe = rows[torch.randperm(len(rows), generator=g)[:65536]].float()
         scale = probe.pow(2).sum(1).mean().div(cfg.d_in).sqrt()
+        if not float(probe.var(0).sum()) > 0:
+            raise ValueError("train_sae: every row is the same (zero variance): there is nothing to learn; check "
+                             "that the harvest captured the right site and samples")
         sae.input_scale.fill_(scale)
         sae.b_dec.copy_(probe.mean(0) / scale)
         if not tc.tied_init:
@@ -306,6 +317,9 @@ def train_sae(rows: torch.Tensor, cfg: SAEConfig, tc: SAETrainConfig | None = No
         var = (xn - xn.mean(0)).pow(2).sum(1).mean()
         fvu = err.pow(2).sum(1).mean() / var
         loss = fvu
+        if not torch.isfinite(fvu):
+            raise ValueError(f"train_sae: the loss became {float(fvu.detach())} at step {step}; lower lr ({tc.lr}) or check "
+                             "the rows for extreme values")
         aux_val = 0.0
         dead = since >= tc.dead_rows
         n_dead = int(dead.sum())
@@ -352,10 +366,23 @@ def train_sae(rows: torch.Tensor, cfg: SAEConfig, tc: SAETrainConfig | None = No
 
 
 # ---- save / load ------------------------------------------------------------------------------------
+def _digest(cfg: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """A hash of the config and the weights together: metadata edited after saving no longer matches."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_sae(sae: TopKSAE, path, meta: dict | None = None) -> Path:
     """Write weights and config (plus ``meta``, e.g. training settings and history) atomically."""
     tensors = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
-    return io.save_tensors(path, tensors, meta={"sae_config": asdict(sae.cfg), **(meta or {})})
+    cfg = asdict(sae.cfg)
+    return io.save_tensors(path, tensors, meta={"sae_config": cfg, "digest": _digest(cfg, tensors), **(meta or {})})
 
 
 def load_sae(path) -> tuple[TopKSAE, dict]:
@@ -363,11 +390,26 @@ def load_sae(path) -> tuple[TopKSAE, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_sae: no SAE file at {path}; train one (chapter 3) or fix the path")
-    tensors, meta = io.load_tensors(path)
+    try:
+        tensors, meta = io.load_tensors(path)
+    except Exception as e:  # truncated or corrupt file
+        raise ValueError(f"load_sae: {path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                         "retrain or restore it") from None
     if "sae_config" not in meta:
         raise ValueError(f"load_sae: {path} has no 'sae_config' in its metadata, so it was not written by save_sae")
-    sae = TopKSAE(SAEConfig(**meta.pop("sae_config")))
-    sae.load_state_dict(tensors, strict=True)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"load_sae: {path} holds NaN or inf in {bad}; retrain or restore it")
+    cfg = meta.pop("sae_config")
+    digest = meta.pop("digest", None)
+    if digest is not None and digest != _digest(cfg, tensors):
+        raise ValueError(f"load_sae: {path}'s config or weights were changed after it was saved (digest mismatch); "
+                         "retrain or restore it")
+    try:
+        sae = TopKSAE(SAEConfig(**cfg))
+        sae.load_state_dict(tensors, strict=True)
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"load_sae: {path}'s config does not fit its weights ({e})") from None
     sae.eval()
     return sae, meta
 

@@ -391,3 +391,17 @@ def test_edit_norm_is_the_size_of_an_add_edit(setup):
     d = iv.fn(torch.arange(3))(x, hooks.StepInfo(step=0, timestep=torch.tensor(0))) - x
     want = 2.5 * identify.edit_norm(sae, feats, fp)
     torch.testing.assert_close(d.flatten(1).norm(dim=1), torch.full((3,), want), rtol=1e-4, atol=1e-5)
+
+
+def test_edits_take_exactly_what_they_say(setup):
+    model, sae, *_ = setup
+    with pytest.raises(ValueError, match="feature ids must be integers"):
+        intervention.Edit("gender", {0: [1, 2.7]}, beta=2.0, mode="add", cls=0).validate(sae.cfg.d_sae)
+    intervention.Edit("gender", {0: torch.tensor([1, 2])}, beta=2.0, mode="add", cls=0).validate(sae.cfg.d_sae)
+    for steps in ([99], [-1], [2, 50]):
+        e = intervention.Edit("gender", {0: [1]}, beta=2.0, mode="add", cls=0, steps=steps)
+        with pytest.raises(ValueError, match="outside this 4-step schedule"):
+            intervention.sample_edited(model, sae, [e], 1, steps=STEPS)
+    e = intervention.Edit("gender", {0: [1]}, beta=1e38, mode="scale", cls=0)
+    with pytest.raises(ValueError, match=r"made h non-finite at sampling step \d \(β {.gender.: 1e\+38}\)"):
+        intervention.sample_edited(model, sae, [dataclasses.replace(e, mode="add")], 2, steps=STEPS)

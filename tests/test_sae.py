@@ -103,3 +103,37 @@ def test_clear_errors(tmp_path, tiny_unet_dir):
 
 def test_scaled_k():
     assert S.scaled_k(512) == 32 and S.scaled_k(128) == 8
+
+
+def test_bad_training_data_and_tampered_files_are_refused(tmp_path):
+    cfg = S.SAEConfig(d_in=8, expansion=2, k=2)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(256, 8, generator=g)
+    tc = S.SAETrainConfig(steps=5, batch_size=64, log_every=5)
+    for bad_rows, msg in ((torch.where(torch.arange(256)[:, None] == 7, float("nan"), rows), "1 of 256 rows hold NaN"),
+                          (rows.clone().index_fill_(0, torch.tensor([3, 9]), float("inf")), "2 of 256 rows hold NaN or inf"),
+                          (torch.ones(256, 8), "zero variance"), (torch.zeros(256, 8), "zero variance")):
+        with pytest.raises(ValueError, match=msg):
+            S.train_sae(bad_rows, cfg, tc, progress=False)
+    for kw, msg in (({"steps": 0}, "steps must be an integer ≥ 1"), ({"batch_size": 0}, "batch_size must be")):
+        with pytest.raises(ValueError, match=msg):
+            S.train_sae(rows, cfg, S.SAETrainConfig(**{"steps": 5, "batch_size": 64, **kw}), progress=False)
+    with pytest.raises(ValueError, match="loss became"):
+        S.train_sae(rows * 1e30, cfg, tc, progress=False)
+    sae, _ = S.train_sae(rows, cfg, tc, progress=False)
+    S.save_sae(sae, tmp_path / "ok.safetensors")
+    S.load_sae(tmp_path / "ok.safetensors")
+    from helpers import io
+
+    t, m = io.load_tensors(tmp_path / "ok.safetensors")
+    m["sae_config"]["k"] = 1  # tampered metadata
+    io.save_tensors(tmp_path / "k.safetensors", t, meta=m)
+    with pytest.raises(ValueError, match="digest mismatch"):
+        S.load_sae(tmp_path / "k.safetensors")
+    t2 = dict(t, W_dec=t["W_dec"].clone().fill_(float("nan")))
+    io.save_tensors(tmp_path / "nan.safetensors", t2, meta=m)
+    with pytest.raises(ValueError, match="NaN or inf in"):
+        S.load_sae(tmp_path / "nan.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "ok.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match="cut.safetensors is not a readable safetensors file"):
+        S.load_sae(tmp_path / "cut.safetensors")
