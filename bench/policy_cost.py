@@ -10,16 +10,18 @@ For the embedded model, the shipped SAE, probe and chapter-4 features, on one no
 2. per attribute and policy (``quota``: exact counts over the cell; ``iid``: independent draws; ``minimal``:
    the surplus per batch, own class read by the probe), the samples asked to change; the UNet passes of a
    cell that reuses the others and resumes the edited ones, as a share of a full cell (n × steps);
-3. for ``minimal`` on gender, the cell actually run both ways, timed, and the images compared.
+3. for ``minimal`` on gender, the cell actually run both ways (``pipeline.edited_pass``), timed and compared.
 
 Goal (issue 15): a ``minimal`` cell ≤ 35% of a full cell's UNet passes.
 """
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 
-from helpers import hooks, intervention, models, pipeline, world
+from helpers import intervention, models, pipeline, world
+from helpers import judge as J
 from helpers import probe as P
 from helpers import sae as S
 from helpers.chapters import dissect, identify
@@ -37,18 +39,12 @@ if __name__ == "__main__":
     model = models.load_model("embedded")
     sae, _ = S.load_sae(dissect.OUT / "sae.safetensors")
     probe, _ = P.load_probe(identify.OUT / "probe.safetensors")
+    judge = J.load_judge()
     noise = models.make_noise(a.n, model.sample_size, a.seed)
     s0 = a.from_step
 
     t0 = time.time()
-    states, pooled, plain = {s0: None}, [], []
-    for b in range(0, a.n, a.batch):
-        st = {s0: None}
-        with hooks.capture(model.unet, steps=[s0]) as cap:
-            plain.append(models.sample(model, noise=noise[b:b + a.batch], steps=a.steps, batch_size=a.batch, states=st))
-        pooled.append(cap.activations[0])
-        states.setdefault("parts", []).append(st[s0])
-    plain, h0, x0 = torch.cat(plain), torch.cat(pooled), torch.cat(states["parts"])
+    ref = pipeline.original_pass(model, noise, a.steps, judge, state_steps=(s0,), pooled_steps=(s0,), batch_size=a.batch)
     t_orig = time.time() - t0
     print(f"Original pass: {a.n} samples × {a.steps} steps in {t_orig:.1f} s ({a.n / t_orig:.2f} images/s)")
 
@@ -59,7 +55,7 @@ if __name__ == "__main__":
     for attr in world.SOCIAL:
         k = len(world.ATTRIBUTES[attr])
         target = pipeline.uniform(k)
-        own = probe(h0, s0)[attr].argmax(-1)
+        own = probe.logits_pooled(ref.pooled[s0], s0)[attr].argmax(-1)
         asked = {"quota": intervention.assign_classes(a.n, target, seed=1),
                  "iid": intervention.assign_iid(a.n, target, seed=1),
                  "minimal": intervention.assign_minimal(own, target, a.batch, seed=1)}
@@ -72,20 +68,26 @@ if __name__ == "__main__":
 
     # the real thing for one attribute: full cell vs reuse + resume, same images
     e = identify.edit_for("gender", 4.0, target=[0.5, 0.5], swap=True, steps=range(s0, a.steps))
-    e = intervention.Edit(**{**e.__dict__, "policy": "minimal", "probe": probe})
+    e = replace(e, policy="minimal", probe=probe)
     t0 = time.time()
     full_imgs, iv = intervention.sample_edited(model, sae, [e], noise=noise, steps=a.steps, batch_size=a.batch,
                                                class_seed=1)
     t_full = time.time() - t0
     cl = iv.classes("gender")
-    idx = (cl >= 0).nonzero().flatten()
-    pre = intervention.Edit(**{**e.__dict__, "policy": "quota", "probe": None, "assigned": cl[idx]})
+    pre = replace(e, policy="quota", probe=None)
+
+    def run(idx, x, start):
+        sub = replace(pre, assigned=cl[idx])
+        return intervention.sample_edited(model, sae, [sub], noise=x, steps=a.steps, batch_size=a.batch,
+                                          start_step=start)[0]
+
     t0 = time.time()
-    resumed, _ = intervention.sample_edited(model, sae, [pre], noise=x0[idx], steps=a.steps, batch_size=a.batch,
-                                            start_step=s0)
+    cell = pipeline.edited_pass(ref, cl, run, judge, start_step=s0)
     t_res = time.time() - t0
-    same_unedited = torch.equal(full_imgs[cl < 0], plain[cl < 0])
-    err = (resumed - full_imgs[idx]).abs().max().item() if len(idx) else 0.0
+    edited = cell["edited"]
+    same_unedited = torch.equal(full_imgs[~edited], ref.images[~edited])
+    want = judge.predict(full_imgs)["gender"]
+    err = (cell["probs"]["gender"] - want).abs().max().item()
     print(f"\ngender, minimal, swap β 4 from step {s0}: full cell {t_full:.1f} s; reuse + resume {t_res:.1f} s "
-          f"({t_res / t_full:.1%} of the time) for {len(idx)} edited of {a.n}; unedited samples bit-identical to the "
-          f"Original: {same_unedited}; resumed vs full max |Δ| {err:.2e}")
+          f"({t_res / t_full:.1%} of the time) for {int(edited.sum())} edited of {a.n}; unedited samples "
+          f"bit-identical to the Original: {same_unedited}; judged probabilities vs the full cell max |Δ| {err:.2e}")

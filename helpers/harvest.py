@@ -113,19 +113,18 @@ def run(model: models.Diffusion, settings: HarvestSettings, folder, judge, progr
         if b in done:
             continue
         ids = all_ids[start:start + s.batch_size]
-        steps_seen: list[int] = []
         buf = {"h": [], "step": [], "timestep": [], "sample": []}
         pooled, timesteps = {}, {}
 
         def keep(h, info, ids=ids):
+            t = float(torch.as_tensor(info.timestep).flatten()[0])
             if s.shard_steps is None or info.step in s.shard_steps:
                 buf["h"].append(h.detach().to("cpu", getattr(torch, s.shard_dtype)))
                 buf["step"].append(torch.full((len(ids),), info.step, dtype=torch.long))
-                buf["timestep"].append(torch.full((len(ids),), float(torch.as_tensor(info.timestep).flatten()[0])))
+                buf["timestep"].append(torch.full((len(ids),), t))
                 buf["sample"].append(ids.clone())
             pooled[info.step] = h.detach().float().mean((2, 3)).to(torch.float16).cpu()
-            timesteps[info.step] = float(torch.as_tensor(info.timestep).flatten()[0])
-            steps_seen.append(info.step)
+            timesteps[info.step] = t
             return None
 
         with hooks.site_hooks(unet, keep, site=s.site):
@@ -146,8 +145,9 @@ def run(model: models.Diffusion, settings: HarvestSettings, folder, judge, progr
     bar.close()
     parts = [io.load_tensors(work / "batches" / f"batch-{b:05d}.safetensors")[0] for b in range(len(starts))]
     images = torch.cat([p["images"] for p in parts])
-    shards = [{"file": f"shard-{b:05d}.safetensors", "rows": int(io.load_tensors(
-        work / "shards" / f"shard-{b:05d}.safetensors")[0]["step"].numel())} for b in range(len(starts))]
+    stored = s.steps if s.shard_steps is None else len(s.shard_steps)  # captures per sample in a shard
+    shards = [{"file": f"shard-{b:05d}.safetensors", "rows": len(all_ids[start:start + s.batch_size]) * stored}
+              for b, start in enumerate(starts)]
     full_meta = {"settings": asdict(s), **(meta or {})}
     io.write_json(work / "shards" / "manifest.json",
                   {"shards": shards, "rows": sum(x["rows"] for x in shards), "meta": full_meta})

@@ -256,21 +256,27 @@ class FairFaceJudge(_Base):
         return out  # grouped log-probabilities (valid logits: softmax gives the grouped probabilities)
 
 
+def _parse(spec: str) -> tuple[str, str]:
+    """``(kind, argument)`` of a judge spec, or one error naming the accepted forms."""
+    kind, _, arg = str(spec).partition(":")
+    if (kind == "world" and not arg) or (kind in ("clip", "fairface", "python") and arg):
+        return kind, arg
+    raise ValueError(f"judge {spec!r}: expected 'world', 'clip:<folder>', 'fairface:<weights file>' or "
+                     "'python:<module>:<function>'")
+
+
 def schema(spec: str = "world", prompts: dict | None = None, classes: dict | None = None) -> dict[str, tuple[str, ...]]:
     """The attributes (``{name: class names}``) the judge ``spec`` reads, without loading any weights."""
-    kind, _, arg = str(spec).partition(":")
-    if kind == "world" and not arg:
+    kind, arg = _parse(spec)
+    if kind == "world":
         from . import world
 
         return dict(world.ATTRIBUTES)
-    if kind == "clip" and arg:
+    if kind == "clip":
         return clip_schema(prompts, classes)[0]
-    if kind == "fairface" and arg:
+    if kind == "fairface":
         return {a: CLASSES[a] for a in FAIRFACE_GROUPS}
-    if kind == "python" and arg:
-        return dict(_python_judge(arg).attributes)
-    raise ValueError(f"judge {spec!r}: expected 'world', 'clip:<folder>', 'fairface:<weights file>' or "
-                     "'python:<module>:<function>'")
+    return dict(_python_judge(arg).attributes)
 
 
 def _python_judge(arg: str):
@@ -299,17 +305,14 @@ def load(spec: str = "world", prompts: dict | None = None, classes: dict | None 
     """A judge from a short spec: ``"world"`` (the portrait world's), ``"clip:<folder>"`` (with optional
     ``prompts`` / ``classes`` per attribute, :func:`clip_schema`), ``"fairface:<file>"``, or
     ``"python:<module>:<function>"`` (your own judge: a function returning a :class:`helpers.judge.Batched`)."""
-    kind, _, arg = str(spec).partition(":")
-    if kind == "world" and not arg:
+    kind, arg = _parse(spec)
+    if kind == "world":
         from . import judge as J
 
         kw.pop("device", None)
         return J.load_judge(**kw)
-    if kind == "clip" and arg:
+    if kind == "clip":
         return ClipJudge(arg, prompts=prompts, classes=classes, **kw)
-    if kind == "fairface" and arg:
+    if kind == "fairface":
         return FairFaceJudge(arg, **kw)
-    if kind == "python" and arg:
-        return _python_judge(arg)
-    raise ValueError(f"judge {spec!r}: expected 'world', 'clip:<folder>', 'fairface:<weights file>' or "
-                     "'python:<module>:<function>'")
+    return _python_judge(arg)

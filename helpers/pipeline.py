@@ -17,7 +17,7 @@ embedded model's settings; ``python -m helpers run`` calls them with a config's.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -332,7 +332,3 @@ def evaluate(original: dict[str, torch.Tensor], edited: dict[str, torch.Tensor],
             else None
     return row
 
-
-def settings_of(obj) -> dict:
-    """A dataclass's settings as a plain dict (for metadata)."""
-    return asdict(obj)

@@ -691,16 +691,15 @@ class Run:
                                              device=self.device, progress=self.progress)
         return {"samples_per_class": {a: r.counts for a, r in ranks.items()}}
 
-    def _baseline(self, name: str, attribute: str, summary, labels, n_train):
+    def _baseline(self, name: str, attribute: str, summary, labels, n_train, probe):
         from . import baselines as B
-        from . import probe as P
+        from . import pipeline
 
         cls = B.method(name)
         ctx = B.Context(self.model, attribute, tuple(self.judge.attributes[attribute]),
-                        _uniform(self.judge.attributes[attribute]), steps=self.cfg.harvest.steps,
+                        pipeline.uniform(self.judge.attributes[attribute]), steps=self.cfg.harvest.steps,
                         site=self.cfg.model.site, pooled=summary.pooled[:n_train].float(),
-                        labels=labels[attribute][:n_train], images=summary.images[:n_train],
-                        probe=P.load_probe(self.out / "probe.safetensors")[0],
+                        labels=labels[attribute][:n_train], images=summary.images[:n_train], probe=probe,
                         judge=self.judge if cls.learns_from_judge else None, progress=self.progress)
         return cls.from_context(ctx, **self.cfg.intervention.baseline_fit.get(name, {}))
 
@@ -720,11 +719,16 @@ class Run:
         orig = models.sample(model, noise=noise, steps=steps, batch_size=c.batch_size, progress=self.progress)
         self._save_images(folder / "original.safetensors", orig, None)
         summary, labels, n_train = self._labels_split()
+        probe = None
+        if c.baselines:
+            from . import probe as P
+
+            probe = P.load_probe(self.out / "probe.safetensors")[0]
         skipped, made = {}, {}
         for a in self.cfg.attributes:
             names = self.judge.attributes[a]
             try:
-                e = pipeline.edit_for(self.out / "attribution", a, c.beta, c.k, target=_uniform(names),
+                e = pipeline.edit_for(self.out / "attribution", a, c.beta, c.k, target=pipeline.uniform(names),
                                       steps=range(c.from_step, steps))
             except pipeline.NoRanking as err:  # a class the harvest never produced has no ranked features
                 skipped[a] = str(err)
@@ -739,7 +743,7 @@ class Run:
             files = {"DiffLens": f"edited_{a}.safetensors"}
             for b in c.baselines:
                 _say(f"[intervention] {a}: {b}")
-                fitted = self._baseline(b, a, summary, labels, n_train)
+                fitted = self._baseline(b, a, summary, labels, n_train, probe)
                 setting = c.baseline_settings.get(b, fitted.default)
                 bimgs = fitted.sample_edited(model, noise, steps, setting, classes, batch_size=c.batch_size,
                                              progress=self.progress)
@@ -789,12 +793,6 @@ class Run:
         io.write_json(self.out / "metrics.json", res)
         io.write_text(self.out / "report.md", _report(self.cfg, res))
         return {"rows": list(res)}
-
-
-def _uniform(names) -> list[float]:
-    from . import pipeline
-
-    return pipeline.uniform(names)
 
 
 def _grid_png(path, rows, n: int, title: str = "") -> Path:
