@@ -1,14 +1,15 @@
-"""Chapter 6 artifacts: fit the baselines, tune every method's knob on the validation seed, run the
-chosen settings on the test seed (data/benchmark/). Resumable: rerun the same command after an
-interruption and finished cells are loaded, not recomputed.
+"""Chapter 6 artifacts (data/benchmark/v2/): validation frontiers of every row, the frozen choices, the test
+cells. Resumable: rerun the same command after an interruption and finished cells are loaded, not recomputed.
 
-    python scripts/benchmark.py                       # n_val 128, n_test 500 (hours on 2 cores)
-    python scripts/benchmark.py --attributes gender   # one attribute
+    python scripts/benchmark.py validate [--attributes gender]   # every row's grid on the validation seed
+    python scripts/benchmark.py freeze                            # matched settings + best DiffLens row, logged
+    python scripts/benchmark.py test [--split test|test2]         # the frozen settings on a test seed
 
-See helpers/benchmark.py for the protocol.
+Costs on 2 cores (measured, see data/benchmark/v2/log.json and each cell's seconds): the Original pass of
+n samples ≈ 0.26 s per sample; a cell costs what it edits (unedited samples are the Original's own, edited
+ones resume at their first edited step). See helpers/chapters/benchmark.py for the protocol.
 """
 import argparse
-import json
 
 import torch
 
@@ -17,11 +18,16 @@ from helpers.chapters import benchmark
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-val", type=int, default=128)
-    ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("stage", choices=["validate", "freeze", "test"])
     ap.add_argument("--attributes", nargs="+", default=list(world.SOCIAL), choices=list(world.SOCIAL))
+    ap.add_argument("--split", default="test", choices=["test", "test2"])
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    log = benchmark.run(n_val=a.n_val, n_test=a.n_test, attributes=a.attributes)
-    print(json.dumps(log, indent=1))
+    b = benchmark.Bench()
+    if a.stage == "validate":
+        benchmark.validate(b, a.attributes)
+    elif a.stage == "freeze":
+        benchmark.freeze(b, a.attributes)
+    else:
+        benchmark.test(b, a.split, a.attributes)

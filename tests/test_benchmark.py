@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers.chapters import benchmark as BM
+from helpers.chapters import benchmark_v1 as BM
 from helpers import world
 
 TINY_FIT = {

@@ -1,23 +1,48 @@
-"""Chapter 6: every method on the same model and the same noise — the paper's Finding-1 table, with
-keep-rates on the attributes a debiasing edit must not touch.
+"""Chapter 6: the Finding-1 table on equal terms — who gets edited is its own axis, every row gets the same
+information and the same tuning budget, frontiers instead of single picks, paired statistics.
 
-Protocol (``run``):
+**Rows** are method × assignment policy × step window (:class:`Row`):
 
-1. **Fit** each trainable baseline once per attribute (Latent Direction, Latent Editing, Finetuning);
-   the training cost on this machine is logged next to the results.
-2. **Validate**: each method's main knob (β, scale, guidance, LoRA scale) is swept on the
-   *validation* noise seed; the setting kept is the one with the lowest FD among those whose
-   keep-rate (other social + nuisance attributes) is ≥ ``KEEP_FLOOR``, or the highest keep-rate when
-   none reaches it. Same rule and same number of settings and samples for every method.
-3. **Test**: the chosen setting of every method, plus the original model, on the *test* noise seed.
+* per-sample methods (Activation, Latent Direction, Latent Editing, DiffLens, DiffLens swap) run under the
+  policies ``iid`` (each sample draws its class from the target: the paper's probability mode) and
+  ``minimal`` (per sampling batch of :data:`BATCH`, only the surplus of the over-represented classes is
+  moved; each sample's own class is read by the h-probe from its own h at the first edited step, so it
+  costs no extra pass); :data:`WINDOWS` (every step, or steps 8–24) is part of every such method's grid
+  except Latent Editing, whose Δh is trained for its first steps;
+* ``DiffLens (released)``: the authors' released configuration on this model (scale the top features,
+  the minority classes by the knob, the majority's ratio 1, every step; a majority draw is a no-op);
+* distribution-level methods (H-Distribution, Finetuning): the policy axis does not apply (``"—"``);
+* diagnostics on the test seeds only: the best DiffLens row with the *oracle* reading (own class from an
+  unedited pass read by a second judge: one extra pass, in the cost column) and the size-matched *null
+  edit* of the same row (the leakage floor).
 
-Every cell is saved as soon as it is computed (``cells/<split>_<attribute>_<method>_<setting>``), so
-an interrupted run resumes where it stopped. A cell holds the judged probabilities of every
-attribute, the judge features (for FID and similarity) and a few images.
+**Protocol** (:func:`validate`, :func:`freeze`, :func:`test`):
+
+1. on the validation seed (n = ``N["val"]``), every row's knob grid runs and is extended
+   (:func:`next_setting`) until its frontier has a setting keeping ≥ 0.95, crosses keep 0.90 and reaches FD
+   at the noise floor, or the extension limit (:data:`MAX_EXTEND` per side) is hit — the same rule for
+   every row;
+2. :func:`freeze` records, per row, the settings matched to keep 0.95 and 0.90 (interpolated on the row's
+   own validation frontier, :func:`helpers.metrics.matched_setting`) and declares the best DiffLens row;
+   test cells refuse to run before this;
+3. the frozen settings run on the test seeds (n = ``N["test"]``), never looked at before.
+
+**Cost grows with edited samples only.** The Original pass of each seed is run once and shared by every
+attribute and row; a sample no row asks to change is the Original's own (bit-identical), and an edited
+sample is resumed from the Original's state entering its first edited step (:func:`helpers.pipeline.
+edited_pass`). Sampling is in ``channels_last`` (1.13× here, differences ≤ 4e-6 against the default).
+
+**Cells** (``cells/<split>_<attribute>_<method>_<policy>_w<window>_<setting>.safetensors``) are small:
+each sample's judged class of every attribute (uint8), its judge-feature similarity to its Original
+(float16), the class asked of it (int8) and the probe's reading of its own class where a policy read it,
+the metric row at cell time (FD with CI, keep-rates overall and among edited samples, similarity, FID and
+FID-target with bootstrap CIs) and a few images. Judge features are stored for the Original only.
 """
 from __future__ import annotations
 
 import json
+import math
+import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,222 +52,219 @@ import torch
 from .. import baselines as B
 from .. import cache, io, metrics, models, pipeline, world
 
-OUT = models.DATA_DIR / "benchmark"
-VAL_SEED = 6_161
-TEST_SEED = 7_171
-KEEP_FLOOR = 0.90
-METHODS = ("Original", *B.METHODS, "DiffLens", "DiffLens swap", "DiffLens surplus")
-DIFFLENS = ("DiffLens", "DiffLens swap", "DiffLens surplus")
-BASELINES = tuple(B.METHODS)
-# the knob of each method and the settings tried on the validation seed (same count for every method)
-KNOBS = {
-    "Activation": ("beta", (1.5, 2.0, 3.0, 4.0)),
-    "Latent Direction": ("scale", (0.5, 1.0, 1.5, 2.0)),
-    # the KL gradient through the batch mean is ~1e-3 per sample against |h| ≈ 114, hence large scales
-    "H-Distribution": ("scale", (1e3, 3e3, 1e4, 3e4)),
-    # first grid (0.5, 1, 1.5, 2) on the validation seed: from 1 on, most samples were ghosted blobs that both
-    # judges still read as the drawn class (hit 0.99); the learned Δh is as large as h itself, so the grid
-    # moved down to where images survive
-    "Latent Editing": ("scale", (0.25, 0.5, 0.75, 1.0)),
-    "Finetuning": ("lora scale", (0.5, 1.0, 1.5, 2.0)),
-    "DiffLens": ("beta", (2.0, 3.0, 4.0, 6.0)),
-    # DiffLens + suppression of the other classes' features (``Edit.suppress_others``, not in the paper).
-    # Added after DiffLens' validation cells showed its edits work only from the majority class (female →
-    # male: 1 of 16 at β = 6). Grid set from 24 female samples of the validation seed (β = 2: 0.75 turned
-    # male, β = 4: 0.88; plain add β = 4: 0.04), before any of its cells were run.
-    "DiffLens swap": ("beta", (1.0, 2.0, 3.0, 4.0)),
-    # swap, and only the majority classes' surplus is asked to change (``intervention.assign_surplus``); each
-    # sample's own class is the second judge's reading of its unedited sample (one extra sampling pass,
-    # counted in the cell's time). Added after the swap cells showed minority → majority flips cancelling
-    # majority → minority ones under independent per-sample draws; grid set from the swap hit rates on the
-    # validation seed (male → female 0.62 at β 3, 0.93 at β 4), before any of its cells were run.
-    "DiffLens surplus": ("beta", (2.0, 3.0, 4.0, 6.0)),
-}
-# DiffLens edits from this sampling step on. Read off the validation prototype (seed 777, n = 64, gender
-# and age): editing the first steps, where layout is decided, changes backdrop, position and the other
-# attributes; starting at step 8 of 25 kept nuisance keep-rates at 0.86–0.95 for a similar shift
-# (all steps, β=2: gender 0.27 → 0.66 share, nuisance keep 0.75; steps 8–24, β=3: → 0.45, keep 0.95).
-DIFFLENS_FROM_STEP = 8
-
-
-@dataclass
-class Cell:
-    """One (split, attribute, method, setting) run."""
-
-    split: str
-    attribute: str
-    method: str
-    setting: float | None
-    seed: int
-    n: int
-    probs: dict[str, torch.Tensor]
-    features: torch.Tensor
-    images: torch.Tensor  # first few, uint8
-    classes: torch.Tensor | None = None  # per-sample drawn class, where the method has one
-    seconds: float = 0.0
-
-    @property
-    def key(self) -> str:
-        s = "none" if self.setting is None else f"{self.setting:g}"
-        return f"{self.split}_{self.attribute}_{self.method.replace(' ', '-')}_{s}"
-
-    def save(self, folder) -> Path:
-        t = io.prefixed("probs", self.probs)
-        t.update(features=self.features.to(torch.float16), images=self.images)
-        if self.classes is not None:
-            t["classes"] = self.classes
-        return io.save_tensors(Path(folder) / f"{self.key}.safetensors", t, meta={
-            "split": self.split, "attribute": self.attribute, "method": self.method, "setting": self.setting,
-            "seed": self.seed, "n": self.n, "seconds": self.seconds})
-
-    @classmethod
-    def load(cls, path) -> "Cell":
-        t, m = io.load_tensors(path)
-        return cls(m["split"], m["attribute"], m["method"], m["setting"], m["seed"], m["n"],
-                   {a: t[f"probs.{a}"] for a in world.ATTRIBUTES}, t["features"].float(), t["images"],
-                   t.get("classes"), m["seconds"])
-
-
-def cell_metrics(cell: Cell, original: Cell, reference_features: torch.Tensor, judge=None, n_boot: int = 1000) -> dict:
-    """FD (with bootstrap CI) against uniform, FID against the world's renders, similarity to the
-    original sample from the same noise, and keep-rates, for one cell (:func:`helpers.pipeline.evaluate`)."""
-    if (cell.seed, cell.n) != (original.seed, original.n):
-        raise ValueError(f"cell_metrics: {cell.key} (seed {cell.seed}, n {cell.n}) is not paired with the original "
-                         f"(seed {original.seed}, n {original.n})")
-    a = cell.attribute
-    others = [b for b in world.SOCIAL if b != a]
-    ev = pipeline.evaluate(original.probs, cell.probs, a,
-                           keep={"other social": others, "nuisance": list(world.NUISANCE),
-                                 "all": others + list(world.NUISANCE)},
-                           original_features=original.features, edited_features=cell.features,
-                           reference_features=reference_features, n_boot=n_boot)
-    return {"attribute": a, "method": cell.method, "setting": cell.setting, "n": cell.n, "seed": cell.seed,
-            **{k: ev[k] for k in ("FD", "FD lo", "FD hi", "FID", "similarity", "keep other social", "keep nuisance",
-                                  "keep all")},
-            "seconds": cell.seconds}
-
-
-def table(rows: list[dict]):
-    """The Finding-1 table (one row per attribute × method). Refuses rows from different seeds or sample
-    counts: every method must be compared on the same noise."""
-    import pandas as pd
-
-    if not rows:
-        raise ValueError("table: no results")
-    pairs = {(r["seed"], r["n"]) for r in rows}
-    if len(pairs) != 1:
-        raise ValueError(f"table: results come from different (seed, n) pairs {sorted(pairs)}; "
-                         "recompute them on one noise seed and one sample count")
-    df = pd.DataFrame(rows)
-    dup = df.duplicated(["attribute", "method"])
-    if dup.any():
-        raise ValueError(f"table: more than one result for {df[dup][['attribute', 'method']].values.tolist()}")
-    order = {m: i for i, m in enumerate(METHODS)}
-    return df.sort_values(["attribute", "method"], key=lambda s: s.map(order) if s.name == "method" else s)
-
-
-def choose(rows: list[dict], keep_floor: float = KEEP_FLOOR) -> dict:
-    """The validation rule: lowest FD among settings with keep-rate ≥ ``keep_floor``, else highest keep-rate."""
-    if not rows:
-        raise ValueError("choose: no validation results")
-    ok = [r for r in rows if r["keep all"] >= keep_floor]
-    return min(ok, key=lambda r: r["FD"]) if ok else max(rows, key=lambda r: r["keep all"])
-
-
-# ----------------------------------------------------------------------------- running
-
-
-# The trainable baselines that optimise a judged attribute (Latent Editing, Finetuning) learn from a
-# *second* judge (different seed, half the width) and are scored by the shipped one. Trained against the
-# scoring judge itself, Latent Editing hit its per-sample class 99–100% of the time on the validation
-# seed while the images barely changed: it had learned the judge's blind spots, not the attribute.
-TRAINER_JUDGE = OUT / "trainer_judge.safetensors"
-REF_SEED = 8_181  # world renders that FID is measured against (and a second set for the floor)
-CLASS_SEED = 3  # per-sample class draws: the same for every method that has them
-FIT = {  # training settings of the trainable baselines (their cost is logged)
+OUT = models.DATA_DIR / "benchmark" / "v2"
+FITTED = models.DATA_DIR / "benchmark" / "fitted"  # the trainable baselines' fits (seed-independent; chapter 6 v1)
+TRAINER_JUDGE = models.DATA_DIR / "benchmark" / "trainer_judge.safetensors"
+STATES = models.DATA_DIR / "cache" / "benchmark-v2"  # the Original's states at WINDOWS (large; recomputed if gone)
+SEEDS = {"val": 6_262, "test": 7_272, "test2": 7_373}  # fresh: no earlier chapter or cell used them
+N = {"val": 256, "test": 2_000, "test2": 2_000}
+STEPS = 25
+BATCH = 128  # the sampling batch a user runs: policy "minimal" balances each batch of this many samples
+CLASS_SEED = 5  # per-sample class draws: the same for every row of a policy
+WINDOWS = (0, 8)  # first edited step: every step, or steps 8–24 (chapter 5's window)
+KEEP_POINTS = (0.95, 0.90)  # the table's matched keep-rates
+KEEP_KEY = "keep all"  # other social attributes + nuisance, over all samples
+MAX_EXTEND = 3  # settings added beyond each end of a grid at most
+SHOW = 12  # images kept per cell (among the Original's first SHOW_POOL samples, edited ones first)
+SHOW_POOL = 64
+REF_SEED = 8_181  # world renders that FID is measured against
+FIT = {  # training settings of the trainable baselines (as in v1: the fits are reused)
     "Latent Direction": dict(iters=300, batch_size=32, lr=0.05),
     "Latent Editing": dict(edit_steps=12, iters=40, batch_size=16, lr=0.05, l1=3.0),
     "Finetuning": dict(iters=60, batch_size=16, train_steps=8, rank=4, lr=1e-3, preserve=10.0),
 }
+RELEASED_K = 30  # the released configs scale the top 30 features per class of a 512-channel bottleneck
 
 
-def uniform(attribute: str) -> list[float]:
-    return pipeline.uniform(world.ATTRIBUTES[attribute])
+@dataclass(frozen=True)
+class Method:
+    """A method's knob: ``identity`` edits nothing; ``grid`` is where validation starts (extended by
+    :func:`next_setting`); ``kind`` is ``"difflens"``, ``"per-sample"`` or ``"distribution"``."""
+
+    name: str
+    knob: str
+    identity: float
+    grid: tuple[float, ...]
+    kind: str
+    windows: tuple[int, ...] = (0,)
+    policies: tuple[str, ...] = ("iid", "minimal")
+    limit: float | None = None  # the knob's sane limit (stated in the table when a grid stops there)
 
 
-def classes_for(attribute: str, n: int) -> torch.Tensor:
-    """The per-sample target classes, exactly as :class:`helpers.intervention.Intervention` draws them."""
-    from ..intervention import assign_classes
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("Activation", "beta", 1.0, (1.25, 1.5, 2.0, 3.0), "per-sample", WINDOWS),
+    Method("Latent Direction", "scale", 0.0, (0.25, 0.5, 1.0, 1.5), "per-sample", WINDOWS),
+    # Δh is trained for the first 12 steps (Asyrp's editing interval), so its window is fixed and a policy
+    # that reads the sample's class reads it at step 0
+    Method("Latent Editing", "scale", 0.0, (0.1, 0.25, 0.5, 0.75), "per-sample"),
+    Method("DiffLens", "beta", 0.0, (2.0, 4.0, 6.0, 8.0), "difflens", WINDOWS),
+    Method("DiffLens swap", "beta", 0.0, (1.0, 2.0, 3.0, 4.0), "difflens", WINDOWS),
+    Method("DiffLens (released)", "minority ratio", 1.0, (1.5, 2.0, 3.0, 5.0), "difflens", (0,), ("released",)),
+    # the KL gradient through the batch mean is ~1e-3 per sample against |h| ≈ 114, hence large scales
+    Method("H-Distribution", "scale", 0.0, (1e3, 3e3, 1e4, 3e4), "distribution", (0,), ("—",)),
+    Method("Finetuning", "lora scale", 0.0, (0.25, 0.5, 1.0, 1.5), "distribution", (0,), ("—",)),
+)}
 
-    return assign_classes(n, uniform(attribute), seed=CLASS_SEED * 7919)
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: a method under an assignment policy, editing from step ``window`` on."""
+
+    method: str
+    policy: str
+    window: int = 0
+
+    @property
+    def slug(self) -> str:
+        return f"{self.method.replace(' ', '-').replace('(', '').replace(')', '')}_{self.policy.replace('—', 'all')}" \
+               f"_w{self.window}"
+
+    @property
+    def label(self) -> str:
+        w = "" if self.window == 0 else f", steps {self.window}–{STEPS - 1}"
+        return f"{self.method} [{self.policy}{w}]"
 
 
-class Runner:
-    """Fits, caches and runs every method on one model (the embedded one by default)."""
+def rows() -> list[Row]:
+    """Every validated row (diagnostic rows are added on the test seeds only)."""
+    return [Row(m.name, p, w) for m in METHODS.values() for p in m.policies for w in m.windows]
 
-    def __init__(self, out=OUT, steps: int = 25, batch_size: int = 128, keep_images: int = 12, progress: bool = True,
-                 fit: dict | None = None):
+
+def fmt(setting: float) -> str:
+    """A setting as it appears in a cell's name (4 significant digits)."""
+    return f"{float(setting):.4g}"
+
+
+def next_setting(points: list[tuple[float, float, float]], method: Method, floor: float,
+                 extended: dict[str, int]) -> float | None:
+    """The next setting to try on a validation frontier, or ``None`` when it is done.
+
+    ``points`` are ``(setting, keep, FD)``. Done when some setting keeps ≥ 0.95, some keeps < 0.90 and the
+    lowest FD is at the noise ``floor`` — or each open end has been extended :data:`MAX_EXTEND` times (or the
+    knob's limit is reached). Below the grid, the next setting halves the distance to the identity; above it,
+    the step between the two largest settings is doubled.
+    """
+    pts = sorted(points)
+    keeps = [k for _, k, _ in pts]
+    low_open = max(keeps) < KEEP_POINTS[0] and extended.get("low", 0) < MAX_EXTEND
+    high_open = (min(keeps) >= KEEP_POINTS[1] or min(fd for *_, fd in pts) > floor) and \
+        extended.get("high", 0) < MAX_EXTEND
+    if low_open:
+        extended["low"] = extended.get("low", 0) + 1
+        return method.identity + (pts[0][0] - method.identity) / 2
+    if high_open:
+        top, below = pts[-1][0], (pts[-2][0] if len(pts) > 1 else method.identity)
+        nxt = top + 2 * (top - below)
+        if method.limit is not None and top >= method.limit:
+            return None
+        extended["high"] = extended.get("high", 0) + 1
+        return nxt if method.limit is None else min(nxt, method.limit)
+    return None
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def cell_path(out, split: str, attribute: str, row: Row, setting: float | None, null: bool = False) -> Path:
+    s = "none" if setting is None else fmt(setting)
+    return Path(out) / "cells" / f"{split}_{attribute}_{row.slug}_{s}{'_null' if null else ''}.safetensors"
+
+
+def load_cell(path) -> tuple[dict, dict]:
+    """A cell's tensors and its metadata (the metric row at cell time under ``meta["metrics"]``)."""
+    return io.load_tensors(path)
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=io.REPO_ROOT).stdout.strip()
+    except Exception:  # noqa: BLE001 - a commit is a note, not a requirement
+        return None
+
+
+class Bench:
+    """The model, SAE, probe, judges and fitted baselines of the benchmark, and the cells it runs."""
+
+    def __init__(self, out=OUT, progress: bool = True, fit: dict | None = None, fitted_dir=FITTED,
+                 states_dir=STATES, n: dict | None = None, batch_size: int = BATCH):
         from .. import harvest as H
         from .. import judge as J
         from .. import probe as P
         from .. import sae as S
         from . import dissect, identify
 
-        self.out = Path(out)
+        self.out, self.fitted_dir, self.states_dir = Path(out), Path(fitted_dir), Path(states_dir)
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
-        (self.out / "fitted").mkdir(parents=True, exist_ok=True)
-        self.steps, self.batch_size, self.keep, self.progress = steps, batch_size, keep_images, progress
-        self.fit_settings = fit or FIT
+        self.progress, self.fit_settings, self.n, self.batch = progress, fit or FIT, dict(n or N), batch_size
         self.model = models.load_model("embedded")
+        self.model.unet.to(memory_format=torch.channels_last)
         self.judge = J.load_judge()
         self._trainer_judge = None
         self.sae, _ = S.load_sae(dissect.OUT / "sae.safetensors")
         self.probe, _ = P.load_probe(identify.OUT / "probe.safetensors")
         self.summary = H.load_summary(dissect.OUT / "summary.safetensors")
-        self.fitted: dict[tuple[str, str], object] = {}
+        self.features_dir, self.k = identify.OUT, dict(identify.K)
+        self.fitted: dict = {}
+        self._orig: dict = {}
         self.log_path = self.out / "log.json"
         self.log = json.loads(self.log_path.read_text()) if self.log_path.is_file() else {
-            "model_fingerprint": cache.fingerprint(models.EMBEDDED_DIR), "fit_seconds": {}}
+            "model_fingerprint": cache.fingerprint(models.EMBEDDED_DIR), "val": {}, "fit_seconds": {}}
+
+    def save_log(self) -> None:
+        io.write_json(self.log_path, self.log)
 
     @property
     def trainer_judge(self):
-        """The second judge the trainable baselines learn from (see :data:`TRAINER_JUDGE`)."""
+        """The second judge: trainable baselines learn from it, and the oracle row reads own classes with it."""
         from .. import judge as J
 
         if self._trainer_judge is None:
             if not TRAINER_JUDGE.is_file():
-                raise FileNotFoundError(
-                    f"No trainer judge at {TRAINER_JUDGE}. Train it with `python scripts/train_judge.py --width 16 "
-                    f"--seed 1 --steps 800 --out {TRAINER_JUDGE}`")
+                raise FileNotFoundError(f"No second judge at {TRAINER_JUDGE}. Train it with `python scripts/"
+                                        f"train_judge.py --width 16 --seed 1 --steps 800 --out {TRAINER_JUDGE}`")
             self._trainer_judge = J.load_judge(TRAINER_JUDGE)
         return self._trainer_judge
 
-    def _save_log(self):
-        io.write_json(self.log_path, self.log)
+    # -- targets and class shares --
+    def target(self, attribute: str) -> list[float]:
+        return pipeline.uniform(world.ATTRIBUTES[attribute])
 
-    # -- fitting (cached in fitted/) --
+    def majority(self, attribute: str) -> list[bool]:
+        """Per class: does the model over-represent it (judged share on the training harvest ≥ the target's)?
+        The released configs give these classes the ratio 1."""
+        lab = self.summary.labels()[attribute]
+        k = len(world.ATTRIBUTES[attribute])
+        share = torch.bincount(lab.long(), minlength=k).double() / len(lab)
+        return [bool(s >= t) for s, t in zip(share.tolist(), self.target(attribute))]
+
+    # -- fitted baselines (cached in fitted/) --
     def context(self, attribute: str, learner: bool) -> B.Context:
-        """The fitting context every method of this benchmark gets (the harvest of chapters 2–3, chapter 4's probe,
-        world renders of a class as training images); methods that learn from a judge get the second judge."""
-        return B.Context(self.model, attribute, world.ATTRIBUTES[attribute], uniform(attribute), steps=self.steps,
+        return B.Context(self.model, attribute, world.ATTRIBUTES[attribute], self.target(attribute), steps=STEPS,
                          pooled=self.summary.pooled.float(), labels=self.summary.labels()[attribute],
                          probe=self.probe, judge=self.trainer_judge if learner else None,
-                         images_of=lambda cl, sd: world.render_classes(attribute, cl, sd, resolution=self.model.sample_size),
+                         images_of=lambda cl, sd: world.render_classes(attribute, cl, sd,
+                                                                       resolution=self.model.sample_size),
                          progress=self.progress)
 
     def fitted_method(self, method: str, attribute: str):
         key = (method, attribute)
         if key in self.fitted:
             return self.fitted[key]
-        if method in DIFFLENS:
-            self.fitted[key] = None
-            return None
         cls = B.method(method)
-        path = self.out / "fitted" / f"{method.replace(' ', '-')}_{attribute}.safetensors"
-        trained = hasattr(cls, "to_tensors")
-        if trained and path.is_file():
-            obj = self._load_fitted(cls, attribute, path)
-        elif trained:
+        path = self.fitted_dir / f"{method.replace(' ', '-')}_{attribute}.safetensors"
+        if hasattr(cls, "to_tensors") and path.is_file():
+            t, m = io.load_tensors(path)
+            if cls.learns_from_judge and m.get("judge") != TRAINER_JUDGE.name:
+                raise ValueError(f"{path} was trained against {m.get('judge', 'the scoring judge')}, not "
+                                 f"{TRAINER_JUDGE.name}; delete it and rerun")
+            ctx = self.context(attribute, False)
+            if cls is B.Finetuning:
+                ctx = replace(ctx, judge=self.judge)  # only its shape is used when restoring adapters
+                obj = cls.from_tensors(ctx, t, m, rank=m.get("rank", 4))
+            else:
+                obj = cls.from_tensors(ctx, t, m)
+        elif hasattr(cls, "to_tensors"):
             t0 = time.time()
             kw = self.fit_settings[method]
             obj = cls.from_context(self.context(attribute, cls.learns_from_judge), **kw)
@@ -251,184 +273,330 @@ class Runner:
                 meta["judge"] = TRAINER_JUDGE.name
             io.save_tensors(path, tensors, meta={**meta, **kw})
             self.log["fit_seconds"][f"{method}/{attribute}"] = time.time() - t0
-            self._save_log()
-        else:  # no training: Activation (k = 8 channels per class), H-Distribution
+            self.save_log()
+        else:  # no training: Activation (k = 8 channels per class, signed), H-Distribution
             obj = cls.from_context(self.context(attribute, False), **({"k": 8} if cls is B.Activation else {}))
         self.fitted[key] = obj
         return obj
 
-    def _load_fitted(self, cls, attribute, path):
-        t, m = io.load_tensors(path)
-        if cls.learns_from_judge and m.get("judge") != TRAINER_JUDGE.name:
-            raise ValueError(f"{path} was trained against {m.get('judge', 'the scoring judge')}, not "
-                             f"{TRAINER_JUDGE.name}; delete it (and its cells) and rerun")
-        ctx = self.context(attribute, False)
-        if cls is B.Finetuning:
-            ctx = replace(ctx, judge=self.judge)  # only its shape is used when restoring adapters
-            try:
-                return cls.from_tensors(ctx, t, m, rank=m.get("rank", 4))
-            except ValueError as e:
-                raise ValueError(f"{path}: {e}; delete the file") from None
-        return cls.from_tensors(ctx, t, m)
+    # -- the Original pass of a seed (shared by every attribute and row) --
+    def original(self, split: str) -> dict:
+        """The unedited pass of ``split``'s seed: judged classes, features, the probe's reading of each sample's
+        own class at every window's first step, the second judge's reading (the oracle), and the states
+        entering each window's first step (kept under ``states_dir``, recomputed when missing)."""
+        if split in self._orig:
+            return self._orig[split]
+        n, seed = self.n[split], SEEDS[split]
+        path = self.out / f"original_{split}.safetensors"
+        spath = self.states_dir / f"states_{split}_{seed}_{n}.safetensors"
+        if path.is_file() and spath.is_file():
+            t, m = io.load_tensors(path)
+            if (m["seed"], m["n"]) == (seed, n):
+                st, _ = io.load_tensors(spath)
+                self._orig[split] = {"t": t, "meta": m, "states": {int(k): v for k, v in st.items()}}
+                return self._orig[split]
+        noise = models.make_noise(n, self.model.sample_size, seed)
+        t0 = time.time()
+        ref = pipeline.original_pass(self.model, noise, STEPS, self.judge, state_steps=[w for w in WINDOWS if w],
+                                     pooled_steps=WINDOWS, batch_size=self.batch, progress=self.progress)
+        seconds = time.time() - t0
+        states = {0: noise, **ref.states}
+        t = {f"cls.{a}": ref.probs[a].argmax(-1).to(torch.uint8) for a in world.ATTRIBUTES}
+        t["features"] = ref.features.to(torch.float16)
+        oracle = self.trainer_judge.predict(ref.images)
+        for a in world.SOCIAL:
+            t[f"oracle.{a}"] = oracle[a].argmax(-1).to(torch.uint8)
+            for w in WINDOWS:
+                t[f"probe.{a}.{w}"] = self.probe.logits_pooled(ref.pooled[w], w)[a].argmax(-1).to(torch.uint8)
+        t["images"] = (ref.images[:SHOW_POOL] * 255).round().to(torch.uint8)
+        meta = {"seed": seed, "n": n, "steps": STEPS, "batch_size": self.batch, "seconds": seconds,
+                "passes": ref.passes}
+        if path.is_file():  # the states were lost: the rerun must reproduce the stored reading
+            old, _ = io.load_tensors(path)
+            bad = [a for a in world.ATTRIBUTES if not torch.equal(old[f"cls.{a}"], t[f"cls.{a}"])]
+            if bad:
+                raise RuntimeError(f"{path}: rerunning the Original pass changed the judged classes of {bad}; "
+                                   "this machine does not reproduce the stored cells — rerun them all")
+            t, meta = old, io.load_tensors(path)[1]
+        else:
+            io.save_tensors(path, t, meta=meta)
+        io.save_tensors(spath, {str(k): v for k, v in states.items() if k in WINDOWS})
+        self._orig[split] = {"t": t, "meta": meta, "states": {k: v for k, v in states.items() if k in WINDOWS}}
+        return self._orig[split]
+
+    def original_probs(self, split: str) -> dict[str, torch.Tensor]:
+        """The Original's judged classes as one-hot 'probabilities' (what :func:`pipeline.evaluate` reads)."""
+        t = self.original(split)["t"]
+        return {a: torch.nn.functional.one_hot(t[f"cls.{a}"].long(), len(c)).float()
+                for a, c in world.ATTRIBUTES.items()}
+
+    def reference(self, n: int, attribute: str | None = None) -> torch.Tensor:
+        """Judge features of ``n`` world renders (``attribute``: with that attribute made uniform): FID's
+        reference (FID-target with an attribute)."""
+        from .benchmark_v1 import target_spec
+
+        name = f"reference_{n}" + (f"_{attribute}-uniform" if attribute else "")
+        path = self.out / f"{name}.safetensors"
+        if path.is_file():
+            return io.load_tensors(path)[0]["reference"].float()
+        spec = target_spec(attribute) if attribute else world.default_spec()
+        f = self.judge.features(world.sample(n, spec=spec, seed=REF_SEED).images)
+        io.save_tensors(path, {"reference": f.to(torch.float16)})
+        return f.to(torch.float16).float()
+
+    # -- who gets edited --
+    def asked(self, split: str, attribute: str, row: Row) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The class asked of each sample (``-1``: left alone) under the row's policy, and the reading of each
+        sample's own class the policy used (``None`` for policies that read nothing)."""
+        n, t = self.n[split], self.original(split)["t"]
+        target, seed = self.target(attribute), CLASS_SEED * 7919
+        from .. import intervention as I
+
+        if row.policy == "iid":
+            return I.assign_iid(n, target, seed=seed), None
+        if row.policy == "released":
+            a = I.assign_iid(n, target, seed=seed)
+            major = torch.tensor(self.majority(attribute))
+            return torch.where(major[a], -1, a), None
+        if row.policy in ("minimal", "oracle"):
+            own = t[f"probe.{attribute}.{row.window}"] if row.policy == "minimal" else t[f"oracle.{attribute}"]
+            return I.assign_minimal(own.long(), target, self.batch, seed=seed), own.long()
+        if row.policy == "—":
+            return torch.zeros(n, dtype=torch.long), None  # every sample goes through the edited model
+        raise ValueError(f"unknown policy {row.policy!r}")
 
     # -- one cell --
-    def cell(self, split: str, attribute: str, method: str, setting: float | None, n: int) -> Cell:
+    def edit_runner(self, attribute: str, row: Row, setting: float, asked: torch.Tensor, null_seed: int | None = None):
+        """``run(idx, x, start_step) -> images`` for the samples ``idx`` of a per-sample row (``x``: their
+        Original state entering ``start_step``)."""
         from .. import intervention as I
-        from . import identify
 
-        seed = VAL_SEED if split == "val" else TEST_SEED
-        probe_cell = Cell(split, attribute, method, setting, seed, n, {}, torch.zeros(0), torch.zeros(0))
-        path = self.out / "cells" / f"{probe_cell.key}.safetensors"
+        method = METHODS[row.method]
+        if method.kind == "difflens":
+            tgt = self.target(attribute)
+            if row.method == "DiffLens (released)":
+                k = max(1, round(RELEASED_K * self.sae.cfg.d_in / 512))
+                betas = [1.0 if m else float(setting) for m in self.majority(attribute)]
+                e = pipeline.edit_for(self.features_dir, attribute, betas, k, target=tgt, mode="scale")
+            else:
+                e = pipeline.edit_for(self.features_dir, attribute, float(setting), self.k[attribute], target=tgt,
+                                      swap=row.method == "DiffLens swap",
+                                      steps=None if row.window == 0 else range(row.window, STEPS))
+
+            def run(idx, x, start):
+                edit = replace(e, assigned=asked[idx])
+                imgs, _ = I.sample_edited(self.model, self.sae, [edit], noise=x, steps=STEPS, batch_size=self.batch,
+                                          start_step=start, null_seed=null_seed)
+                return imgs
+            return run
+        if null_seed is not None:
+            raise ValueError("the null edit is defined for DiffLens rows")
+        fitted = self.fitted_method(row.method, attribute)
+        if row.method == "Latent Editing":
+            return lambda idx, x, start: fitted.sample_edited(self.model, x, STEPS, setting, asked[idx],
+                                                              batch_size=self.batch)
+        fitted = replace(fitted, from_step=row.window)
+        return lambda idx, x, start: fitted.sample_edited(self.model, x, STEPS, setting, asked[idx],
+                                                          batch_size=self.batch, start_step=start)
+
+    def cell(self, split: str, attribute: str, row: Row, setting: float, null: bool = False) -> dict:
+        """Run (or load) one cell; returns its metric row."""
+        if split != "val" and "frozen" not in self.log:
+            raise RuntimeError("test cells run only after the validation grids are frozen (benchmark.freeze)")
+        path = cell_path(self.out, split, attribute, row, setting, null)
         if path.is_file():
-            c = Cell.load(path)
-            if (c.seed, c.n) == (seed, n):
-                return c
-        noise = models.make_noise(n, self.model.sample_size, seed)
-        classes = classes_for(attribute, n)
-        fitted = self.fitted_method(method, attribute) if method != "Original" else None
-        t0 = time.time()  # sampling and judging only; a fit's cost is logged on its own
-        bs = self.batch_size
-        if method == "Original":
-            imgs, classes = B.sample(self.model, noise, self.steps, batch_size=bs), None
-        elif method in DIFFLENS:
-            e = identify.edit_for(attribute, setting, target=uniform(attribute), swap=method != "DiffLens",
-                                  steps=range(min(DIFFLENS_FROM_STEP, self.steps - 1), self.steps))
-            if method == "DiffLens surplus":
-                unedited = B.sample(self.model, noise, self.steps, batch_size=bs)
-                e = replace(e, source=self.trainer_judge.predict(unedited)[attribute].argmax(-1))
-            imgs, iv = I.sample_edited(self.model, self.sae, [e], noise=noise, steps=self.steps, batch_size=bs,
-                                       class_seed=CLASS_SEED)
-            if method == "DiffLens surplus":
-                classes = iv.classes(attribute)
-            assert torch.equal(iv.classes(attribute), classes)
+            t, m = load_cell(path)
+            if (m["seed"], m["n"]) == (SEEDS[split], self.n[split]):
+                return m["metrics"]
+        orig = self.original(split)
+        n = self.n[split]
+        asked, own = self.asked(split, attribute, row)
+        t0 = time.time()
+        method = METHODS[row.method]
+        if method.kind == "distribution":
+            fitted = self.fitted_method(row.method, attribute)
+            noise = models.make_noise(n, self.model.sample_size, SEEDS[split])
+            imgs = fitted.sample_edited(self.model, noise, STEPS, setting, None, batch_size=self.batch)
+            probs, feats, edited, passes = self.judge.predict(imgs), self.judge.features(imgs), \
+                torch.ones(n, dtype=torch.bool), n * STEPS
+            shown = torch.arange(SHOW)
+            show_imgs = imgs[:SHOW]
         else:
-            imgs = fitted.sample_edited(self.model, noise, self.steps, setting, classes, batch_size=bs)
-            if not fitted.per_sample:
-                classes = None
-        c = Cell(split, attribute, method, setting, seed, n, self.judge.predict(imgs), self.judge.features(imgs),
-                 (imgs[: self.keep] * 255).round().to(torch.uint8), classes, time.time() - t0)
-        c.save(self.out / "cells")
-        return c
+            start = 0 if row.method == "Latent Editing" else row.window
+            ref = pipeline.Reference(self.original_probs(split), orig["t"]["features"].float(), orig["states"], {},
+                                     torch.zeros(0), STEPS, 0)
+            run = self.edit_runner(attribute, row, setting, asked, null_seed=CLASS_SEED if null else None)
+            kept_imgs = {}
 
-    def reference(self, n: int) -> dict:
-        """Judge features of ``n`` world renders (the FID reference) and of a second set (the floor)."""
-        path = self.out / f"reference_{n}.safetensors"
-        if path.is_file():
-            t, _ = io.load_tensors(path)
-            return {k: v.float() for k, v in t.items()}
-        ref = self.judge.features(world.sample(n, seed=REF_SEED).images)
-        other = self.judge.features(world.sample(n, seed=REF_SEED + 1).images)
-        io.save_tensors(path, {"reference": ref, "second": other})
-        return {"reference": ref, "second": other}
+            def run_and_keep(idx, x, s):
+                imgs = run(idx, x, s)
+                for j, i in enumerate(idx.tolist()):
+                    if i < SHOW_POOL:
+                        kept_imgs[i] = imgs[j]
+                return imgs
+            res = pipeline.edited_pass(ref, asked, run_and_keep, self.judge, start_step=start)
+            probs, feats, edited, passes = res["probs"], res["features"], res["edited"], res["passes"]
+            if row.method == "Latent Editing":
+                passes = int(edited.sum()) * (STEPS + FIT["Latent Editing"]["edit_steps"])
+            pool = torch.arange(min(SHOW_POOL, n))
+            order = torch.cat([pool[edited[pool]], pool[~edited[pool]]])[:SHOW]
+            shown = order
+            base = orig["t"]["images"].float() / 255
+            show_imgs = torch.stack([kept_imgs[int(i)] if int(i) in kept_imgs else base[int(i)] for i in order])
+        seconds = time.time() - t0
+        m = self.metrics(split, attribute, probs, feats, edited)
+        t = {f"cls.{a}": probs[a].argmax(-1).to(torch.uint8) for a in world.ATTRIBUTES}
+        t["similarity"] = torch.nn.functional.cosine_similarity(
+            feats.float(), orig["t"]["features"].float(), dim=1).to(torch.float16)
+        t["asked"] = asked.to(torch.int8)
+        if own is not None:
+            t["own"] = own.to(torch.int8)
+        t["images"], t["shown"] = (show_imgs * 255).round().to(torch.uint8), shown.to(torch.int16)
+        meta = {"split": split, "attribute": attribute, "method": row.method, "policy": row.policy,
+                "window": row.window, "setting": setting, "null": null, "seed": SEEDS[split], "n": n,
+                "batch_size": self.batch, "seconds": seconds, "passes": passes, "metrics": m}
+        io.save_tensors(path, t, meta=meta)
+        return m
+
+    def metrics(self, split: str, attribute: str, probs, feats, edited) -> dict:
+        """The metric row of a cell: :func:`pipeline.evaluate` plus keep and similarity among edited samples,
+        bootstrap CIs of keep, similarity and FID, and FID against renders with ``attribute`` uniform."""
+        orig = self.original(split)
+        n = self.n[split]
+        others = [b for b in world.SOCIAL if b != attribute]
+        groups = {"other social": others, "nuisance": list(world.NUISANCE), "all": others + list(world.NUISANCE)}
+        oprobs = self.original_probs(split)
+        ofeat = orig["t"]["features"].float()
+        ev = pipeline.evaluate(oprobs, probs, attribute, keep=groups, original_features=ofeat, edited_features=feats,
+                               reference_features=self.reference(n), n_boot=1000)
+        kept = metrics.kept(oprobs, probs, groups["all"]).float()
+        sim = torch.nn.functional.cosine_similarity(feats.float(), ofeat, dim=1)
+        row = {k: ev[k] for k in ("FD", "FD lo", "FD hi", "FD original", "share edited", "FID", "similarity",
+                                  "keep other social", "keep nuisance", "keep all")}
+        row["edited"] = int(edited.sum())
+        row["keep all among edited"] = float(kept[edited].mean()) if edited.any() else None
+        row["similarity among edited"] = float(sim[edited].mean()) if edited.any() else None
+        row["keep all lo"], row["keep all hi"] = _mean_ci(kept)
+        row["similarity lo"], row["similarity hi"] = _mean_ci(sim)
+        ref_t = self.reference(n, attribute)
+        row["FID target"] = metrics.fid_from_features(ref_t, feats.float())
+        row["FID target lo"], row["FID target hi"] = _fid_ci(ref_t, feats.float())
+        return row
 
 
-def run(out=OUT, n_val: int = 128, n_test: int = 500, attributes=world.SOCIAL, methods=METHODS,
-        progress: bool = True) -> dict:
-    """Validate every method's knob, then test the chosen settings; resumable cell by cell."""
+def _mean_ci(x: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(x), (n_boot, len(x)), generator=g)
+    m = x.float()[idx].mean(1)
+    return float(m.quantile(0.025)), float(m.quantile(0.975))
+
+
+def _fid_ci(ref: torch.Tensor, feats: torch.Tensor, n_boot: int = 100, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap of FID over the cell's samples (the reference set held fixed)."""
+    g = torch.Generator().manual_seed(seed)
+    vals = torch.tensor([metrics.fid_from_features(ref, feats[torch.randint(len(feats), (len(feats),), generator=g)])
+                         for _ in range(n_boot)])
+    return float(vals.quantile(0.025)), float(vals.quantile(0.975))
+
+
+# ----------------------------------------------------------------------------- protocol
+
+
+def frontier(bench: Bench, attribute: str, row: Row) -> list[dict]:
+    """The validation cells of a row that exist, as metric rows with their setting, sorted by setting."""
+    out = []
+    for p in sorted((bench.out / "cells").glob(f"val_{attribute}_{row.slug}_*.safetensors")):
+        if p.name.endswith("_null.safetensors"):
+            continue
+        m = io.load_tensors(p)[1]
+        out.append({**m["metrics"], "setting": m["setting"], "seconds": m["seconds"], "passes": m["passes"]})
+    return sorted(out, key=lambda r: r["setting"])
+
+
+def validate(bench: Bench, attributes=world.SOCIAL, only: list[Row] | None = None) -> dict:
+    """Every row's grid on the validation seed, extended by :func:`next_setting`; resumable."""
     from tqdm.auto import tqdm
 
-    r = Runner(out, progress=progress)
-    chosen = r.log.setdefault("chosen", {})
-    ref_val, ref = r.reference(n_val), r.reference(n_test)
-    r.log["n_val"], r.log["n_test"] = n_val, n_test
-    r.log["fid_floor"] = metrics.fid_from_features(ref["reference"], ref["second"])
-    # one attribute at a time (validate, choose, test), so a partial run has complete attributes
+    floor = {a: metrics.fd_floor(bench.n["val"], len(world.ATTRIBUTES[a]))["p95"] for a in world.SOCIAL}
     for a in attributes:
-        todo = [(m, s) for m in methods if m != "Original" for s in KNOBS[m][1]]
-        for m, s in tqdm(todo, desc=f"{a}: validation cells", disable=not progress):
-            r.cell("val", a, m, s, n_val)
-        orig = r.cell("val", a, "Original", None, n_val)
-        for m in methods:
-            if m == "Original":
-                continue
-            rows = [cell_metrics(r.cell("val", a, m, s, n_val), orig, ref_val["reference"]) for s in KNOBS[m][1]]
-            chosen[f"{a}/{m}"] = choose(rows)["setting"]
-        r._save_log()
-        for m in tqdm(methods, desc=f"{a}: test cells", disable=not progress):
-            r.cell("test", a, m, None if m == "Original" else chosen[f"{a}/{m}"], n_test)
-    r._save_log()
-    return r.log
+        for row in tqdm(only or rows(), desc=f"{a}: validation rows", disable=not bench.progress):
+            m = METHODS[row.method]
+            todo, ext = list(m.grid), {}
+            rec = bench.log["val"].setdefault(a, {}).setdefault(row.label, {})
+            while todo:
+                s = todo.pop(0)
+                bench.cell("val", a, row, s)
+                if not todo:
+                    pts = [(r["setting"], r[KEEP_KEY], r["FD"]) for r in frontier(bench, a, row)]
+                    nxt = next_setting(pts, m, floor[a], ext)
+                    if nxt is not None:
+                        todo.append(float(fmt(nxt)))
+            rec["settings"] = [r["setting"] for r in frontier(bench, a, row)]
+            rec["extended"] = ext
+            bench.save_log()
+    return bench.log["val"]
 
 
-def _paired(out, split: str):
-    """Every saved cell of ``split`` with its Original partner (same attribute, seed and n); cells without
-    one are skipped."""
-    cells = [Cell.load(p) for p in sorted((Path(out) / "cells").glob(f"{split}_*.safetensors"))]
-    for c in cells:
-        orig = next((o for o in cells if o.method == "Original" and o.attribute == c.attribute
-                     and (o.seed, o.n) == (c.seed, c.n)), None)
-        if orig is not None:
-            yield c, orig
+def interpolate(rows_: list[dict], setting: float, key: str) -> float:
+    """``key`` on a frontier at ``setting``, linearly between the two settings that bracket it."""
+    pts = sorted((r["setting"], r[key]) for r in rows_)
+    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+        if s0 <= setting <= s1:
+            return v0 if s1 == s0 else v0 + (v1 - v0) * (setting - s0) / (s1 - s0)
+    raise ValueError(f"interpolate: {setting} is outside the frontier {[p[0] for p in pts]}")
 
 
-def target_spec(attribute: str) -> world.BiasSpec:
-    """The default spec with ``attribute`` uniform (everything else, correlations included, unchanged): what
-    a perfect debiasing of ``attribute`` would produce."""
-    from dataclasses import replace
-
-    spec = world.default_spec()
-    return replace(spec, probs={**spec.probs, attribute: uniform(attribute)}, name=f"default, {attribute} uniform")
-
-
-def target_reference(attribute: str, n: int, out=OUT, judge=None) -> torch.Tensor:
-    """Judge features of ``n`` renders of :func:`target_spec` (cached next to the cells)."""
-    path = Path(out) / f"reference_{n}_{attribute}-uniform.safetensors"
-    if path.is_file():
-        return io.load_tensors(path)[0]["reference"].float()
-    if judge is None:
-        from ..judge import load_judge
-        judge = load_judge()
-    f = judge.features(world.sample(n, spec=target_spec(attribute), seed=REF_SEED).images)
-    io.save_tensors(path, {"reference": f})
-    return f
-
-
-def results(out=OUT, split: str = "test") -> list[dict]:
-    """Metrics of every saved cell of ``split`` that has its Original partner, plus ``FID target``: FID
-    against renders with the target attribute already uniform. The main FID column compares with the
-    world's (biased) renders, so it rises with any change of the distribution — debiasing included."""
-    rows = []
-    for c, orig in _paired(out, split):
-        ref, _ = io.load_tensors(Path(out) / f"reference_{c.n}.safetensors")
-        row = cell_metrics(c, orig, ref["reference"].float())
-        row["FID target"] = metrics.fid_from_features(target_reference(c.attribute, c.n, out), c.features)
-        rows.append(row)
-    return rows
-
-
-def changes(out=OUT, split: str = "test") -> list[dict]:
-    """For every saved cell of ``split``, the share of samples whose judged class differs from the
-    original sample from the same noise, per attribute (the target's own column is the intended change;
-    every other column is leakage). ``1 - keep`` broken down by attribute."""
-    rows = []
-    for c, orig in _paired(out, split):
-        if c.method == "Original":
-            continue
-        row = {"attribute": c.attribute, "method": c.method, "setting": c.setting}
-        row.update({b: 1 - metrics.keep_rate(orig.probs, c.probs, [b]) for b in world.ATTRIBUTES})
-        rows.append(row)
-    return rows
-
-
-def hit_rates(cell: Cell, original: Cell) -> "pd.DataFrame":
-    """For a method that draws a class per sample: of the samples originally judged ``from`` and asked to
-    become ``to``, the share judged ``to`` after the edit (rows ``from``, columns ``to``; the diagonal is
-    the share that stayed put when asked to). NaN where no sample had that pair; samples left unedited
-    (class ``-1``, the surplus variant) are not counted."""
-    import pandas as pd
-
-    if cell.classes is None:
-        raise ValueError(f"hit_rates: {cell.key} has no per-sample class draws ({cell.method} edits the "
-                         "batch or the model, not one sample towards one class)")
-    if (cell.seed, cell.n) != (original.seed, original.n):
-        raise ValueError(f"hit_rates: {cell.key} is not paired with the original ({original.key})")
-    a = cell.attribute
-    names = world.ATTRIBUTES[a]
-    before, after, drawn = original.probs[a].argmax(-1), cell.probs[a].argmax(-1), cell.classes.long()
-    out = pd.DataFrame(index=pd.Index(names, name="judged before"), columns=pd.Index(names, name="asked to become"),
-                       dtype=float)
-    for i, f in enumerate(names):
-        for j, t in enumerate(names):
-            m = (before == i) & (drawn == j)
-            out.loc[f, t] = float((after[m] == j).float().mean()) if m.any() else float("nan")
+def freeze(bench: Bench, attributes=world.SOCIAL) -> dict:
+    """Settings matched to each keep point per row, and the best DiffLens row per attribute (lowest validation
+    FD at keep 0.95, interpolated on its frontier), written to the log before any test cell runs."""
+    out = {}
+    for a in attributes:
+        out[a] = {"rows": {}, "best DiffLens": None}
+        best = None
+        for row in rows():
+            fr = frontier(bench, a, row)
+            if not fr:
+                raise RuntimeError(f"freeze: no validation cells for {a} / {row.label}; run validate first")
+            rec = {}
+            for kp in KEEP_POINTS:
+                ms = metrics.matched_setting(fr, kp, key=KEEP_KEY)
+                if ms["setting"] is not None:
+                    ms["setting"] = float(fmt(ms["setting"]))
+                    ms["val FD"] = interpolate(fr, ms["setting"], "FD")
+                rec[str(kp)] = ms
+            out[a]["rows"][row.label] = {"row": [row.method, row.policy, row.window], **rec}
+            r95 = rec[str(KEEP_POINTS[0])]
+            if METHODS[row.method].kind == "difflens" and r95["setting"] is not None and \
+                    (best is None or r95["val FD"] < best[1]):
+                best = (row, r95["val FD"], r95["setting"])
+        if best is not None:
+            out[a]["best DiffLens"] = {"row": [best[0].method, best[0].policy, best[0].window], "label": best[0].label,
+                                       "setting": best[2], "val FD": best[1]}
+    bench.log["frozen"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _git_commit(), "choices": out}
+    bench.save_log()
     return out
+
+
+def test(bench: Bench, split: str = "test", attributes=world.SOCIAL) -> None:
+    """The frozen settings on a test seed, plus the diagnostic rows (oracle reading, null edit) of the best
+    DiffLens row; resumable."""
+    from tqdm.auto import tqdm
+
+    if "frozen" not in bench.log:
+        raise RuntimeError("test: freeze the validation choices first (benchmark.freeze)")
+    ch = bench.log["frozen"]["choices"]
+    for a in attributes:
+        todo = []
+        for label, rec in ch[a]["rows"].items():
+            row = Row(*rec["row"])
+            for kp in KEEP_POINTS:
+                s = rec[str(kp)]["setting"]
+                if s is not None:
+                    todo.append((row, s, False))
+        best = ch[a]["best DiffLens"]
+        if best is not None:
+            row = Row(*best["row"])
+            todo.append((replace(row, policy="oracle"), best["setting"], False))
+            todo.append((row, best["setting"], True))
+        for row, s, null in tqdm(dict.fromkeys(todo), desc=f"{a}: {split} cells", disable=not bench.progress):
+            bench.cell(split, a, row, s, null=null)

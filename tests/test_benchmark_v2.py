@@ -1,0 +1,103 @@
+"""Chapter 6's protocol: rows, grid extension, who gets edited under each policy, and that a cell which reuses
+unedited samples and resumes edited ones gives what a full in-pass run gives."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from helpers import intervention as I
+from helpers import world
+from helpers.chapters import benchmark as BM
+
+
+def test_rows_have_unique_names_and_every_per_sample_method_runs_under_both_policies():
+    rows = BM.rows()
+    assert len({r.slug for r in rows}) == len(rows) == len({r.label for r in rows})
+    for m in BM.METHODS.values():
+        mine = [r for r in rows if r.method == m.name]
+        if m.kind == "distribution":
+            assert {r.policy for r in mine} == {"—"}
+        elif m.name != "DiffLens (released)":
+            assert {r.policy for r in mine} == {"iid", "minimal"}
+            assert {r.window for r in mine} == set(m.windows)
+
+
+def test_next_setting_extends_until_the_frontier_brackets_both_keep_points_and_the_floor():
+    m = BM.METHODS["DiffLens swap"]
+    ext = {}
+    # every setting keeps < 0.95: halve the distance to the identity below the grid
+    assert BM.next_setting([(1, 0.93, 0.1), (2, 0.85, 0.05)], m, 0.02, ext) == 0.5
+    # keeps ≥ 0.90 everywhere: extend above, doubling the last step
+    ext = {}
+    assert BM.next_setting([(1, 0.99, 0.3), (2, 0.97, 0.2)], m, 0.02, ext) == 4
+    # crossed 0.90 but FD still above the floor: extend above
+    assert BM.next_setting([(1, 0.99, 0.3), (2, 0.8, 0.2)], m, 0.02, {}) == 4
+    # done: ≥ 0.95, < 0.90 and FD at the floor
+    assert BM.next_setting([(1, 0.99, 0.3), (2, 0.8, 0.01)], m, 0.02, {}) is None
+    # the extension limit stops it
+    assert BM.next_setting([(1, 0.99, 0.3), (2, 0.97, 0.2)], m, 0.02, {"high": BM.MAX_EXTEND}) is None
+    act = BM.METHODS["Activation"]  # a factor knob: the identity is 1
+    assert BM.next_setting([(1.5, 0.9, 0.1), (2, 0.8, 0.05)], act, 0.02, {}) == 1.25
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    torch.set_num_threads(2)
+    d = tmp_path_factory.mktemp("bench")
+    return BM.Bench(out=d, states_dir=d / "states", n={"val": 8, "test": 8, "test2": 8}, batch_size=4,
+                    progress=False)
+
+
+def test_policies_ask_what_they_say(bench):
+    t = bench.original("val")["t"]
+    tgt = bench.target("gender")
+    iid, own = bench.asked("val", "gender", BM.Row("DiffLens", "iid", 8))
+    assert own is None and (iid >= 0).all()
+    rel, _ = bench.asked("val", "gender", BM.Row("DiffLens (released)", "released", 0))
+    major = torch.tensor(bench.majority("gender"))
+    assert torch.equal(rel, torch.where(major[iid], -1, iid))  # same draws; a majority draw is a no-op
+    assert (rel == -1).any() and (rel >= 0).any()
+    mini, own = bench.asked("val", "gender", BM.Row("DiffLens swap", "minimal", 8))
+    assert torch.equal(own, t["probe.gender.8"].long())
+    assert torch.equal(mini, I.assign_minimal(own, tgt, 4, seed=BM.CLASS_SEED * 7919))
+    for s in range(0, 8, 4):  # per batch of 4: moved samples come only from over-represented classes
+        o, a = own[s:s + 4], mini[s:s + 4]
+        moved = a >= 0
+        assert not moved.any() or (a[moved] != o[moved]).all()
+    ora, own_o = bench.asked("val", "gender", BM.Row("DiffLens swap", "oracle", 8))
+    assert torch.equal(own_o, t["oracle.gender"].long())
+
+
+def test_a_minimal_cell_equals_the_in_pass_run(bench):
+    """Reuse (unedited samples are the Original's) + resume (edited ones start at step 8 from the Original's
+    state) give the same judged classes as one full pass that reads each sample's class with the probe
+    inside the pass."""
+    row = BM.Row("DiffLens swap", "minimal", 8)
+    m = bench.cell("val", "gender", row, 4.0)
+    t, meta = BM.load_cell(BM.cell_path(bench.out, "val", "gender", row, 4.0))
+    assert meta["passes"] == int((t["asked"] >= 0).sum()) * (BM.STEPS - 8)
+    e = bench.edit_runner  # the same edit, decided in the pass
+    from helpers import pipeline
+    edit = pipeline.edit_for(bench.features_dir, "gender", 4.0, bench.k["gender"], target=bench.target("gender"),
+                             swap=True, steps=range(8, BM.STEPS))
+    edit = replace(edit, policy="minimal", probe=bench.probe)
+    noise = BM.models.make_noise(8, bench.model.sample_size, BM.SEEDS["val"])
+    imgs, iv = I.sample_edited(bench.model, bench.sae, [edit], noise=noise, steps=BM.STEPS, batch_size=4,
+                               class_seed=BM.CLASS_SEED)
+    assert torch.equal(iv.classes("gender"), t["asked"].long())
+    assert torch.equal(iv.own_classes("gender"), t["own"].long())
+    probs = bench.judge.predict(imgs)
+    for a in world.ATTRIBUTES:
+        assert torch.equal(probs[a].argmax(-1).to(torch.uint8), t[f"cls.{a}"]), a
+    sim = torch.nn.functional.cosine_similarity(bench.judge.features(imgs), bench.original("val")["t"]["features"].float())
+    assert torch.allclose(sim.half().float(), t["similarity"].float(), atol=2e-3)
+    # unedited samples are the Original's own, bit for bit
+    left = t["asked"] < 0
+    assert (t["similarity"][left].float() > 0.999).all()
+    assert m["edited"] == int((~left).sum())
+    del e
+
+
+def test_test_cells_refuse_to_run_before_the_grids_are_frozen(bench):
+    with pytest.raises(RuntimeError, match="frozen"):
+        bench.cell("test", "gender", BM.Row("DiffLens", "iid", 8), 4.0)
