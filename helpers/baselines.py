@@ -22,6 +22,11 @@ classifier-free guidance), in the VAE's latent space, judging VAE-decoded images
   which reads the *spatially pooled* h, so its gradient is the same at every position — a flat shift of
   h, the same fault chapter 4 finds in flat adds. Its loss is on a *batch mean*, so its effect depends on
   the batch size: compare runs at equal batch size.
+* :class:`HDistributionFlat` — H-Distribution in its published form: an attribute distribution predictor
+  (a small MLP with a step embedding) on the *flattened* h of each step, trained on the harvest's full h
+  and the judge's labels, and a χ² loss between the batch's mean prediction and the target; its gradient
+  differs from position to position. Deviation: the original's predictor architecture and loss weights are
+  not reproduced exactly (a 64-unit hidden layer here).
 * :class:`LatentEditing` (Kwon et al., ICLR 2023, "Asyrp") — a learned Δh per step and class, used in
   their asymmetric reverse process (the predicted x0 uses the edited h, the direction term the
   unedited one) over the first part of sampling. Deviations: their Δh comes from a small network of h and
@@ -72,6 +77,7 @@ class Context:
     labels: torch.Tensor | None = None  # (N,) judged classes of the harvested samples
     images: torch.Tensor | None = None  # (N, 3, H, W) uint8 harvested images (training data where needed)
     probe: HProbe | None = None  # the h-probe (H-Distribution steers with it)
+    h_full: Callable | None = None  # steps -> {step: (N, C, H, W)} full harvested h of the training samples
     judge: object | None = None  # the judge learned methods train against (chapter 6: a second judge)
     images_of: Callable | None = None  # (classes, seed) -> images in [-1, 1] of those classes; default: harvested
     progress: bool = True
@@ -436,6 +442,132 @@ class HDistribution:
         return factory
 
 
+class DistributionPredictor(torch.nn.Module):
+    """H-Distribution's attribute distribution predictor: an MLP on the flattened h, standardised per step, with
+    a learned step embedding (one network for every step)."""
+
+    def __init__(self, n_steps: int, shape: Sequence[int], n_classes: int, hidden: int = 64):
+        super().__init__()
+        d = int(torch.tensor(shape).prod())
+        self.shape = tuple(int(x) for x in shape)
+        self.register_buffer("mean", torch.zeros(n_steps, d))
+        self.register_buffer("std", torch.ones(n_steps, d))
+        self.inp = torch.nn.Linear(d, hidden)
+        self.step = torch.nn.Embedding(n_steps, hidden)
+        self.out = torch.nn.Linear(hidden, n_classes)
+
+    @property
+    def n_steps(self) -> int:
+        return self.mean.shape[0]
+
+    def forward(self, h: torch.Tensor, step: int) -> torch.Tensor:
+        x = (h.flatten(1).float() - self.mean[step]) / self.std[step]
+        return self.out(F.silu(self.inp(x) + self.step.weight[step]))
+
+
+@dataclass
+class HDistributionFlat:
+    """Distribution guidance in h as published: ``h ← h − scale · ∇_h χ²(mean_batch softmax(ADP(h, t)), target)``,
+    the predictor reading every position of h."""
+
+    attribute: str
+    predictor: DistributionPredictor
+    target: Sequence[float]
+    scale: float = 1.0
+    accuracy: list = field(default_factory=list)  # held-out accuracy per step
+    name: str = "H-Distribution (flat h)"
+    site: str = hooks.DEFAULT_SITE
+    knob: ClassVar[str] = "scale"
+    default: ClassVar[float] = 1.0
+    per_sample: ClassVar[bool] = False
+    learns_from_judge: ClassVar[bool] = False
+
+    @classmethod
+    def fit(cls, h_by_step: dict[int, torch.Tensor], labels: torch.Tensor, attribute: str, target: Sequence[float],
+            classes: Sequence[str], held_out: float = 0.1, epochs: int = 20, batch_size: int = 256, lr: float = 1e-3,
+            hidden: int = 64, seed: int = 0, site: str = hooks.DEFAULT_SITE, progress: bool = False):
+        """Train the predictor on ``h_by_step`` (step → ``(N, C, H, W)``, every sampling step) and the judge's
+        ``labels`` ``(N,)``; the last ``held_out`` share of the samples measures its accuracy per step."""
+        from tqdm.auto import tqdm
+
+        kc = _check_attribute(attribute, classes)
+        steps = sorted(h_by_step)
+        if steps != list(range(len(steps))):
+            raise ValueError(f"HDistributionFlat.fit: give h at every sampling step 0..n-1, got steps {steps}")
+        labels = torch.as_tensor(labels).long()
+        n = len(labels)
+        n_tr = n - max(1, int(held_out * n))
+        shape = h_by_step[0].shape[1:]
+        net = DistributionPredictor(len(steps), shape, kc, hidden)
+        with torch.no_grad():
+            for s in steps:
+                x = h_by_step[s][:n_tr].flatten(1).float()
+                net.mean[s], net.std[s] = x.mean(0), x.std(0).clamp(min=1e-3)
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        net.inp.reset_parameters(), net.out.reset_parameters()
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+        for _ in tqdm(range(epochs), disable=not progress, desc=f"H-Distribution predictor {attribute}"):
+            # every minibatch from one step (steps and samples shuffled each epoch)
+            batches = [(s, ids) for s in steps for ids in torch.randperm(n_tr, generator=g).split(batch_size)]
+            for j in torch.randperm(len(batches), generator=g).tolist():
+                s, ids = batches[j]
+                loss = F.cross_entropy(net(h_by_step[s][ids], s), labels[ids])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        net.eval().requires_grad_(False)
+        with torch.no_grad():
+            acc = [float((net(h_by_step[s][n_tr:], s).argmax(-1) == labels[n_tr:]).float().mean()) for s in steps]
+        return cls(attribute, net, list(map(float, target)), accuracy=acc, site=site)
+
+    @classmethod
+    def from_context(cls, ctx: Context, **fit):
+        ctx.need(cls.name, "h_full", "labels")
+        h = ctx.h_full(range(ctx.steps))
+        return cls.fit(h, ctx.labels[:len(h[0])], ctx.attribute, ctx.target, ctx.classes, site=ctx.site,
+                       progress=ctx.progress, **fit)
+
+    def to_tensors(self) -> tuple[dict, dict]:
+        sd = {k: v.to(torch.float16) if k not in ("mean", "std") else v for k, v in self.predictor.state_dict().items()}
+        return sd, {"shape": list(self.predictor.shape), "hidden": self.predictor.inp.out_features,
+                    "classes": self.predictor.out.out_features, "target": list(self.target), "accuracy": self.accuracy,
+                    "site": self.site}
+
+    @classmethod
+    def from_tensors(cls, ctx: Context, tensors: dict, meta: dict):
+        net = DistributionPredictor(tensors["mean"].shape[0], meta["shape"], meta["classes"], meta["hidden"])
+        net.load_state_dict({k: v.float() for k, v in tensors.items()})
+        net.eval().requires_grad_(False)
+        return cls(ctx.attribute, net, list(ctx.target), accuracy=meta.get("accuracy", []), site=meta.get("site", ctx.site))
+
+    def sample_edited(self, model, noise, steps, setting=None, classes=None, batch_size=128, progress=False):
+        """Samples guided towards the target distribution with strength ``setting`` (whole batch; ``classes`` unused)."""
+        me = self if setting is None else replace(self, scale=setting)
+        return sample(model, noise, steps, me.hook(), batch_size, progress, self.site)
+
+    def loss_grad(self, h: torch.Tensor, step: int) -> torch.Tensor:
+        """∇_h of the χ² distance between the batch's mean predicted distribution and the target."""
+        t = torch.as_tensor(self.target, dtype=torch.float32, device=h.device)
+        with torch.enable_grad():
+            self.predictor.to(h.device)
+            hh = h.detach().float().requires_grad_(True)
+            p = self.predictor(hh, step).softmax(-1).mean(0)
+            loss = ((p - t) ** 2 / t.clamp(min=1e-8)).sum()
+            (grad,) = torch.autograd.grad(loss, hh)
+        return grad
+
+    def hook(self, classes: torch.Tensor | None = None):
+        def factory(ids):
+            def fn(h, info):
+                if info.step >= self.predictor.n_steps:
+                    raise ValueError(f"HDistributionFlat: sampling step {info.step} but the predictor knows "
+                                     f"{self.predictor.n_steps} steps; sample with that many steps")
+                return (h - self.scale * self.loss_grad(h, info.step)).to(h.dtype)
+            return fn
+        return factory
+
+
 # ----------------------------------------------------------------------------- Latent Editing (Asyrp)
 
 
@@ -671,7 +803,7 @@ class Finetuning:
         return models.with_unet(base, self.unet)
 
 
-METHODS = {m.name: m for m in (Activation, LatentDirection, HDistribution, LatentEditing, Finetuning)}
+METHODS = {m.name: m for m in (Activation, LatentDirection, HDistribution, HDistributionFlat, LatentEditing, Finetuning)}
 
 
 def method(name: str):

@@ -336,6 +336,10 @@ def problems(cfg: Config, check_files: bool = True) -> list[str]:
     for b in cfg.intervention.baselines:
         if b not in baselines.METHODS:
             errs.append(f"[intervention] baselines: unknown method {b!r}; the baselines are {list(baselines.METHODS)}")
+    if baselines.HDistributionFlat.name in cfg.intervention.baselines and stored and \
+            sorted(set(stored)) != list(range(steps)):
+        errs.append(f"[intervention] baselines: {baselines.HDistributionFlat.name!r} trains on the full h of every "
+                    f"step; [harvest] shard_steps {stored} stores only some (set shard_steps = [] to store all)")
     import inspect
 
     for b, kw in cfg.intervention.baseline_fit.items():
@@ -350,7 +354,8 @@ def problems(cfg: Config, check_files: bool = True) -> list[str]:
         known = {n for n, q in params.items() if n != "ctx" and q.kind != q.VAR_KEYWORD}
         if any(q.kind == q.VAR_KEYWORD for q in params.values()):  # the rest goes to fit()
             known |= set(inspect.signature(cls.fit).parameters) - {
-                "cls", "model", "judge", "attribute", "target", "progress", "images_of", "classes", "site", "steps"}
+                "cls", "model", "judge", "attribute", "target", "progress", "images_of", "classes", "site", "steps",
+                "h_by_step", "labels"}
         bad = sorted(set(kw) - known)
         if bad:
             errs.append(f"[intervention] baseline_fit {b!r}: unknown setting(s) {bad}; known: {sorted(known)}")
@@ -700,7 +705,8 @@ class Run:
                         pipeline.uniform(self.judge.attributes[attribute]), steps=self.cfg.harvest.steps,
                         site=self.cfg.model.site, pooled=summary.pooled[:n_train].float(),
                         labels=labels[attribute][:n_train], images=summary.images[:n_train], probe=probe,
-                        judge=self.judge if cls.learns_from_judge else None, progress=self.progress)
+                        judge=self.judge if cls.learns_from_judge else None, progress=self.progress,
+                        h_full=lambda steps: pipeline.h_by_step(self.out / "harvest", steps, torch.arange(n_train)))
         return cls.from_context(ctx, **self.cfg.intervention.baseline_fit.get(name, {}))
 
     def _intervention(self) -> dict:

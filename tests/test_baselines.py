@@ -97,6 +97,38 @@ def test_h_distribution_moves_batch_prediction_towards_target(tiny):
         B.HDistribution("gender", probe, [0.5, 0.6]).hook()
 
 
+def test_flat_h_distribution_reads_one_position_and_moves_the_batch_towards_target(tiny):
+    """The published form: a predictor on the flattened h (a label carried by one position of one channel is
+    learnable), and guidance that moves the batch's predicted share towards the target."""
+    g = torch.Generator().manual_seed(0)
+    hs = {s: torch.randn(400, 4, 4, 4, generator=g) for s in range(3)}
+    y = (hs[2][:, 0, 1, 2] > 0).long()
+    m = B.HDistributionFlat.fit(hs, y, "gender", [0.5, 0.5], ("male", "female"), held_out=0.25, epochs=40,
+                                batch_size=32, lr=3e-3)
+    assert m.accuracy[2] > 0.75 and m.accuracy[0] < 0.65  # step 2 carries the label, step 0 does not
+    with pytest.raises(ValueError, match="every sampling step"):
+        B.HDistributionFlat.fit({0: hs[0], 2: hs[2]}, y, "gender", [0.5, 0.5], ("male", "female"))
+
+    model, _ = tiny
+    with hooks.capture(model.unet) as cap:
+        models.sample(model, 48, steps=STEPS, seed=0)
+    h = {s: a.float() for s, a in enumerate(cap.activations)}
+    lab = (h[STEPS - 1][:, 0, 0, 0] > h[STEPS - 1][:, 0, 0, 0].median()).long()
+    ctx = B.Context(model, "gender", ("male", "female"), [0.0, 1.0], steps=STEPS, labels=lab,
+                    h_full=lambda steps: {s: h[s] for s in steps}, progress=False)
+    m = B.HDistributionFlat.from_context(ctx, epochs=30, batch_size=16)
+    t, meta = m.to_tensors()
+    again = B.HDistributionFlat.from_tensors(ctx, t, meta)
+    assert torch.allclose(again.predictor(h[1][:4], 1), m.predictor(h[1][:4], 1), atol=1e-2)
+
+    def share(scale):
+        with hooks.edit(model.unet, replace(m, scale=scale).hook()(torch.arange(16)), record=True) as c:
+            models.sample(model, 16, steps=STEPS, seed=3, batch_size=16)
+        return m.predictor(c.activations[STEPS - 1], STEPS - 1).softmax(-1).mean(0)[1].item()
+
+    assert share(300.0) > share(0.0) + 0.05
+
+
 def test_latent_direction_learns_and_adds_per_class(tiny):
     model, _ = tiny
     ld = B.LatentDirection.fit(model, "gender", iters=30, batch_size=8, lr=0.05, progress=False,

@@ -34,6 +34,8 @@ def test_next_setting_extends_until_the_frontier_brackets_both_keep_points_and_t
     assert BM.next_setting([(1, 0.99, 0.3), (2, 0.8, 0.2)], m, 0.02, {}) == 4
     # done: ≥ 0.95, < 0.90 and FD at the floor
     assert BM.next_setting([(1, 0.99, 0.3), (2, 0.8, 0.01)], m, 0.02, {}) is None
+    # a setting that keeps half the samples or fewer stops the upward extension
+    assert BM.next_setting([(1, 0.99, 0.3), (2, 0.5, 0.2)], m, 0.02, {}) is None
     # the extension limit stops it
     assert BM.next_setting([(1, 0.99, 0.3), (2, 0.97, 0.2)], m, 0.02, {"high": BM.MAX_EXTEND}) is None
     act = BM.METHODS["Activation"]  # a factor knob: the identity is 1

@@ -31,9 +31,9 @@ OUT = models.DATA_DIR / "benchmark"
 VAL_SEED = 6_161
 TEST_SEED = 7_171
 KEEP_FLOOR = 0.90
-METHODS = ("Original", *B.METHODS, "DiffLens", "DiffLens swap", "DiffLens surplus")
+BASELINES = ("Activation", "Latent Direction", "H-Distribution", "Latent Editing", "Finetuning")  # the five of v1
+METHODS = ("Original", *BASELINES, "DiffLens", "DiffLens swap", "DiffLens surplus")
 DIFFLENS = ("DiffLens", "DiffLens swap", "DiffLens surplus")
-BASELINES = tuple(B.METHODS)
 # the knob of each method and the settings tried on the validation seed (same count for every method)
 KNOBS = {
     "Activation": ("beta", (1.5, 2.0, 3.0, 4.0)),
