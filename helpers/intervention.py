@@ -60,7 +60,7 @@ class Edit:
     beta: float | Sequence[float]  # one strength, or one per class (the released configs' per-class ratios)
     mode: str = "scale"  # "scale" (s ← β·s) or "add" (s ← s + β)
     target: Sequence[float] | None = None
-    cls: int | None = None
+    cls: int | str | None = None  # a class id or a class name (with classes)
     steps: Sequence[int] | None = None
     footprint: dict[int, torch.Tensor] | None = None  # class -> (len(features[class]), H·W), add mode only
     suppress_others: bool = False  # also set every other class's features to 0 in a sample assigned class c
@@ -92,9 +92,35 @@ class Edit:
     def first_step(self) -> int:
         return 0 if self.steps is None else min(int(s) for s in self.steps)
 
+    def _check_types(self) -> None:
+        """Every argument is of the kind it says, before anything else reads it (one ValueError naming it)."""
+        def number(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        if not number(self.beta) and not (isinstance(self.beta, (list, tuple)) and self.beta
+                                          and all(number(b) for b in self.beta)):
+            raise ValueError(f"Edit: beta must be a number or one number per class, got {self.beta!r}")
+        if self.steps is not None:
+            if isinstance(self.steps, (str, bytes, dict)) or not hasattr(self.steps, "__iter__"):
+                raise ValueError(f"Edit: steps must be None (every step) or sampling step indices, got {self.steps!r}")
+            steps = tuple(self.steps)  # once: an iterator would be used up here and never fire
+            if not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+                raise ValueError(f"Edit: steps must be integer sampling step indices, got {list(steps)!r}")
+            self.steps = steps
+        if self.target is not None and not (isinstance(self.target, (list, tuple, torch.Tensor))
+                                            and all(number(float(t)) for t in self.target)):
+            raise ValueError(f"Edit: target must be a list of class probabilities, got {self.target!r}")
+        if isinstance(self.cls, str):  # a class name
+            if self.classes is None or self.cls not in self.classes:
+                raise ValueError(f"Edit: cls {self.cls!r} is not a class name of {self.attribute!r}"
+                                 f"{self._names() or ' (give classes=... to name classes)'}")
+            self.cls = list(self.classes).index(self.cls)
+        if not isinstance(self.features, dict) or not all(
+                isinstance(f, (list, tuple, range, torch.Tensor)) for f in self.features.values()):
+            raise ValueError("Edit: features must map each class id to a list of SAE latent ids")
+
     def validate(self, d_sae: int) -> None:
-        if self.steps is not None and not isinstance(self.steps, (list, tuple, range, set, frozenset)):
-            self.steps = list(self.steps)  # an iterator would be used up here and never fire
+        self._check_types()
         k = self.n_classes()
         if self.policy not in POLICIES:
             raise ValueError(f"Edit: policy must be one of {list(POLICIES)}, got {self.policy!r}")

@@ -56,9 +56,33 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise FileNotFoundError(f"{path} does not exist")
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-    return load_file(str(path)), meta
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        return load_file(str(path)), meta
+    except (Exception,) as e:  # safetensors raises its own error types for truncated or foreign files
+        if isinstance(e, (KeyboardInterrupt, MemoryError)):
+            raise
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it is truncated or "
+                         "not what it should be — restore or rebuild it") from None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path, what: str = "weights") -> None:
+    """Refuse NaN or inf in the floating-point tensors read from ``path``, naming the file and the tensors."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{path} holds NaN or inf in {bad[:5]} ({what}); restore or rebuild it")
+
+
+def load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path, what: str) -> None:
+    """``module.load_state_dict(tensors)`` (strict) after :func:`check_finite`; a tensor whose shape does not match
+    the file's own metadata is named with the file instead of torch's bare error."""
+    check_finite(tensors, path, what)
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its {what} do not match the configuration stored with them ({str(e)[:300]}); "
+                         "the file was edited or is from another version — restore or rebuild it") from None
 
 
 def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -172,7 +172,12 @@ def load_judge(path: str | Path = JUDGE_PATH) -> Judge:
             "or retrain with `python scripts/train_judge.py`."
         )
     tensors, meta = io.load_tensors(path)
-    judge = Judge(JudgeConfig(**meta["config"]))
-    judge.load_state_dict(tensors)
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"load_judge: {path} is not a judge (no config in its metadata)")
+    try:
+        judge = Judge(JudgeConfig(**meta["config"]))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"load_judge: {path} has a bad config ({e}); restore or retrain the judge") from None
+    io.load_state(judge, tensors, path, "judge weights")
     judge.meta = meta
     return judge.eval().requires_grad_(False)

@@ -175,7 +175,13 @@ def _load_local(path: Path, name: str, device, dtype) -> Diffusion:
     if (path / "model_index.json").is_file():
         from diffusers import DiffusionPipeline
 
-        return _from_pipeline(DiffusionPipeline.from_pretrained(path, **_dtype_kw(dtype)), name, device)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(path, **_dtype_kw(dtype))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ValueError(f"load_model: the pipeline in {path} cannot be loaded ({type(e).__name__}: "
+                             f"{str(e)[:300]}); a part's weights or config are truncated or missing — restore the "
+                             "folder") from None
+        return _from_pipeline(pipe, name, device)
     unet_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
     cfg_file = unet_dir / "config.json"
     if not cfg_file.is_file():
@@ -184,17 +190,32 @@ def _load_local(path: Path, name: str, device, dtype) -> Diffusion:
             "or unet/config.json). Save a model with `pipeline.save_pretrained(folder)` or "
             "`unet.save_pretrained(folder)` and pass that folder."
         )
-    cls = json.loads(cfg_file.read_text()).get("_class_name")
+    try:
+        cls = json.loads(cfg_file.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"load_model: {cfg_file} is not a JSON object ({e}); restore the model folder") from None
     if cls != "UNet2DModel":
         raise ValueError(
             f"load_model: {cfg_file} describes a {cls!r}, not a UNet2DModel; pass a pipeline folder "
             "(model_index.json) for text-conditioned models."
         )
-    unet = UNet2DModel.from_pretrained(unet_dir, **_dtype_kw(dtype))
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, **_dtype_kw(dtype))
+    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
+        raise ValueError(f"load_model: the UNet in {unet_dir} cannot be loaded ({type(e).__name__}: "
+                         f"{str(e)[:300]}); its weights or config.json are truncated or do not match — restore "
+                         "the folder") from None
+    bad = [n for n, p_ in unet.named_parameters() if not bool(torch.isfinite(p_).all())]
+    if bad:
+        raise ValueError(f"load_model: the UNet weights in {unet_dir} hold NaN or inf ({bad[:3]}); restore the folder")
     sched = None
     for cand in (path / "scheduler", unet_dir / "scheduler", path):
         if (cand / "scheduler_config.json").is_file():
-            sched = DDPMScheduler.from_pretrained(cand)
+            try:
+                sched = DDPMScheduler.from_pretrained(cand)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"load_model: {cand / 'scheduler_config.json'} cannot be read ({e}); restore "
+                                 "it") from None
             break
     if sched is None:
         sched = DDPMScheduler(num_train_timesteps=1000)

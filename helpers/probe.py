@@ -149,11 +149,16 @@ def load_probe(path) -> tuple[HProbe, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"load_probe: no probe at {path}; train one (chapter 4) or fix the path")
     t, meta = io.load_tensors(path)
-    cfg = meta.pop("probe_config")
+    cfg = meta.pop("probe_config", None)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"load_probe: {path} is not a probe (no probe_config in its metadata)")
     if not isinstance(cfg.get("attributes"), dict):
         raise ValueError(f"load_probe: {path} names its attributes without their classes (an older format); "
                          "retrain the probe (chapter 4, or the runner's probe stage)")
-    probe = HProbe(ProbeConfig(**cfg))
-    probe.load_state_dict(t)
+    try:
+        probe = HProbe(ProbeConfig(**cfg))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"load_probe: {path} has a bad probe_config ({e}); retrain the probe") from None
+    io.load_state(probe, t, path, "probe weights")
     probe.eval()
     return probe, meta

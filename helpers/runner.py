@@ -15,7 +15,10 @@ those of a stage before it, changed:
     intervention  original, DiffLens-edited and baseline samples, same noise   intervention/, grid_<attr>.png
     metrics       FD, keep-rates, similarity, FID, CLIP-T (CLIP judges)        metrics.json, report.md
 
-Every setting is checked before anything is loaded, and all problems are reported at once. Changing
+`out` is relative to the config file (``~`` expands); the run prints its absolute path and holds a lock
+on it (`out/.lock`), so a second run on the same folder refuses to start; nothing the runner did not
+write there is ever deleted. Every setting is checked before anything is loaded, and all problems are
+reported at once. Changing
 only the judge re-reads the stored images instead of sampling again; an interrupted harvest resumes
 batch by batch. Under `accelerate launch` (or `torchrun`) every process harvests its share of the
 samples into harvest-part-<rank>; the main process merges them and runs the remaining stages.
@@ -159,6 +162,9 @@ def load_config(path) -> Config:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
     else:
         raise ValueError(f"config {path}: use a .toml or .json file")
+    if isinstance(raw, dict) and isinstance(raw.get("out"), str) and raw["out"].strip():
+        out = Path(raw["out"]).expanduser()  # a relative out is relative to the config file, not the shell
+        raw["out"] = str(out if out.is_absolute() else (path.parent / out).resolve())
     return config_from_dict(raw, str(path))
 
 
@@ -374,7 +380,7 @@ def problems(cfg: Config, check_files: bool = True) -> list[str]:
 
 EXAMPLES = {
     "sd": '''# Stable Diffusion v1.5 on one GPU: "a photo of a doctor", gender, age and glasses, CLIP judge
-out = "runs/sd15-doctor"
+out = "runs/sd15-doctor"   # relative to this config file (~ expands)
 attributes = ["gender", "age", "eyewear"]
 
 [model]
@@ -415,7 +421,7 @@ n = 500
 baselines = ["Activation", "H-Distribution"]
 ''',
     "ddpm": '''# An unconditional CelebA-HQ pixel DDPM (256x256), FairFace judge
-out = "runs/celebahq"
+out = "runs/celebahq"   # relative to this config file
 attributes = ["gender", "age", "race"]
 
 [model]
@@ -443,7 +449,7 @@ baselines = ["Activation", "H-Distribution", "Latent Direction"]
     "embedded": '''# The book's own portrait model on CPU: ~3 minutes on 2 cores with these small settings, which check the
 # plumbing but are too small to move the distribution much. Chapters 3-5 use 1000 samples x 25 steps and
 # 5000 SAE steps.
-out = "runs/embedded-small"
+out = "runs/embedded-small"   # relative to this config file
 attributes = ["gender"]
 
 [harvest]
@@ -475,19 +481,61 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+LOCK = ".lock"
+
+
+def _lock(out: Path):
+    """An exclusive lock on ``out`` (``out/.lock``, ``flock``): a second run on the same folder refuses to start.
+    The operating system drops the lock when its process ends, so a killed run leaves no stale lock."""
+    import fcntl
+
+    f = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        raise RuntimeError(f"out {out} is in use by another run ({who}); wait for it to finish or give this run "
+                           "another out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    return f
+
+
 class Run:
     """One configured pipeline run; :meth:`stage` runs one stage, :meth:`all` the configured ones."""
 
     def __init__(self, cfg: Config, progress: bool = True):
         self.cfg, self.progress = cfg, progress
-        self.out = Path(cfg.out).expanduser()
+        self.out = Path(cfg.out).expanduser().absolute()
         self.out.mkdir(parents=True, exist_ok=True)
+        self._lock = None
+        # under torchrun / accelerate launch every process harvests its share; only rank 0 does the rest
+        self.is_main = int(os.environ.get("RANK", "0")) == 0
+        if self.is_main:
+            self._lock = _lock(self.out)
         self.state_path = self.out / "state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         self._model = self._judge = None
         self.device = cfg.model.device  # this process's device (one GPU per process under a launcher)
-        # under torchrun / accelerate launch every process harvests its share; only rank 0 does the rest
-        self.is_main = int(os.environ.get("RANK", "0")) == 0
+
+    def close(self) -> None:
+        """Release ``out``'s lock (also when the run object is dropped or the process ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
 
     # -- what each stage depends on (its settings and every earlier stage's) --
     def key(self, stage: str) -> str:
@@ -888,7 +936,9 @@ def main(argv=None) -> int:
             bad = [s for s in a.stages if s not in STAGES]
             if bad:
                 raise ValueError(f"unknown stage(s) {bad}; stages are {list(STAGES)}")
-        state = Run(cfg, progress=not a.no_progress).all(a.stages)
+        _say(f"run: writing to {Path(cfg.out).expanduser().absolute()}")
+        with Run(cfg, progress=not a.no_progress) as run:
+            state = run.all(a.stages)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as err:
         print(f"error: {err}", flush=True)
         return 2

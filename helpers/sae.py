@@ -390,11 +390,7 @@ def load_sae(path) -> tuple[TopKSAE, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_sae: no SAE file at {path}; train one (chapter 3) or fix the path")
-    try:
-        tensors, meta = io.load_tensors(path)
-    except Exception as e:  # truncated or corrupt file
-        raise ValueError(f"load_sae: {path} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                         "retrain or restore it") from None
+    tensors, meta = io.load_tensors(path)  # names the file when it is truncated or not safetensors
     if "sae_config" not in meta:
         raise ValueError(f"load_sae: {path} has no 'sae_config' in its metadata, so it was not written by save_sae")
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
