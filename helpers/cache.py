@@ -47,16 +47,50 @@ def folder_for(kind: str, settings: dict, root=None) -> Path:
     return Path(root or CACHE_DIR) / f"{kind}-{key(settings)}"
 
 
+MARKER = ".difflens-built"  # written into every folder :func:`building` makes: only such a folder is ever replaced
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def building(folder):
-    """``with building(final) as tmp:`` write into ``tmp``; it becomes ``final`` only on success."""
+    """``with building(final) as tmp:`` write into ``tmp``; it becomes ``final`` only on success.
+
+    An existing ``final`` is replaced only when this project built it (it holds :data:`MARKER`); any other
+    folder there is refused, never deleted. Partial folders left by a build whose process died (killed,
+    power cut) are removed when the next build of the same folder starts.
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for old in folder.parent.glob(f".{folder.name}.partial.*"):
+        try:
+            pid = int((old / ".pid").read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours with a known owner: leave it
+        if not _alive(pid):
+            shutil.rmtree(old, ignore_errors=True)
+    if folder.exists() and not (folder / MARKER).is_file() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(f"{folder} exists and was not built by this project; move it away or pick another "
+                              "folder (nothing there is deleted)")
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial."))
+    (tmp / ".pid").write_text(str(os.getpid()))
     try:
         yield tmp
+        (tmp / ".pid").unlink()
+        (tmp / MARKER).write_text("")
         if folder.exists():
-            shutil.rmtree(folder)
+            if not (folder / MARKER).is_file() and (not folder.is_dir() or any(folder.iterdir())):
+                raise FileExistsError(f"{folder} appeared while it was being built and was not built by this "
+                                      "project; nothing there is deleted")
+            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
         os.replace(tmp, folder)
     finally:
         if tmp.exists():

@@ -49,7 +49,7 @@ class Summary:
         return {a: p.argmax(-1) for a, p in self.probs.items()}
 
 
-_OURS = {"summary.safetensors", "shards", "harvest.json", "batches"}  # what a harvest folder may hold
+_OURS = {"summary.safetensors", "shards", "harvest.json", "batches", cache.MARKER}  # what a harvest folder may hold
 
 
 def _work_folder(folder: Path) -> Path:

@@ -190,3 +190,38 @@ def test_any_edit_argument_is_accepted_or_a_value_error(sae, beta, cls, steps, f
     assert (target is None) != (cls is None)
     if cls is not None:
         assert isinstance(cls, int) and not isinstance(cls, bool) and cls in (0, 1)
+
+
+# ----------------------------------------------------------------------------- nothing foreign is deleted
+
+
+def test_cache_building_replaces_only_its_own_folders_and_cleans_dead_partials(tmp_path):
+    from helpers import cache
+
+    mine = tmp_path / "harvest-abc"
+    with cache.building(mine) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with cache.building(mine) as tmp:  # ours (marker): replaced
+        (tmp / "a.txt").write_text("2")
+    assert (mine / "a.txt").read_text() == "2"
+    user = tmp_path / "harvest-user"
+    user.mkdir()
+    (user / "thesis.tex").write_text("precious")
+    with pytest.raises(FileExistsError, match=f"{user} exists and was not built by this project"):
+        with cache.building(user) as tmp:
+            pass
+    assert (user / "thesis.tex").read_text() == "precious"
+    # a build killed mid-way leaves a partial folder with its pid; the next build removes it, but not a live
+    # build's partial nor one without an owner
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / ".harvest-abc.partial.x1"
+    stale.mkdir()
+    (stale / ".pid").write_text(dead.stdout.strip())
+    live = tmp_path / ".harvest-abc.partial.x2"
+    live.mkdir()
+    (live / ".pid").write_text(str(os.getpid()))
+    unknown = tmp_path / ".harvest-abc.partial.x3"
+    unknown.mkdir()
+    with cache.building(mine) as tmp:
+        pass
+    assert not stale.exists() and live.exists() and unknown.exists()
