@@ -103,3 +103,24 @@ def test_a_minimal_cell_equals_the_in_pass_run(bench):
 def test_test_cells_refuse_to_run_before_the_grids_are_frozen(bench):
     with pytest.raises(RuntimeError, match="frozen"):
         bench.cell("test", "gender", BM.Row("DiffLens", "iid", 8), 4.0)
+
+
+def test_paired_statistics_and_leakage_above_the_null_edit(bench):
+    row = BM.Row("DiffLens swap", "minimal", 8)
+    bench.cell("val", "gender", row, 4.0)
+    bench.cell("val", "gender", row, 4.0, null=True)
+    bench.cell("val", "gender", BM.Row("DiffLens", "iid", 8), 4.0)
+    same = BM.paired(bench.out, "val", "gender", (row, 4.0), (row, 4.0), n_boot=50)
+    assert same["FD"]["diff"] == 0 and same["keep all"]["diff"] == 0 and same["mcnemar keep"]["p"] == 1.0
+    d = BM.paired(bench.out, "val", "gender", (row, 4.0), (BM.Row("DiffLens", "iid", 8), 4.0), n_boot=50)
+    assert d["FD"]["lo"] <= d["FD"]["diff"] <= d["FD"]["hi"]
+    lk = BM.leakage(bench.out, "val", "gender", row, 4.0)
+    assert set(lk["attribute"]) == set(world.ATTRIBUTES) - {"gender"}
+    assert (lk["above the floor"] == lk["flips (edit)"] - lk["flips (null edit)"]).all()
+    t, _ = BM.load_cell(BM.cell_path(bench.out, "val", "gender", row, 4.0, null=True))
+    real, _ = BM.load_cell(BM.cell_path(bench.out, "val", "gender", row, 4.0))
+    assert torch.equal(t["asked"], real["asked"])  # the null edit acts on the same samples
+    f = BM.frontier_frame(bench.out, ["gender"])
+    assert {"FD", "keep all", "row", "setting"} <= set(f.columns)
+    with pytest.raises(RuntimeError, match="not frozen"):
+        BM.table(bench.out, "test")

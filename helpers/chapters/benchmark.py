@@ -614,3 +614,133 @@ def test(bench: Bench, split: str = "test", attributes=world.SOCIAL) -> None:
             todo.append((row, best["setting"], True))
         for row, s, null in tqdm(dict.fromkeys(todo), desc=f"{a}: {split} cells", disable=not bench.progress):
             bench.cell(split, a, row, s, null=null)
+
+
+# ----------------------------------------------------------------------------- reading the cells
+
+
+def user_passes(row: Row) -> int:
+    """UNet passes per image when a user runs the row on its own (no Original to reuse): every row samples all
+    :data:`STEPS`; Latent Editing adds its second pass on each edited step; the oracle adds an unedited pass."""
+    extra = FIT["Latent Editing"]["edit_steps"] if row.method == "Latent Editing" else 0
+    return STEPS + extra + (STEPS if row.policy == "oracle" else 0)
+
+
+def cells(out=OUT, split: str = "val", attribute: str | None = None) -> list[dict]:
+    """Every stored cell of ``split`` (optionally one attribute): ``{"row", "setting", "null", "t", "meta"}``."""
+    found = []
+    for p in sorted((Path(out) / "cells").glob(f"{split}_{attribute or '*'}_*.safetensors")):
+        t, m = io.load_tensors(p)
+        found.append({"row": Row(m["method"], m["policy"], m["window"]), "setting": m["setting"],
+                      "null": m.get("null", False), "t": t, "meta": m})
+    return found
+
+
+def find(found: list[dict], attribute: str, row: Row, setting: float, null: bool = False) -> dict:
+    for c in found:
+        if c["meta"]["attribute"] == attribute and c["row"] == row and c["null"] == null and \
+                fmt(c["setting"]) == fmt(setting):
+            return c
+    raise KeyError(f"no cell for {attribute} / {row.label} at {fmt(setting)}{' (null edit)' if null else ''}")
+
+
+def _kept(orig_t: dict, cell_t: dict, attrs) -> torch.Tensor:
+    same = None
+    for a in attrs:
+        s = orig_t[f"cls.{a}"] == cell_t[f"cls.{a}"]
+        same = s if same is None else same & s
+    return same
+
+
+def _fd(cls_: torch.Tensor, k: int) -> float:
+    return metrics.fairness_discrepancy(cls_.long(), k)
+
+
+def table(out=OUT, split: str = "test", attributes=world.SOCIAL):
+    """The Finding-1 table from the frozen choices: per attribute, row and keep point, the test cell's FD (CI),
+    keep overall (CI) and among edited samples, similarity among edited, FID-target (CI), the share of samples
+    edited and the cost. A row whose frontier never reached a keep point says why instead."""
+    import pandas as pd
+
+    path = Path(out) / "log.json"
+    log = json.loads(path.read_text()) if path.is_file() else {}
+    if "frozen" not in log:
+        raise RuntimeError("table: the validation choices are not frozen yet (benchmark.freeze)")
+    found = cells(out, split)
+    recs = []
+    for a in attributes:
+        for label, rec in log["frozen"]["choices"][a]["rows"].items():
+            row = Row(*rec["row"])
+            for kp in KEEP_POINTS:
+                ms = rec[str(kp)]
+                base = {"attribute": a, "row": row.label, "method": row.method, "policy": row.policy,
+                        "window": row.window, "keep point": kp, "setting": ms["setting"], "note": ms["why"]}
+                if ms["setting"] is None:
+                    recs.append(base)
+                    continue
+                try:
+                    c = find(found, a, row, ms["setting"])
+                except KeyError:
+                    recs.append({**base, "note": "test cell not run yet"})
+                    continue
+                m, meta = c["meta"]["metrics"], c["meta"]
+                recs.append({**base, "n": meta["n"], **{k: m[k] for k in (
+                    "FD", "FD lo", "FD hi", "keep all", "keep all lo", "keep all hi", "keep all among edited",
+                    "similarity among edited", "FID target", "FID target lo", "FID target hi")},
+                    "edited share": m["edited"] / meta["n"], "passes / image": user_passes(row),
+                    "s / 1000 images (as run)": 1000 * meta["seconds"] / meta["n"]})
+    return pd.DataFrame(recs)
+
+
+def paired(out, split: str, attribute: str, a: tuple[Row, float], b: tuple[Row, float], n_boot: int = 2000) -> dict:
+    """Row ``a`` minus row ``b`` on the same noise: FD and overall keep with paired bootstrap CIs, and McNemar's
+    test on the per-sample keep outcomes."""
+    found = cells(out, split, attribute)
+    orig = io.load_tensors(Path(out) / f"original_{split}.safetensors")[0]
+    ca, cb = find(found, attribute, *a), find(found, attribute, *b)
+    k = len(world.ATTRIBUTES[attribute])
+    others = [x for x in world.SOCIAL if x != attribute] + list(world.NUISANCE)
+    ka, kb = _kept(orig, ca["t"], others), _kept(orig, cb["t"], others)
+    xa, xb = ca["t"][f"cls.{attribute}"].long(), cb["t"][f"cls.{attribute}"].long()
+    fd = metrics.paired_difference(xa, xb, lambda c: _fd(c, k), n_boot=n_boot)
+    keep = metrics.paired_difference(ka.float(), kb.float(), lambda v: float(v.mean()), n_boot=n_boot)
+    return {"FD": fd, "keep all": keep, "mcnemar keep": metrics.mcnemar(ka, kb)}
+
+
+def leakage(out, split: str, attribute: str, row: Row, setting: float) -> "pd.DataFrame":
+    """Among the samples a row edited: how often each other attribute's judged class flipped, under the real
+    edit and under its size-matched null edit (same samples, steps and ‖Δh‖, random direction), and the
+    difference — the leakage above the floor an edit of that size gives whatever it means."""
+    import pandas as pd
+
+    found = cells(out, split, attribute)
+    orig = io.load_tensors(Path(out) / f"original_{split}.safetensors")[0]
+    real, null = find(found, attribute, row, setting), find(found, attribute, row, setting, null=True)
+    edited = real["t"]["asked"] >= 0
+    recs = []
+    for b in world.ATTRIBUTES:
+        if b == attribute:
+            continue
+        fr = float((orig[f"cls.{b}"] != real["t"][f"cls.{b}"])[edited].float().mean())
+        fn = float((orig[f"cls.{b}"] != null["t"][f"cls.{b}"])[edited].float().mean())
+        recs.append({"attribute": b, "flips (edit)": fr, "flips (null edit)": fn, "above the floor": fr - fn,
+                     "edited samples": int(edited.sum())})
+    return pd.DataFrame(recs)
+
+
+def frontier_frame(out=OUT, attributes=world.SOCIAL):
+    """Every validation cell as one row of a frame (attribute, row label, method, policy, window, setting and
+    its metrics): the frontiers of chapter 6's plot."""
+    import pandas as pd
+
+    recs = []
+    for c in cells(out, "val"):
+        if c["null"]:
+            continue
+        m = c["meta"]
+        if m["attribute"] not in attributes:
+            continue
+        recs.append({"attribute": m["attribute"], "row": c["row"].label, "method": m["method"], "policy": m["policy"],
+                     "window": m["window"], "setting": m["setting"], **{k: v for k, v in m["metrics"].items()
+                                                                         if not isinstance(v, list)}})
+    return pd.DataFrame(recs).sort_values(["attribute", "row", "setting"]).reset_index(drop=True)
