@@ -42,6 +42,16 @@ def test_next_setting_extends_until_the_frontier_brackets_both_keep_points_and_t
     assert BM.next_setting([(1.5, 0.9, 0.1), (2, 0.8, 0.05)], act, 0.02, {}) == 1.25
 
 
+def test_the_tested_window_is_the_one_with_the_lower_validation_fd_at_keep_095():
+    def rec(fd95, fd90):
+        return {"0.95": {"setting": None if fd95 is None else 1.0, "val FD": fd95},
+                "0.9": {"setting": None if fd90 is None else 2.0, "val FD": fd90}}
+    assert BM.choose_window([(0, rec(0.2, 0.1)), (8, rec(0.1, 0.3))]) == 8
+    assert BM.choose_window([(0, rec(None, 0.1)), (8, rec(None, 0.3))]) == 0
+    assert BM.choose_window([(0, rec(None, None)), (8, rec(0.3, None))]) == 8
+    assert BM.choose_window([(0, rec(None, None)), (8, rec(None, None))]) == 0
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     torch.set_num_threads(2)
@@ -124,3 +134,27 @@ def test_paired_statistics_and_leakage_above_the_null_edit(bench):
     assert {"FD", "keep all", "row", "setting"} <= set(f.columns)
     with pytest.raises(RuntimeError, match="not frozen"):
         BM.table(bench.out, "test")
+
+
+def test_freeze_matches_each_row_picks_windows_and_declares_the_best_difflens_row(tmp_path):
+    """On stored validation frontiers (metadata only), freeze interpolates each row's settings at keep 0.95 and
+    0.90, tests one window per method × policy, and names the DiffLens row with the lowest FD at keep 0.95."""
+    from types import SimpleNamespace
+
+    from helpers import io
+
+    for row in BM.rows():
+        good = row.method == "DiffLens swap" and row.policy == "minimal" and row.window == 8
+        for s, keep, fd in [(1.0, 0.99, 0.20), (2.0, 0.93, 0.10), (3.0, 0.85, 0.05)]:
+            m = {"FD": fd / 2 if good else fd, "keep all": keep}
+            io.save_tensors(BM.cell_path(tmp_path, "val", "gender", row, s), {"x": torch.zeros(1)},
+                            meta={"metrics": m, "setting": s, "seconds": 1.0, "passes": 1})
+    bench = SimpleNamespace(out=tmp_path, log={}, save_log=lambda: None)
+    ch = BM.freeze(bench, ["gender"])["gender"]
+    swap = ch["rows"]["DiffLens swap [minimal, steps 8–24]"]
+    assert swap["0.95"]["setting"] == pytest.approx(1 + (0.99 - 0.95) / (0.99 - 0.93), abs=1e-3)  # 4 digits
+    assert swap["0.9"]["setting"] == pytest.approx(2 + (0.93 - 0.90) / (0.93 - 0.85), abs=1e-3)
+    assert swap["tested"] and not ch["rows"]["DiffLens swap [minimal]"]["tested"]
+    assert ch["best DiffLens"]["label"] == "DiffLens swap [minimal, steps 8–24]"
+    assert sum(r["tested"] for r in ch["rows"].values()) == len({(r.method, r.policy) for r in BM.rows()})
+    assert "frozen" in bench.log and bench.log["frozen"]["choices"]["gender"] is ch

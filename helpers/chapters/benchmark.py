@@ -26,7 +26,9 @@ information and the same tuning budget, frontiers instead of single picks, paire
 2. :func:`freeze` records, per row, the settings matched to keep 0.95 and 0.90 (interpolated on the row's
    own validation frontier, :func:`helpers.metrics.matched_setting`) and declares the best DiffLens row;
    test cells refuse to run before this;
-3. the frozen settings run on the test seeds (n = ``N["test"]``), never looked at before.
+3. the frozen settings run on the test seeds (n = ``N["test"]``), never looked at before: per method × policy
+   the step window chosen on validation (:func:`choose_window`), at both keep points on the first test seed
+   and at keep 0.95 on the second.
 
 **Cost grows with edited samples only.** The Original pass of each seed is run once and shared by every
 attribute and row; a sample no row asks to change is the Original's own (bit-identical), and an edited
@@ -560,13 +562,24 @@ def interpolate(rows_: list[dict], setting: float, key: str) -> float:
     raise ValueError(f"interpolate: {setting} is outside the frontier {[p[0] for p in pts]}")
 
 
+def choose_window(cands: list[tuple[int, dict]]) -> int:
+    """The step window a method × policy is tested with: the one whose validation frontier has the lowest FD at
+    keep 0.95 (interpolated); failing that at keep 0.90; failing both, every step (window 0)."""
+    for kp in KEEP_POINTS:
+        ok = [(rec[str(kp)]["val FD"], w) for w, rec in cands if rec[str(kp)]["setting"] is not None]
+        if ok:
+            return min(ok)[1]
+    return min(w for w, _ in cands)
+
+
 def freeze(bench: Bench, attributes=world.SOCIAL) -> dict:
-    """Settings matched to each keep point per row, and the best DiffLens row per attribute (lowest validation
-    FD at keep 0.95, interpolated on its frontier), written to the log before any test cell runs."""
+    """Settings matched to each keep point per row (interpolated on the row's own validation frontier); per method
+    × policy the step window to test (:func:`choose_window`); and the best DiffLens row per attribute (lowest
+    validation FD at keep 0.95 among the chosen rows). Written to the log before any test cell runs."""
     out = {}
     for a in attributes:
         out[a] = {"rows": {}, "best DiffLens": None}
-        best = None
+        recs = {}
         for row in rows():
             fr = frontier(bench, a, row)
             if not fr:
@@ -578,11 +591,20 @@ def freeze(bench: Bench, attributes=world.SOCIAL) -> dict:
                     ms["setting"] = float(fmt(ms["setting"]))
                     ms["val FD"] = interpolate(fr, ms["setting"], "FD")
                 rec[str(kp)] = ms
-            out[a]["rows"][row.label] = {"row": [row.method, row.policy, row.window], **rec}
-            r95 = rec[str(KEEP_POINTS[0])]
-            if METHODS[row.method].kind == "difflens" and r95["setting"] is not None and \
+            recs[row] = rec
+        groups: dict[tuple[str, str], list[Row]] = {}
+        for row in recs:
+            groups.setdefault((row.method, row.policy), []).append(row)
+        best = None
+        for (method, policy), members in groups.items():
+            w = choose_window([(r.window, recs[r]) for r in members])
+            for r in members:
+                out[a]["rows"][r.label] = {"row": [r.method, r.policy, r.window], "tested": r.window == w, **recs[r]}
+            chosen = next(r for r in members if r.window == w)
+            r95 = recs[chosen][str(KEEP_POINTS[0])]
+            if METHODS[method].kind == "difflens" and r95["setting"] is not None and \
                     (best is None or r95["val FD"] < best[1]):
-                best = (row, r95["val FD"], r95["setting"])
+                best = (chosen, r95["val FD"], r95["setting"])
         if best is not None:
             out[a]["best DiffLens"] = {"row": [best[0].method, best[0].policy, best[0].window], "label": best[0].label,
                                        "setting": best[2], "val FD": best[1]}
@@ -591,9 +613,9 @@ def freeze(bench: Bench, attributes=world.SOCIAL) -> dict:
     return out
 
 
-def test(bench: Bench, split: str = "test", attributes=world.SOCIAL) -> None:
-    """The frozen settings on a test seed, plus the diagnostic rows (oracle reading, null edit) of the best
-    DiffLens row; resumable."""
+def test(bench: Bench, split: str = "test", attributes=world.SOCIAL, keep_points=KEEP_POINTS) -> None:
+    """The frozen settings of every tested row (its chosen window) at ``keep_points`` on a test seed, plus the
+    diagnostic rows of the best DiffLens row (oracle reading, null edit); resumable."""
     from tqdm.auto import tqdm
 
     if "frozen" not in bench.log:
@@ -602,8 +624,10 @@ def test(bench: Bench, split: str = "test", attributes=world.SOCIAL) -> None:
     for a in attributes:
         todo = []
         for label, rec in ch[a]["rows"].items():
+            if not rec["tested"]:
+                continue
             row = Row(*rec["row"])
-            for kp in KEEP_POINTS:
+            for kp in keep_points:
                 s = rec[str(kp)]["setting"]
                 if s is not None:
                     todo.append((row, s, False))
@@ -670,6 +694,8 @@ def table(out=OUT, split: str = "test", attributes=world.SOCIAL):
     recs = []
     for a in attributes:
         for label, rec in log["frozen"]["choices"][a]["rows"].items():
+            if not rec["tested"]:
+                continue
             row = Row(*rec["row"])
             for kp in KEEP_POINTS:
                 ms = rec[str(kp)]
