@@ -59,6 +59,8 @@ class Diffusion:
     prompt: str | None = None  # e.g. "a photo of a doctor"; required to sample a text-conditioned model
     guidance_scale: float = 7.5  # classifier-free guidance (1 = none)
     negative_prompt: str | None = None
+    # DDIM re-derives ε from the clipped x0 prediction (guided-diffusion's DDIM, used by the paper's P2 model)
+    clipped_eps: bool = False
 
     @property
     def sample_size(self) -> int:
@@ -102,7 +104,7 @@ def build_scheduler(cfg: EmbeddedConfig) -> DDPMScheduler:
 
 def load_model(name_or_path: str | os.PathLike = "embedded", device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, prompt: str | None = None, guidance_scale: float = 7.5,
-               negative_prompt: str | None = None) -> Diffusion:
+               negative_prompt: str | None = None, arch: str | None = None, arch_settings: dict | None = None) -> Diffusion:
     """Load a diffusion model ready to sample.
 
     ``"embedded"`` loads the shipped portrait model. Otherwise ``name_or_path`` is a local
@@ -118,9 +120,26 @@ def load_model(name_or_path: str | os.PathLike = "embedded", device: str | torch
       :func:`helpers.hooks.guided`). Its safety checker is switched off (it blanks images the
       judge must read).
 
+    * ``load_model("weights/celebahq_p2.pt", arch="guided-diffusion")`` — the paper's P2 model, a guided-diffusion
+      state dict: converted once into ``weights/celebahq_p2-diffusers/`` (safetensors; :mod:`helpers.guided`), which
+      later loads read. ``arch_settings`` overrides the P2 CelebA-HQ settings (:class:`helpers.guided.GuidedSettings`).
+
     ``dtype=torch.float16`` halves memory on a GPU; on CPU keep float32.
     """
     name = str(name_or_path)
+    p = Path(name).expanduser()
+    if p.is_file() and p.suffix in (".pt", ".pth", ".ckpt"):
+        if arch != "guided-diffusion":
+            raise ValueError(f"load_model: {name!r} is a PyTorch checkpoint; say what it is: arch='guided-diffusion' "
+                             "(the paper's P2 model; settings via arch_settings) converts it to a diffusers folder")
+        from . import guided
+
+        folder = guided.convert_file(p, settings=guided.settings_from(arch_settings))
+        return _with_prompt(_load_local(folder, name, device, dtype), prompt, guidance_scale, negative_prompt)
+    if p.is_dir() and (p / "converted_from.json").is_file():  # a converted guided-diffusion folder
+        return _with_prompt(_load_local(p, name, device, dtype), prompt, guidance_scale, negative_prompt)
+    if arch not in (None, "diffusers"):
+        raise ValueError(f"load_model: arch {arch!r} applies to a .pt checkpoint file; {name!r} is not one")
     if name == "embedded":
         if not (EMBEDDED_DIR / "unet" / "config.json").is_file():
             raise FileNotFoundError(
@@ -220,7 +239,7 @@ def _load_local(path: Path, name: str, device, dtype) -> Diffusion:
     if sched is None:
         sched = DDPMScheduler(num_train_timesteps=1000)
     unet.to(device).eval().requires_grad_(False)
-    return Diffusion(unet=unet, scheduler=sched, name=name)
+    return Diffusion(unet=unet, scheduler=sched, name=name, clipped_eps=(path / "converted_from.json").is_file())
 
 
 def _from_pipeline(pipe, name: str, device) -> Diffusion:
@@ -333,7 +352,7 @@ def sample(model: Diffusion, n: int | None = None, steps: int = 25, seed: int = 
                 if i in keep:
                     keep[i].append(x.float().cpu())
                 eps = model.unet(x, t).sample
-                x = ddim.step(eps, t, x, eta=0.0).prev_sample
+                x = ddim.step(eps, t, x, eta=0.0, use_clipped_model_output=model.clipped_eps).prev_sample
                 bar.update(len(x))
             outs.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())
         if states is not None:

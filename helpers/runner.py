@@ -2,7 +2,7 @@
 
     python -m helpers run config.toml                 every stage, resuming finished ones
     python -m helpers run config.toml --stages probe attribution
-    python -m helpers example-config sd > sd.toml     a commented starting point (sd | ddpm | embedded)
+    python -m helpers example-config sd > sd.toml     a commented starting point (sd | ddpm | p2 | embedded)
     accelerate launch -m helpers run config.toml      harvest split over every GPU
 
 Stages, in order; each writes under `out` and is skipped on the next run unless its settings, or
@@ -58,6 +58,8 @@ class ModelCfg:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", "mps"
     dtype: str = "float32"  # "float16" on a GPU
     site: str = "mid_block"  # hook site: mid_block, down_blocks.2, up_blocks.0.resnets.1, up_blocks.1.skips.0, ...
+    arch: str = "diffusers"  # "diffusers" (a folder or repo id) or "guided-diffusion" (a P2 .pt state dict)
+    arch_settings: dict = field(default_factory=dict)  # guided-diffusion only: overrides of helpers.guided.P2_CELEBAHQ
 
 
 @dataclass
@@ -266,9 +268,12 @@ def problems(cfg: Config, check_files: bool = True) -> list[str]:
     if check_files and m.path != "embedded":
         p = Path(m.path).expanduser()
         if p.exists():
-            index = _model_index(m.path)
-            if p.is_file():
-                errs.append(f"[model] path {m.path!r} is a file; pass the diffusers model folder")
+            index = _model_index(m.path) if p.is_dir() else None
+            if p.is_file() and m.arch != "guided-diffusion":
+                errs.append(f"[model] path {m.path!r} is a file; pass the diffusers model folder, or for a "
+                            'guided-diffusion checkpoint (the paper\'s P2 .pt) set arch = "guided-diffusion"')
+            if p.is_dir() and m.arch == "guided-diffusion":
+                errs.append(f"[model] arch = \"guided-diffusion\" takes the .pt checkpoint file; {m.path!r} is a folder")
         elif not looks_repo:
             errs.append(f"[model] path {m.path!r}: no such folder; pass 'embedded', a local diffusers folder "
                         "(e.g. weights/sd15) or a Hub repo id")
@@ -278,6 +283,17 @@ def problems(cfg: Config, check_files: bool = True) -> list[str]:
                     'prompt = "a photo of a doctor"')
     if (index is not None and not text_model or m.path == "embedded") and m.prompt:
         errs.append(f"[model] {m.path!r} is unconditional; drop prompt")
+    if m.arch not in ("diffusers", "guided-diffusion"):
+        errs.append(f"[model] arch must be \"diffusers\" or \"guided-diffusion\", got {m.arch!r}")
+    elif m.arch_settings and m.arch != "guided-diffusion":
+        errs.append("[model] arch_settings apply to arch = \"guided-diffusion\" only")
+    elif m.arch == "guided-diffusion":
+        from . import guided
+
+        try:
+            guided.unet_config(guided.settings_from(m.arch_settings))
+        except (ValueError, TypeError) as e:
+            errs.append(f"[model] arch_settings: {e}")
     if m.dtype not in ("float32", "float16", "bfloat16"):
         errs.append(f"[model] dtype must be float32, float16 or bfloat16, got {m.dtype!r}")
     dev = m.device
@@ -420,7 +436,8 @@ from_step = 10
 n = 500
 baselines = ["Activation", "H-Distribution"]
 ''',
-    "ddpm": '''# An unconditional CelebA-HQ pixel DDPM (256x256), FairFace judge
+    "ddpm": '''# An unconditional CelebA-HQ pixel DDPM (256x256, google/ddpm-celebahq-256), FairFace judge. Not the paper's
+# model: the paper's main table is on P2 (python -m helpers example-config p2).
 out = "runs/celebahq"   # relative to this config file
 attributes = ["gender", "age", "race"]
 
@@ -437,6 +454,42 @@ n = 2000
 steps = 50
 batch_size = 64
 shard_steps = [0, 10, 20, 30, 40]
+
+[attribution]
+steps = [0, 10, 20, 30, 40]
+
+[intervention]
+from_step = 10
+n = 500
+baselines = ["Activation", "H-Distribution", "Latent Direction"]
+''',
+    "p2": '''# The paper's own model: P2 on CelebA-HQ 256 (OpenAI guided-diffusion UNet trained with P2 weighting), the
+# model of the paper's main table; FairFace judge. One GPU.
+out = "runs/p2-celebahq"   # relative to this config file
+attributes = ["gender", "age", "race"]
+
+[model]
+path = "weights/p2/celebahq_p2.pt"   # the P2 authors' CelebA-HQ checkpoint (github.com/jychoi118/P2-weighting)
+arch = "guided-diffusion"            # converted once into weights/p2/celebahq_p2-diffusers/ (safetensors)
+device = "cuda"
+dtype = "float16"
+# arch_settings: the P2 CelebA-HQ settings are the defaults (helpers.guided.P2_CELEBAHQ) --
+#   image_size 256, num_channels 128, num_res_blocks 1, attention_resolutions "16", num_head_channels 64,
+#   resblock_updown, use_scale_shift_norm, learn_sigma (the variance half is dropped: DDIM uses eps only),
+#   linear schedule over 1000 steps. A different guided-diffusion model: e.g.
+# arch_settings = {image_size = 64, channel_mult = "1,2,3,4", attention_resolutions = "32,16,8"}
+
+[judge]
+spec = "fairface:weights/fairface/res34_fair_align_multi_7_20190809.pt"   # github.com/dchen236/FairFace
+
+[harvest]
+n = 2000
+steps = 50          # the paper samples with DDIM respaced to 50 steps
+batch_size = 64
+shard_steps = [0, 10, 20, 30, 40]   # h is 512 x 8 x 8 per step: 2000 x 5 x 32768 x 2 B = 0.66 GB
+
+[sae]
+expansion = 8       # 4096 latents on the 512-channel bottleneck, k = 32 (the paper's)
 
 [attribution]
 steps = [0, 10, 20, 30, 40]
@@ -575,7 +628,9 @@ class Run:
         if self._model is None:
             m = self.cfg.model
             self._model = models.load_model(m.path, device=self.device, dtype=getattr(torch, m.dtype), prompt=m.prompt,
-                                            guidance_scale=m.guidance_scale, negative_prompt=m.negative_prompt)
+                                            guidance_scale=m.guidance_scale, negative_prompt=m.negative_prompt,
+                                            arch=m.arch if m.arch == "guided-diffusion" else None,
+                                            arch_settings=m.arch_settings or None)
             from . import hooks
 
             hooks.resolve(self._model.unet, m.site)  # a site this UNet does not have: one clear error, now
@@ -908,7 +963,8 @@ def _report(cfg: Config, res: dict) -> str:
 HELP = {
     "run": "Run the pipeline from a config file (.toml or .json); finished stages are skipped.",
     "example-config": "Print a commented example config: sd (Stable Diffusion + CLIP), ddpm (a pixel DDPM + "
-                      "FairFace) or embedded (the book's model on CPU).",
+                      "FairFace; not the paper's model), p2 (the paper's P2 guided-diffusion model + FairFace) or embedded "
+                      "(the book's model on CPU).",
 }
 
 
