@@ -148,12 +148,17 @@ def ddim(model: models.Diffusion, steps: int) -> DDIMScheduler:
     return s
 
 
-def split_output(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, kind: str, clip: float | None):
+def split_output(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, kind: str, clip: float | None,
+                 clipped_eps: bool = False):
     """Predicted ``(x0, eps)`` from a UNet output under ``kind`` (epsilon / v_prediction / sample).
 
-    Matches diffusers' DDIM (``use_clipped_model_output=False``): with ``clip`` the x0 estimate is
-    clamped and eps is left as predicted.
+    Matches diffusers' DDIM: with ``clip`` the x0 estimate is clamped and eps is left as predicted
+    (``use_clipped_model_output=False``), or, with ``clipped_eps``, re-derived from the clamped x0 (guided-diffusion's
+    DDIM, :attr:`helpers.models.Diffusion.clipped_eps`). A learned-variance output (twice the channels) is cut
+    to its first half.
     """
+    if out.shape[1] == 2 * x.shape[1]:
+        out = out[:, : x.shape[1]]
     a, b = alpha.sqrt(), (1 - alpha).sqrt()
     if kind == "epsilon":
         x0, eps = (x - b * out) / a, out
@@ -165,6 +170,8 @@ def split_output(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, kind: 
         raise ValueError(f"unsupported prediction_type {kind!r}")
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
+        if clipped_eps:
+            eps = (x - a * x0) / b
     return x0, eps
 
 
@@ -175,18 +182,20 @@ def _alphas(sched: DDIMScheduler, t) -> tuple[torch.Tensor, torch.Tensor]:
     return a, ap
 
 
-def ddim_step(sched: DDIMScheduler, out_x0: torch.Tensor, out_eps: torch.Tensor, t, x: torch.Tensor):
+def ddim_step(sched: DDIMScheduler, out_x0: torch.Tensor, out_eps: torch.Tensor, t, x: torch.Tensor,
+              clipped_eps: bool = False):
     """One deterministic DDIM step, x0 from ``out_x0`` and the direction from ``out_eps`` (UNet outputs).
 
-    With the same output for both this is diffusers' ``DDIMScheduler.step(eta=0)``; with different
-    ones it is Asyrp's asymmetric step. Differentiable.
+    With the same output for both this is diffusers' ``DDIMScheduler.step(eta=0,
+    use_clipped_model_output=clipped_eps)`` — what :func:`helpers.models.sample` does for the model; with
+    different ones it is Asyrp's asymmetric step. Differentiable.
     """
     a, ap = _alphas(sched, t)
     kind = sched.config.prediction_type
     clip = sched.config.clip_sample_range if sched.config.clip_sample else None
-    x0, eps = split_output(out_x0, x, a, kind, clip)
+    x0, eps = split_output(out_x0, x, a, kind, clip, clipped_eps)
     if out_eps is not out_x0:
-        _, eps = split_output(out_eps, x, a, kind, clip)
+        _, eps = split_output(out_eps, x, a, kind, clip, clipped_eps)
     return ap.sqrt() * x0 + (1 - ap).sqrt() * eps, x0
 
 
@@ -632,7 +641,7 @@ class LatentEditing:
                     opt.step()
                     total += loss.item()
                     with torch.no_grad():
-                        x, _ = ddim_step(sched, out, out, t, x)
+                        x, _ = ddim_step(sched, out, out, t, x, model.clipped_eps)
                 hist.append(total / edit_steps)
         return cls(attribute, delta.detach().cpu(), steps, 1.0, hist, time.time() - t0, site=site)
 
@@ -682,7 +691,7 @@ class LatentEditing:
                             out_e = den(x, t)
                     else:
                         out_e = out
-                    x, _ = ddim_step(sched, out_e, out, t, x)
+                    x, _ = ddim_step(sched, out_e, out, t, x, model.clipped_eps)
                 outs.append(models.to_images(model, x).float().cpu())
         return torch.cat(outs)
 
@@ -780,7 +789,7 @@ class Finetuning:
                 x, ref = noise.to(dev, next(unet.parameters()).dtype), ref.to(dev)
                 for tt in sched.timesteps:
                     out = den(x, tt)
-                    x, _ = ddim_step(sched, out, out, tt, x)
+                    x, _ = ddim_step(sched, out, out, tt, x, model.clipped_eps)
                 img = models.to_images(model, x)
                 logits = judge(img)[attribute]
                 assigned = assign_targets(logits.softmax(-1).cpu(), t).to(logits.device)

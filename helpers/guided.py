@@ -6,8 +6,8 @@ diffusers ``UNet2DModel`` with the same architecture — scale-shift time condit
 (``use_scale_shift_norm``), ResNet blocks that down/up-sample (``resblock_updown``), attention at the
 configured resolutions with 64-channel heads — and builds the scheduler with the same betas. The result is
 saved as a diffusers folder with safetensors (:func:`convert_file`), so a later load never touches the
-original file. The ``.pt`` is read with ``torch.load(weights_only=True)`` only: a file that holds anything but
-tensors is refused, never unpickled.
+original file. The ``.pt`` is read with ``torch.load(weights_only=True)`` only — PyTorch's restricted unpickler,
+which builds tensors and plain containers and refuses any other object or code.
 
 Learned variance (``learn_sigma``): the model's last 3 output channels interpolate the variance; DDIM uses only
 ε, so by default the converted UNet keeps the ε channels only (``keep_variance=False``: 3 output channels). With
@@ -16,8 +16,10 @@ for ancestral sampling with diffusers.
 
 The P2 settings (:data:`P2_CELEBAHQ`, from the authors' configs): image_size 256, num_channels 128,
 num_res_blocks 1, attention_resolutions "16", num_head_channels 64, resblock_updown, use_scale_shift_norm,
-learn_sigma, no class conditioning, dropout 0, a linear schedule over 1,000 steps (sampled with DDIM respaced
-to 50 steps). Its bottleneck (``mid_block``) has 512 channels at 8×8.
+learn_sigma, no class conditioning, dropout 0, a linear schedule over 1,000 steps. Its bottleneck
+(``mid_block``) has 512 channels at 8×8. DiffLens samples it with 50-step DDIM (guided-diffusion's ``"ddim50"``
+respacing, the same timesteps as diffusers' ``DDIMScheduler.set_timesteps(50)``); P2's own README samples with
+250-step ancestral respacing.
 """
 from __future__ import annotations
 
@@ -54,7 +56,9 @@ class GuidedSettings:
     def mults(self) -> tuple[int, ...]:
         if self.channel_mult:
             return tuple(int(m) for m in self.channel_mult.split(","))
-        defaults = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
+        # guided-diffusion's defaults (its 512 default starts at 0.5×, a width UNet2DModel's time embedding
+        # cannot express, so it is not offered)
+        defaults = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
         if self.image_size not in defaults:
             raise ValueError(f"GuidedSettings: no default channel_mult for image_size {self.image_size}; give "
                              "channel_mult (e.g. \"1,2,2,2\")")
@@ -66,6 +70,7 @@ class GuidedSettings:
 
 
 P2_CELEBAHQ = GuidedSettings()
+CONVERTER_VERSION = 1  # recorded with every conversion: a newer converter rebuilds older folders
 
 
 def unet_config(s: GuidedSettings, keep_variance: bool = False) -> dict:
@@ -267,7 +272,14 @@ def convert_file(pt, out=None, settings: GuidedSettings = P2_CELEBAHQ, keep_vari
     pt = Path(pt).expanduser()
     out = Path(out).expanduser() if out else pt.with_name(pt.stem + "-diffusers")
     marker = out / "converted_from.json"
-    record = {"file": pt.name, "size": pt.stat().st_size, "settings": asdict(settings), "keep_variance": keep_variance}
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(pt, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    record = {"file": pt.name, "sha256": h.hexdigest(), "settings": asdict(settings), "keep_variance": keep_variance,
+              "converter": CONVERTER_VERSION}
     if out.exists():
         if marker.is_file() and json.loads(marker.read_text()) == record:
             return out
@@ -280,8 +292,15 @@ def convert_file(pt, out=None, settings: GuidedSettings = P2_CELEBAHQ, keep_vari
         sched.save_pretrained(tmp / "scheduler")
         (tmp / "converted_from.json").write_text(json.dumps(record, indent=1))
         if out.exists():
-            shutil.rmtree(out)  # our own earlier conversion with other settings
-        os.replace(tmp, out)
+            if (out / "converted_from.json").is_file() and json.loads((out / "converted_from.json").read_text()) == record:
+                return out  # another process (a torchrun rank) converted the same file meanwhile
+            shutil.rmtree(out)  # our own earlier conversion of another file or with other settings
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process's conversion landed between the check and the rename
+            if (out / "converted_from.json").is_file() and json.loads((out / "converted_from.json").read_text()) == record:
+                return out
+            raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -345,13 +345,15 @@ def sample(model: Diffusion, n: int | None = None, steps: int = 25, seed: int = 
         dtype = next(model.unet.parameters()).dtype
         outs = []
         for s in range(0, len(noise), batch_size):
-            x = noise[s:s + batch_size].to(dev, dtype)
+            x = noise[s:s + batch_size].to(dev, torch.float32)  # the DDIM recursion in float32 whatever the UNet's dtype
             for i, t in enumerate(ddim.timesteps):
                 if i < start_step:
                     continue
                 if i in keep:
                     keep[i].append(x.float().cpu())
-                eps = model.unet(x, t).sample
+                eps = model.unet(x.to(dtype), t).sample.float()
+                if eps.shape[1] == 2 * x.shape[1]:  # learned variance (guided-diffusion, keep_variance): DDIM uses ε
+                    eps = eps[:, : x.shape[1]]
                 x = ddim.step(eps, t, x, eta=0.0, use_clipped_model_output=model.clipped_eps).prev_sample
                 bar.update(len(x))
             outs.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())

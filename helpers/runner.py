@@ -495,6 +495,7 @@ expansion = 8       # 4096 latents on the 512-channel bottleneck, k = 32 (the pa
 steps = [0, 10, 20, 30, 40]
 
 [intervention]
+k = 30              # the released DiffLens configs edit the top 30 features per class
 from_step = 10
 n = 500
 baselines = ["Activation", "H-Distribution", "Latent Direction"]

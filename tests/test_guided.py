@@ -23,10 +23,17 @@ def _original(s: G.GuidedSettings = TINY, seed: int = 0):
                         num_head_channels=s.num_head_channels, num_heads_upsample=-1,
                         use_scale_shift_norm=s.use_scale_shift_norm, dropout=0.0, resblock_updown=s.resblock_updown,
                         use_fp16=False, use_new_attention_order=s.use_new_attention_order).eval()
-    with torch.no_grad():  # guided-diffusion zero-initialises its output convs; randomise everything
-        for p in m.parameters():
-            p.normal_(0, 0.05)
+    with torch.no_grad():  # guided-diffusion zero-initialises its output convs; randomise everything, with
+        for name, p in m.named_parameters():  # norms near 1 and large q/k so that attention is far from uniform
+            if ".norm." in name or "layers.0." in name or name.startswith("out.0"):
+                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.05 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.15 if ".qkv." in name else 0.05)
     return m
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.mark.parametrize("new_order", [False, True])
@@ -41,9 +48,15 @@ def test_converted_unet_equals_guided_diffusion_on_eps_and_variance(new_order):
         with torch.no_grad():
             a, b, e = m(x, tt), unet(x, tt).sample, eps_only(x, tt).sample
         assert a.shape == b.shape == (3, 6, 32, 32)
-        assert (a - b).abs().max() < 1e-5, (t, (a - b).abs().max())
+        assert _rel(b, a) < 1e-5, (t, _rel(b, a))
         assert torch.equal(e, b[:, :3])  # dropping the variance half keeps ε exactly
     assert sched.config.variance_type == "learned_range"
+    # the comparison sees attention scores: swapping q and k in one block is caught
+    att = unet.mid_block.attentions[0]
+    with torch.no_grad():
+        att.to_q.weight, att.to_k.weight = att.to_k.weight, att.to_q.weight
+        att.to_q.bias, att.to_k.bias = att.to_k.bias, att.to_q.bias
+        assert _rel(unet(x, torch.full((3,), 500)).sample, m(x, torch.full((3,), 500))) > 1e-3
 
 
 def test_ddim_samples_equal_guided_diffusions_own_respaced_ddim(tmp_path):
@@ -61,7 +74,7 @@ def test_ddim_samples_equal_guided_diffusions_own_respaced_ddim(tmp_path):
     with torch.no_grad():
         theirs = diffusion.ddim_sample_loop(m, (2, 3, 32, 32), noise=noise.clone(), clip_denoised=True, eta=0.0)
     theirs = ((theirs + 1) / 2).clamp(0, 1)
-    assert (ours - theirs).abs().max() < 1e-4, (ours - theirs).abs().max()
+    assert (ours - theirs).abs().max() < 1e-4, (ours - theirs).abs().max()  # images in [0, 1]
     # a second load reads the converted folder, not the .pt
     pt.write_bytes(pt.read_bytes())
     again = models.load_model(str(pt), arch="guided-diffusion", arch_settings=TINY.__dict__)
@@ -95,6 +108,26 @@ def test_mismatched_checkpoints_and_unsafe_files_get_one_clear_error(tmp_path):
         models.load_model(str(bad), arch="guided-diffusion")
     with pytest.raises(ValueError, match="unknown \\['image_sise'\\]"):
         models.load_model(str(pt), arch="guided-diffusion", arch_settings={"image_sise": 32})
+
+
+def test_the_full_p2_architecture_converts_key_for_key_and_shape_for_shape():
+    """guided-diffusion's real P2 UNetModel (93.6 M parameters) built on the meta device: every tensor lands on a
+    UNet2DModel tensor of the same shape, and no UNet2DModel tensor is left without one."""
+    from diffusers import UNet2DModel
+
+    s = G.P2_CELEBAHQ
+    with torch.device("meta"):
+        m = gd.create_model(s.image_size, s.num_channels, s.num_res_blocks, channel_mult="", learn_sigma=True,
+                            class_cond=False, use_checkpoint=False, attention_resolutions=s.attention_resolutions,
+                            num_heads=s.num_heads, num_head_channels=s.num_head_channels, num_heads_upsample=-1,
+                            use_scale_shift_norm=True, dropout=0.0, resblock_updown=True, use_fp16=False,
+                            use_new_attention_order=False)
+        ours = UNet2DModel(**G.unet_config(s))
+    new = G.convert_state_dict(m.state_dict(), s)
+    want = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in new.items()} == want
+    assert sum(p.numel() for p in m.parameters()) > 93e6
+    assert ours.mid_block.resnets[0].conv1.out_channels == 512 and ours.mid_block.attentions[0].heads == 8
 
 
 def test_p2_settings_give_the_papers_architecture():
