@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/intervention_overhead.py
 	$(PY) bench/attribution_throughput.py
 	$(PY) bench/policy_cost.py       # about 6 min: UNet passes per assignment policy with reuse + resume
+	$(PY) bench/channels_last.py     # about 3 min: channels_last vs the default memory format when sampling
 	$(PY) bench/harvest_memory.py   # about 22 min: 100,000 activations
 
 clean:
