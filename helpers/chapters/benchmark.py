@@ -69,7 +69,8 @@ KEEP_POINTS = (0.95, 0.90)  # the table's matched keep-rates
 KEEP_KEY = "keep all"  # other social attributes + nuisance, over all samples
 MAX_EXTEND = 3  # settings added beyond each end of a grid at most
 KEEP_STOP = 0.5  # a grid stops growing once a setting keeps half the samples or fewer (far past both keep points)
-SHOW = 12  # images kept per cell (among the Original's first SHOW_POOL samples, edited ones first)
+SHOW = 12  # images kept per test cell (among the Original's first SHOW_POOL samples, edited ones first)
+SHOW_VAL = 4  # per validation cell (the data/ budget: a few hundred validation cells; the first 74 kept 12)
 SHOW_POOL = 64
 REF_SEED = 8_181  # world renders that FID is measured against
 FIT = {  # training settings of the trainable baselines (as in v1: the fits are reused)
@@ -427,6 +428,7 @@ class Bench:
         orig = self.original(split)
         n = self.n[split]
         asked, own = self.asked(split, attribute, row)
+        n_show = SHOW_VAL if split == "val" else SHOW
         t0 = time.time()
         method = METHODS[row.method]
         if method.kind == "distribution":
@@ -435,8 +437,8 @@ class Bench:
             imgs = fitted.sample_edited(self.model, noise, STEPS, setting, None, batch_size=self.batch)
             probs, feats, edited, passes = self.judge.predict(imgs), self.judge.features(imgs), \
                 torch.ones(n, dtype=torch.bool), n * STEPS
-            shown = torch.arange(SHOW)
-            show_imgs = imgs[:SHOW]
+            shown = torch.arange(n_show)
+            show_imgs = imgs[:n_show]
         else:
             start = 0 if row.method == "Latent Editing" else row.window
             ref = pipeline.Reference(self.original_probs(split), orig["t"]["features"].float(), orig["states"], {},
@@ -455,7 +457,7 @@ class Bench:
             if row.method == "Latent Editing":
                 passes = int(edited.sum()) * (STEPS + FIT["Latent Editing"]["edit_steps"])
             pool = torch.arange(min(SHOW_POOL, n))
-            order = torch.cat([pool[edited[pool]], pool[~edited[pool]]])[:SHOW]
+            order = torch.cat([pool[edited[pool]], pool[~edited[pool]]])[:n_show]
             shown = order
             base = orig["t"]["images"].float() / 255
             show_imgs = torch.stack([kept_imgs[int(i)] if int(i) in kept_imgs else base[int(i)] for i in order])
