@@ -541,8 +541,11 @@ LOCK = ".lock"
 def _lock(out: Path):
     """An exclusive lock on ``out`` (``out/.lock``, ``flock``): a second run on the same folder refuses to start.
     The operating system drops the lock when its process ends, so a killed run leaves no stale lock."""
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system (Windows): no lock, said once
+        _say(f"note: no file locking on this system; do not start two runs on {out} at once")
+        return None
     f = open(out / LOCK, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -554,7 +557,9 @@ def _lock(out: Path):
                            "another out") from None
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    import platform
+
+    f.write(f"pid {os.getpid()} on {platform.node()}\n")
     f.flush()
     return f
 
