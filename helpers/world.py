@@ -356,3 +356,92 @@ def render_classes(attribute: str, classes: torch.Tensor, seed: int, spec: BiasS
         rows[want == c] = (pool[attribute] == c).nonzero().flatten()[: int((want == c).sum())]
     labels = {a: pool[a][rows] for a in ATTRIBUTES}
     return render(labels, g, resolution=resolution) * 2 - 1
+
+
+# ----------------------------------------------------------------------------- prompts and captions (issue 18)
+#
+# A text-to-image stand-in for the paper's occupation prompts: each *context* ("a portrait of a doctor") has its
+# own BiasSpec, so the bias depends on the prompt as it does in Stable Diffusion. The renders carry no visual cue
+# of an occupation: a context only shifts the distribution of the drawn attributes. The numbers are ours, chosen
+# to give each context a different majority (not measurements of any real model or population).
+
+CONTEXTS: dict[str, str] = {
+    "person": "a portrait of a person",
+    "doctor": "a portrait of a doctor",
+    "nurse": "a portrait of a nurse",
+    "teacher": "a portrait of a teacher",
+    "ceo": "a portrait of a CEO",
+}
+_CONTEXT_PROBS: dict[str, dict[str, list[float]]] = {
+    "person": {},
+    "doctor": {"gender": [0.85, 0.15], "age": [0.10, 0.60, 0.30]},
+    "nurse": {"gender": [0.10, 0.90], "age": [0.45, 0.50, 0.05]},
+    "teacher": {"gender": [0.30, 0.70]},
+    "ceo": {"gender": [0.90, 0.10], "age": [0.05, 0.45, 0.50], "race": [0.80, 0.10, 0.06, 0.04]},
+}
+# words a caption may use for a class ("" = the class is not named even when mentioned)
+WORDS: dict[str, tuple[str, ...]] = {
+    "gender": ("man", "woman"),
+    "age": ("young", "middle-aged", "old"),
+    "race": ("with very light skin", "with light skin", "with brown skin", "with dark skin"),
+    "background": ("on a blue background", "on a green background", "on a pink background"),
+    "glasses": ("", "wearing glasses"),
+    "smile": ("", "smiling"),
+    "position": ("on the left", "", "on the right"),
+}
+
+
+def context_spec(context: str) -> BiasSpec:
+    """The joint distribution of renders captioned with ``context`` (:data:`CONTEXTS`): the default spec with the
+    context's own shares of gender, age and skin tone; its correlations (glasses with age, backdrop with
+    gender) stay."""
+    if context not in CONTEXTS:
+        raise ValueError(f"context_spec: unknown context {context!r}; known: {list(CONTEXTS)}")
+    base = default_spec()
+    probs = {**base.probs, **_CONTEXT_PROBS[context]}
+    return BiasSpec(probs=probs, conditionals=dict(base.conditionals), name=f"{context} ({CONTEXTS[context]})")
+
+
+def caption(labels: dict[str, int], context: str = "person", mention: tuple[str, ...] = ()) -> str:
+    """The caption of one render: its context's prompt, with the attributes in ``mention`` named in words
+    (:data:`WORDS`), e.g. ``caption(l, "doctor", ("gender", "smile"))`` → "a portrait of a smiling doctor, a man".
+    Nuisance classes without a word (no glasses, neutral mouth, centred head) stay unnamed."""
+    if context not in CONTEXTS:
+        raise ValueError(f"caption: unknown context {context!r}; known: {list(CONTEXTS)}")
+    bad = [a for a in mention if a not in WORDS]
+    if bad:
+        raise ValueError(f"caption: cannot mention {bad}; attributes with words: {list(WORDS)}")
+    noun = CONTEXTS[context].removeprefix("a portrait of a ").removeprefix("a portrait of ")
+    pre = [WORDS[a][int(labels[a])] for a in ("smile", "age") if a in mention and WORDS[a][int(labels[a])]]
+    text = f"a portrait of {'an' if (pre or [noun])[0][0] in 'aeiou' else 'a'} {' '.join(pre + [noun])}"
+    if "gender" in mention and context != "person":
+        text += f", a {WORDS['gender'][int(labels['gender'])]}"
+    elif "gender" in mention:
+        text = text.replace(" person", " " + WORDS["gender"][int(labels["gender"])])
+    post = [WORDS[a][int(labels[a])] for a in ("race", "glasses", "background", "position")
+            if a in mention and WORDS[a][int(labels[a])]]
+    return " ".join([text] + post)
+
+
+@dataclass
+class Captioned(Batch):
+    """A :class:`Batch` with one caption per render and the context it was drawn from."""
+
+    captions: list[str] = field(default_factory=list)
+    context: str = "person"
+
+
+def sample_captioned(n: int, context: str = "person", seed: int = 0, mention_rate: float = 0.0,
+                     resolution: int = 32) -> Captioned:
+    """``n`` renders drawn from :func:`context_spec` with their captions. Each attribute is named in a caption with
+    probability ``mention_rate`` (independently per sample and attribute, seeded): 0 gives the bare prompt, which is
+    what a text-to-image model is asked at sampling time; > 0 teaches it the attribute words, so text alignment
+    (CLIP-T) becomes measurable."""
+    if not 0 <= mention_rate <= 1:
+        raise ValueError(f"sample_captioned: mention_rate must be in [0, 1], got {mention_rate}")
+    b = sample(n, spec=context_spec(context), seed=seed, resolution=resolution)
+    g = torch.Generator().manual_seed(int(seed) * 7_919 + 17)
+    named = torch.rand(n, len(WORDS), generator=g) < mention_rate
+    caps = [caption({a: int(v[i]) for a, v in b.labels.items()}, context,
+                    tuple(a for j, a in enumerate(WORDS) if named[i, j])) for i in range(n)]
+    return Captioned(b.images, b.labels, caps, context)

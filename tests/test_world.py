@@ -89,3 +89,27 @@ def test_spec_json_round_trip():
     back = world.BiasSpec.from_json(spec.to_json())
     for a in world.ATTRIBUTES:
         np.testing.assert_allclose(back.marginal(a), spec.marginal(a))
+
+
+def test_contexts_have_their_own_bias_and_captions_name_what_they_mention():
+    from helpers import world as W
+
+    g = torch.Generator().manual_seed(0)
+    shares = {c: W.context_spec(c).sample_labels(4000, g)["gender"].float().mean().item() for c in W.CONTEXTS}
+    assert shares["doctor"] < 0.2 and shares["nurse"] > 0.85 and abs(shares["person"] - 0.25) < 0.03
+    assert W.context_spec("ceo").marginal("race")[0] == pytest.approx(0.8)
+    # correlations of the default world stay (glasses with age)
+    assert W.context_spec("doctor").conditionals["glasses"] == W.default_spec().conditionals["glasses"]
+    bare = W.sample_captioned(8, "nurse", seed=3)
+    assert bare.captions == ["a portrait of a nurse"] * 8 and bare.images.shape == (8, 3, 32, 32)
+    again = W.sample_captioned(8, "nurse", seed=3, mention_rate=0.6)
+    assert again.captions == W.sample_captioned(8, "nurse", seed=3, mention_rate=0.6).captions
+    assert torch.equal(again.images, bare.images)  # mentions change captions, never the renders
+    lab = {a: 0 for a in W.ATTRIBUTES} | {"gender": 1, "smile": 1, "glasses": 1, "age": 2}
+    assert W.caption(lab, "person", ("gender", "smile", "age", "glasses")) == "a portrait of a smiling old woman wearing glasses"
+    assert W.caption(lab, "doctor", ("gender",)) == "a portrait of a doctor, a woman"
+    assert W.caption(lab, "ceo", ("age",)) == "a portrait of an old CEO"
+    with pytest.raises(ValueError, match="unknown context 'pilot'"):
+        W.context_spec("pilot")
+    with pytest.raises(ValueError, match="cannot mention"):
+        W.caption(lab, "doctor", ("hair",))
