@@ -38,6 +38,11 @@ def test_next_setting_extends_until_the_frontier_brackets_both_keep_points_and_t
     assert BM.next_setting([(1, 0.99, 0.3), (2, 0.5, 0.2)], m, 0.02, {}) is None
     # the extension limit stops it
     assert BM.next_setting([(1, 0.99, 0.3), (2, 0.97, 0.2)], m, 0.02, {"high": BM.MAX_EXTEND}) is None
+    # extensions are counted from the stored frontier, so a restarted validation does not extend again
+    front = [{"setting": x} for x in (1.0, 2.0, 3.0, 4.0, 6.0, 10.0, 18.0, 0.5)]
+    assert BM.extensions(front, m) == {"low": 1, "high": 3}
+    assert BM.next_setting([(s, 0.97, 0.2) for s in (1.0, 2.0, 3.0, 4.0, 6.0, 10.0, 18.0)], m, 0.02,
+                           BM.extensions(front, m)) is None
     act = BM.METHODS["Activation"]  # a factor knob: the identity is 1
     assert BM.next_setting([(1.5, 0.9, 0.1), (2, 0.8, 0.05)], act, 0.02, {}) == 1.25
 

@@ -539,7 +539,7 @@ def validate(bench: Bench, attributes=world.SOCIAL, only: list[Row] | None = Non
     for a in attributes:
         for row in tqdm(only or rows(), desc=f"{a}: validation rows", disable=not bench.progress):
             m = METHODS[row.method]
-            todo, ext = list(m.grid), {}
+            todo, ext = list(m.grid), extensions(frontier(bench, a, row), m)
             rec = bench.log["val"].setdefault(a, {}).setdefault(row.label, {})
             while todo:
                 s = todo.pop(0)
@@ -553,6 +553,14 @@ def validate(bench: Bench, attributes=world.SOCIAL, only: list[Row] | None = Non
             rec["extended"] = ext
             bench.save_log()
     return bench.log["val"]
+
+
+def extensions(front: list[dict], method: Method) -> dict[str, int]:
+    """How many settings a stored frontier already has below and above the method's grid (what
+    :func:`next_setting` counts against :data:`MAX_EXTEND`; from the cells, so a restarted run does not extend
+    again)."""
+    ss = [r["setting"] for r in front]
+    return {"low": sum(s < min(method.grid) for s in ss), "high": sum(s > max(method.grid) for s in ss)}
 
 
 def interpolate(rows_: list[dict], setting: float, key: str) -> float:
