@@ -23,9 +23,13 @@ import torch
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 
-def write_tokenizer(folder) -> Path:
-    """A ``CLIPTokenizer`` folder whose vocabulary is every printable character (and its
-    word-final form) plus CLIP's two special tokens; no merges."""
+def write_tokenizer(folder, words=(), max_length: int = 32) -> Path:
+    """A ``CLIPTokenizer`` folder whose vocabulary is every printable character (and its word-final form), CLIP's
+    two special tokens last, and — given ``words`` — BPE merges learned on them (``tokenizers``' BPE trainer, CLIP's
+    ``</w>`` word ends), so each word becomes one token. ``words`` are split the way CLIP's tokenizer splits text
+    (letter runs, digits, punctuation). Without ``words``: characters only, no merges."""
+    import re
+
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
@@ -35,11 +39,28 @@ def write_tokenizer(folder) -> Path:
     for c in chars:
         vocab[c] = len(vocab)
         vocab[c + "</w>"] = len(vocab)
+    merges: list[str] = []
+    pieces = sorted({w for t in words for w in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", str(t).lower())})
+    if pieces:
+        from tokenizers import Tokenizer, models as tkm, pre_tokenizers, trainers
+
+        bad = sorted({c for w in pieces for c in w} - set(chars))
+        if bad:
+            raise ValueError(f"write_tokenizer: characters {bad} are outside the vocabulary")
+        bpe = Tokenizer(tkm.BPE(end_of_word_suffix="</w>"))
+        bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+        bpe.train_from_iterator(pieces, trainers.BpeTrainer(
+            vocab_size=len(vocab) + 2 * sum(len(w) for w in pieces), min_frequency=1, initial_alphabet=chars,
+            end_of_word_suffix="</w>", show_progress=False))
+        learned = json.loads(bpe.to_str())["model"]
+        for a, b in (m.split(" ") if isinstance(m, str) else m for m in learned["merges"]):
+            merges.append(f"{a} {b}")
+            vocab.setdefault(a + b, len(vocab))
     for tok in SPECIAL:
         vocab[tok] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=32)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
     tok.save_pretrained(folder)
     return folder
 

@@ -113,3 +113,23 @@ def test_contexts_have_their_own_bias_and_captions_name_what_they_mention():
         W.context_spec("pilot")
     with pytest.raises(ValueError, match="cannot mention"):
         W.caption(lab, "doctor", ("hair",))
+
+
+def test_a_word_level_clip_tokenizer_of_the_captions_keeps_every_word_whole(tmp_path):
+    import re
+
+    from transformers import CLIPTokenizer
+
+    from helpers import tiny
+    from helpers import world as W
+
+    caps = W.sample_captioned(500, "person", seed=1, mention_rate=0.7).captions + list(W.CONTEXTS.values())
+    tok = CLIPTokenizer.from_pretrained(tiny.write_tokenizer(tmp_path / "tok", caps, max_length=40))
+    words = {w for c in caps for w in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", c.lower())}
+    assert all(len(tok(w).input_ids) == 3 for w in words)  # <start> word <end>
+    ids = tok("a portrait of a smiling middle-aged CEO").input_ids
+    assert tok.convert_ids_to_tokens(ids)[1:-1] == ["a</w>", "portrait</w>", "of</w>", "a</w>", "smiling</w>",
+                                                    "middle</w>", "-</w>", "aged</w>", "ceo</w>"]
+    assert ids[0] == len(tok) - 2 and ids[-1] == len(tok) - 1  # the special tokens stay last
+    plain = CLIPTokenizer.from_pretrained(tiny.write_tokenizer(tmp_path / "chars"))
+    assert len(plain("doctor").input_ids) == 8  # characters only without words
