@@ -1,0 +1,545 @@
+"""A Stable Diffusion of the portrait world, trained here (chapter 7, issue 18).
+
+No Stable Diffusion or CLIP weights can be downloaded here, but the world can be captioned
+(:func:`helpers.world.sample_captioned`), so the paper's text-to-image setting is rebuilt small, in the same
+classes the real one uses, and every line of the SD path (prompt encoding, classifier-free guidance, the
+cross-attention UNet, the VAE, the CLIP judge, CLIP-T) runs on weights whose outputs mean something:
+
+1. :func:`train_clip` — a transformers ``CLIPModel`` (small vision and text towers) trained contrastively on
+   (render, caption) pairs; exported as a CLIP folder that :class:`helpers.judges.ClipJudge` loads unchanged.
+2. :func:`train_vae` — a diffusers ``AutoencoderKL`` on renders (32×32 → 4×16×16 latents; reconstruction MSE +
+   a small KL term — SD's VAE also has perceptual and adversarial losses, this one does not).
+3. :func:`train_unet` — a ``UNet2DConditionModel`` on the VAE's latents, conditioned on the CLIP text encoder's
+   last hidden states (frozen, as in SD), captions dropped to "" 10% of the time so classifier-free guidance works;
+   ε-prediction with SD v1.5's scaled-linear betas.
+4. :func:`assemble` — a ``StableDiffusionPipeline`` folder (DDIM scheduler, no safety checker) that both
+   ``diffusers.StableDiffusionPipeline.from_pretrained`` and :func:`helpers.models.load_model` load.
+
+Each stage trains in the background and resumes: its state (weights, EMA, optimizer, step, loss history) is
+rewritten atomically every few hundred steps to ``<run>/<stage>.safetensors``; its export folder is swapped in
+whole (:func:`helpers.cache.building`). Training captions mix the five contexts of :data:`helpers.world.CONTEXTS`
+uniformly, each with its own bias, and name each attribute with a per-batch rate from :data:`MENTION_RATES`, so a
+bare prompt ("a portrait of a doctor") carries its context's bias and explicit words ("… a woman … wearing
+glasses") are learned for CLIP-T.
+
+Like the world, this is a controlled stand-in: its "doctors" are cartoon renders whose drawn cues follow shares
+we chose (:data:`helpers.world.CONTEXTS`), not a measurement of any real model or population.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import cache, io, models, tiny, world
+
+MENTION_RATES = (0.0, 0.15, 0.4, 0.8)  # share of attributes named in a caption; one rate per slice of a batch
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's own normalisation, kept so ClipJudge's defaults apply
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESOLUTION = 32
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    hidden: int = 64
+    layers: int = 3
+    heads: int = 4
+    patch: int = 4
+    projection: int = 64
+    max_length: int = 32
+    batch: int = 128
+    steps: int = 3000
+    lr: float = 1e-3
+    warmup: int = 200
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class VaeSettings:
+    block_out_channels: tuple[int, ...] = (16, 32)  # two levels: 32×32 images → 16×16 latents
+    latent_channels: int = 4
+    layers_per_block: int = 1
+    kl_weight: float = 1e-6
+    batch: int = 32
+    steps: int = 2000
+    lr: float = 1e-3
+    warmup: int = 100
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class UNetSettings:
+    block_out_channels: tuple[int, ...] = (32, 64, 128)  # 16×16 latents → mid block at 4×4
+    layers_per_block: int = 1
+    attention_head_dim: int = 4  # diffusers' legacy name: the number of heads
+    uncond_rate: float = 0.1  # captions replaced by "" (the unconditional prompt of classifier-free guidance)
+    batch: int = 64
+    steps: int = 6000
+    lr: float = 5e-4
+    warmup: int = 200
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def caption_words() -> list[str]:
+    """Every word a caption of the world can use (for the tokenizer's merges)."""
+    texts = list(world.CONTEXTS.values()) + [w for ws in world.WORDS.values() for w in ws] + ["a an , person"]
+    return sorted({w for t in texts for w in re.findall(r"[a-z]+|[^\sa-z]+", t.lower())})
+
+
+def batch(n: int, seed: int, rates: tuple[float, ...] = MENTION_RATES) -> tuple[torch.Tensor, list[str], dict]:
+    """``n`` captioned renders: contexts drawn uniformly, split into ``len(rates)`` slices with their mention
+    rates; returns images in [0, 1] ``(n, 3, 32, 32)``, captions and labels (with ``context`` as an index)."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 11)
+    ctx = torch.randint(0, len(world.CONTEXTS), (n,), generator=g)
+    rate = torch.arange(n) % len(rates)
+    images, caps, labels = torch.empty(n, 3, RESOLUTION, RESOLUTION), [""] * n, {}
+    for ci, name in enumerate(world.CONTEXTS):
+        for ri, r in enumerate(rates):
+            idx = torch.nonzero((ctx == ci) & (rate == ri)).flatten()
+            if len(idx) == 0:
+                continue
+            b = world.sample_captioned(len(idx), name, seed=int(seed) * 101 + ci * 11 + ri, mention_rate=r,
+                                       resolution=RESOLUTION)
+            images[idx] = b.images
+            for j, i in enumerate(idx.tolist()):
+                caps[i] = b.captions[j]
+            for a, v in b.labels.items():
+                labels.setdefault(a, torch.zeros(n, dtype=torch.long))[idx] = v
+    labels["context"] = ctx
+    return images, caps, labels
+
+
+def clip_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Renders in [0, 1] → CLIP's normalised pixels (what ClipJudge feeds the vision tower)."""
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+# ----------------------------------------------------------------------------- a resumable training loop
+
+
+class _Stage:
+    """Checkpointed state of one stage: ``<run>/<name>.safetensors`` (weights, optional EMA, optimizer, step,
+    history, settings, seconds), rewritten atomically; a checkpoint made with other settings is refused."""
+
+    def __init__(self, run: Path, name: str, module: torch.nn.Module, params, settings, ema_decay: float | None):
+        from diffusers.training_utils import EMAModel
+
+        self.path = Path(run) / f"{name}.safetensors"
+        self.name, self.module, self.settings = name, module, json.loads(json.dumps(asdict(settings)))
+        self.params = list(params)
+        self.opt = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=0.0)
+        self.ema = EMAModel(self.params, decay=ema_decay, use_ema_warmup=True, power=2 / 3) if ema_decay else None
+        self.step, self.history, self.seconds = 0, [], 0.0
+        if self.path.is_file():
+            tensors, meta = io.load_tensors(self.path)
+            if meta["settings"] != self.settings:
+                raise ValueError(f"minisd: {self.path} was trained with other settings ({meta['settings']}); "
+                                 "pass another run folder or the same settings")
+            io.load_state(module, io.unprefixed("model", tensors), self.path, f"{name} weights")
+            io.unflatten_optimizer(self.opt, tensors, meta["optimizer"])
+            if self.ema is not None:
+                self.ema.shadow_params = [tensors[f"ema.{i}"].clone() for i in range(len(self.params))]
+                self.ema.optimization_step = meta["ema_step"]
+            self.step, self.history, self.seconds = meta["step"], meta["history"], meta["seconds"]
+
+    def save(self) -> None:
+        tensors = io.prefixed("model", self.module.state_dict())
+        opt_t, opt_meta = io.flatten_optimizer(self.opt)
+        tensors.update(opt_t)
+        meta = {"settings": self.settings, "optimizer": opt_meta, "step": self.step, "history": self.history,
+                "seconds": self.seconds}
+        if self.ema is not None:
+            tensors.update({f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)})
+            meta["ema_step"] = self.ema.optimization_step
+        io.save_tensors(self.path, tensors, meta)
+
+    def run(self, loss_fn, steps: int, lr: float, warmup: int, export, checkpoint_every: int = 250,
+            max_minutes: float | None = None, progress: bool = True) -> dict:
+        """Train to ``steps`` (cosine decay to 10% after ``warmup``); ``loss_fn(step)`` → (loss, logs);
+        ``export(module)`` runs at every checkpoint with the EMA weights swapped in (if any)."""
+        t0 = time.time()
+        bar = tqdm(range(self.step, steps), initial=self.step, total=steps, desc=f"train {self.name}",
+                   disable=not progress, mininterval=10)
+        running: dict = {}
+        self.module.train()
+        for step in bar:
+            frac = min(1.0, step / max(1, steps - 1))
+            for group in self.opt.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            loss, logs = loss_fn(step)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            if self.ema is not None:
+                self.ema.step(self.params)
+            for k, v in {"loss": loss.item(), **logs}.items():
+                running[k] = v if k not in running else 0.98 * running[k] + 0.02 * v
+            bar.set_postfix({k: f"{v:.4g}" for k, v in running.items()}, refresh=False)
+            self.step = step + 1
+            if self.step % 50 == 0:
+                self.history.append([self.step, {k: round(v, 6) for k, v in running.items()}])
+            late = max_minutes is not None and (time.time() - t0) / 60 > max_minutes
+            if self.step % checkpoint_every == 0 or self.step == steps or late:
+                self.seconds += time.time() - t0
+                t0 = time.time()
+                self.save()
+                self._export(export)
+            if late:
+                break
+        bar.close()
+        self.module.eval()
+        return {"step": self.step, "seconds": self.seconds, "history": self.history}
+
+    def _export(self, export) -> None:
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+        try:
+            export(self.module)
+        finally:
+            if self.ema is not None:
+                self.ema.restore(self.params)
+
+    @property
+    def record(self) -> dict:
+        return {"stage": self.name, "settings": self.settings, "steps": self.step, "train_seconds": self.seconds,
+                "loss_history": self.history}
+
+
+# ----------------------------------------------------------------------------- 1. CLIP
+
+
+def build_clip(s: ClipSettings, tokenizer_folder: Path):
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tokenizer_folder)
+    v = len(tok)
+    torch.manual_seed(s.seed)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=v, hidden_size=s.hidden, intermediate_size=4 * s.hidden,
+                         num_hidden_layers=s.layers, num_attention_heads=s.heads, max_position_embeddings=s.max_length,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=s.hidden, intermediate_size=4 * s.hidden, num_hidden_layers=s.layers,
+                           num_attention_heads=s.heads, image_size=RESOLUTION, patch_size=s.patch),
+        projection_dim=s.projection)
+    return CLIPModel(cfg), tok
+
+
+def clip_loss(logits: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy, with every identical caption in the batch counted as a positive (captions
+    such as the bare "a portrait of a doctor" repeat, and calling their copies negatives would be wrong)."""
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    k = torch.tensor([ids[c] for c in captions])
+    same = (k[:, None] == k[None, :]).float()
+    target = same / same.sum(1, keepdim=True)
+    return 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+                  + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
+
+
+def train_clip(folder, run, s: ClipSettings = ClipSettings(), **loop) -> dict:
+    """Train (or resume) the world's CLIP; export a CLIP folder (model, tokenizer, image processor) to ``folder``."""
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    run = Path(run)
+    tok_dir = tiny.write_tokenizer(run / "tokenizer", words=caption_words(), max_length=s.max_length)
+    model, tok = build_clip(s, tok_dir)
+    stage = _Stage(run, "clip", model, model.parameters(), s, ema_decay=None)
+
+    def loss_fn(step):
+        images, caps, _ = batch(s.batch, seed=s.seed * 7_777_777 + step)
+        t = tok(caps, padding=True, truncation=True, return_tensors="pt")
+        out = model(input_ids=t.input_ids, attention_mask=t.attention_mask, pixel_values=clip_pixels(images))
+        loss = clip_loss(out.logits_per_image, caps)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        return loss, {"scale": model.logit_scale.exp().item()}
+
+    def export(m):
+        with cache.building(folder) as tmp:
+            m.save_pretrained(tmp, safe_serialization=True)
+            proc = CLIPImageProcessor(size={"shortest_edge": RESOLUTION},
+                                      crop_size={"height": RESOLUTION, "width": RESOLUTION},
+                                      image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+            CLIPProcessor(image_processor=proc, tokenizer=tok).save_pretrained(tmp)
+            io.write_json(tmp / "training.json", stage.record)
+
+    return stage.run(loss_fn, s.steps, s.lr, s.warmup, export, **loop)
+
+
+# ----------------------------------------------------------------------------- 2. VAE
+
+
+def build_vae(s: VaeSettings):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(s.seed)
+    n = len(s.block_out_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=s.latent_channels,
+                         block_out_channels=tuple(s.block_out_channels), layers_per_block=s.layers_per_block,
+                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                         norm_num_groups=8, sample_size=RESOLUTION)
+
+
+@torch.no_grad()
+def latent_scale(vae, n: int = 1024, seed: int = 99) -> float:
+    """SD's ``scaling_factor``: 1 / the standard deviation of the encoder's latents (means) on renders."""
+    images, _, _ = batch(n, seed=seed)
+    return float(1 / vae.encode(images * 2 - 1).latent_dist.mean.std())
+
+
+def train_vae(folder, run, s: VaeSettings = VaeSettings(), **loop) -> dict:
+    """Train (or resume) the world's VAE; export a diffusers ``AutoencoderKL`` folder (with SD's ``scaling_factor``
+    measured on renders) to ``folder``."""
+    vae = build_vae(s)
+    stage = _Stage(Path(run), "vae", vae, vae.parameters(), s, ema_decay=None)
+
+    def loss_fn(step):
+        images, _, _ = batch(s.batch, seed=s.seed * 5_555_555 + step)
+        x = images * 2 - 1
+        post = vae.encode(x).latent_dist
+        g = torch.Generator().manual_seed(s.seed * 3_333_333 + step)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = F.mse_loss(vae.decode(z).sample, x)
+        kl = post.kl().mean() / x[0].numel()  # per pixel, so kl_weight is SD's (its losses are sums per image)
+        return rec + s.kl_weight * kl, {"mse": rec.item(), "kl": kl.item()}
+
+    def export(m):
+        m.eval()
+        m.register_to_config(scaling_factor=latent_scale(m))
+        m.train()
+        with cache.building(folder) as tmp:
+            m.save_pretrained(tmp, safe_serialization=True)
+            io.write_json(tmp / "training.json", stage.record)
+
+    return stage.run(loss_fn, s.steps, s.lr, s.warmup, export, **loop)
+
+
+# ----------------------------------------------------------------------------- 3. UNet
+
+
+def train_scheduler():
+    """SD v1.5's training noise schedule (scaled-linear betas 0.00085 → 0.012, 1,000 steps, ε-prediction)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         prediction_type="epsilon", clip_sample=False)
+
+
+def build_unet(s: UNetSettings, cross_attention_dim: int, sample_size: int):
+    from diffusers import UNet2DConditionModel
+
+    n = len(s.block_out_channels)
+    torch.manual_seed(s.seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=s.layers_per_block,
+        block_out_channels=tuple(s.block_out_channels),
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=s.attention_head_dim, norm_num_groups=8)
+
+
+class TextEncoder:
+    """The frozen CLIP text tower as SD's pipeline calls it: captions padded to the tokenizer's max length, the
+    last hidden states (after the final layer norm) are the cross-attention context."""
+
+    def __init__(self, clip_folder):
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.tokenizer = CLIPTokenizer.from_pretrained(clip_folder)
+        self.model = CLIPTextModel.from_pretrained(clip_folder).eval().requires_grad_(False)
+        self._memo: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        new = [c for c in dict.fromkeys(captions) if c not in self._memo]
+        if new:
+            t = self.tokenizer(new, padding="max_length", max_length=self.tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt")
+            for c, e in zip(new, self.model(t.input_ids)[0]):
+                self._memo[c] = e
+            if len(self._memo) > 50_000:
+                self._memo.clear()
+        return torch.stack([self._memo[c] for c in captions])
+
+
+def train_unet(folder, run, clip_folder, vae_folder, s: UNetSettings = UNetSettings(), **loop) -> dict:
+    """Train (or resume) the world SD's UNet on the VAE's latents; export a ``UNet2DConditionModel`` folder (EMA
+    weights) to ``folder``."""
+    from diffusers import AutoencoderKL
+
+    text = TextEncoder(clip_folder)
+    vae = AutoencoderKL.from_pretrained(vae_folder).eval().requires_grad_(False)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet = build_unet(s, text.model.config.hidden_size, RESOLUTION // factor)
+    sched = train_scheduler()
+    stage = _Stage(Path(run), "unet", unet, unet.parameters(), s, ema_decay=s.ema_decay)
+
+    def loss_fn(step):
+        images, caps, _ = batch(s.batch, seed=s.seed * 9_999_991 + step)
+        g = torch.Generator().manual_seed(s.seed * 4_444_447 + step)
+        drop = torch.rand(len(caps), generator=g) < s.uncond_rate
+        caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
+        with torch.no_grad():
+            post = vae.encode(images * 2 - 1).latent_dist
+            x0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=g)) * vae.config.scaling_factor
+        eps = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=g)
+        loss = models.diffusion_loss(unet, sched, x0, eps, t, s.min_snr_gamma, encoder_hidden_states=text(caps))
+        return loss, {}
+
+    def export(m):
+        with cache.building(folder) as tmp:
+            m.save_pretrained(tmp, safe_serialization=True)
+            io.write_json(tmp / "training.json", stage.record)
+
+    return stage.run(loss_fn, s.steps, s.lr, s.warmup, export, **loop)
+
+
+# ----------------------------------------------------------------------------- 4. the pipeline folder
+
+
+def assemble(folder, clip_folder, vae_folder, unet_folder) -> Path:
+    """Write a ``StableDiffusionPipeline`` folder from the three exports (text encoder and tokenizer from the CLIP
+    folder, DDIM with SD's settings, no safety checker) plus ``training.json`` with each stage's record."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    text = TextEncoder(clip_folder)
+    sched = DDIMScheduler.from_config(train_scheduler().config, clip_sample=False, set_alpha_to_one=False,
+                                      steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=UNet2DConditionModel.from_pretrained(unet_folder),
+                                   vae=AutoencoderKL.from_pretrained(vae_folder), text_encoder=text.model,
+                                   tokenizer=text.tokenizer, scheduler=sched, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    records = {k: json.loads((Path(f) / "training.json").read_text())
+               for k, f in (("clip", clip_folder), ("vae", vae_folder), ("unet", unet_folder))}
+    for r in records.values():
+        r.pop("loss_history", None)
+    with cache.building(folder) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        io.write_json(tmp / "training.json", records)
+    return Path(folder)
+
+
+# ----------------------------------------------------------------------------- reading the world's CLIP
+
+
+def judge_prompts() -> dict[str, tuple[str, ...]]:
+    """One prompt per class for every attribute, in the captions' own words ("a portrait of a man", "a portrait of a
+    person with dark skin", …): what :class:`helpers.judges.ClipJudge` gets as ``prompts`` for the world's CLIP."""
+    out = {}
+    for a, classes in world.ATTRIBUTES.items():
+        labels = {b: 0 for b in world.ATTRIBUTES}
+        out[a] = tuple(world.caption({**labels, a: k}, "person", (a,)) for k in range(len(classes)))
+    return out
+
+
+def judge_classes() -> dict[str, tuple[str, ...]]:
+    """The world's class names per attribute, for :class:`helpers.judges.ClipJudge`'s ``classes``."""
+    return {a: tuple(c) for a, c in world.ATTRIBUTES.items()}
+
+
+@torch.no_grad()
+def clip_report(folder, n: int = 2000, seed: int = 424_242) -> dict:
+    """The world CLIP read as a zero-shot judge on ``n`` fresh renders of the unbiased world (every class equally
+    likely, so a judge that always says the majority is not rewarded): accuracy per attribute; and caption retrieval
+    — for renders of the five contexts with every attribute named, the share whose own caption ranks first among the
+    distinct captions of the batch (ties among identical captions count as correct)."""
+    from .judges import ClipJudge
+
+    judge = ClipJudge(folder, prompts=judge_prompts(), classes=judge_classes())
+    b = world.sample(n, world.uniform_spec(), seed=seed, resolution=RESOLUTION)
+    logits = {a: [] for a in world.ATTRIBUTES}
+    for i in range(0, n, 256):
+        for a, v in judge(b.images[i:i + 256]).items():
+            logits[a].append(v)
+    acc = {a: float((torch.cat(v).argmax(1) == b.labels[a]).float().mean()) for a, v in logits.items()}
+    hits, total = 0, 0
+    for ci, ctx in enumerate(world.CONTEXTS):
+        c = world.sample_captioned(n // len(world.CONTEXTS), ctx, seed=seed + 1 + ci, mention_rate=1.0)
+        uniq = list(dict.fromkeys(c.captions))
+        text = judge.embed_text(uniq)
+        img = judge.encode(c.images)
+        best = (img @ text.T).argmax(1)
+        hits += sum(uniq[j] == cap for j, cap in zip(best.tolist(), c.captions))
+        total += len(c.captions)
+    return {"zero_shot_accuracy": acc, "retrieval_top1": hits / total, "n": n, "seed": seed}
+
+
+# ----------------------------------------------------------------------------- the quality bar of the world's SD
+
+
+def load(folder=None, prompt: str = "a portrait of a person", guidance_scale: float = 3.0,
+         device="cpu"):
+    """The shipped world SD as a :class:`helpers.models.Diffusion` (``data/minisd/sd``)."""
+    return models.load_model(str(folder or io.DATA_DIR / "minisd" / "sd"), device=device, prompt=prompt,
+                             guidance_scale=guidance_scale)
+
+
+def prompt_shares(sd_folder, judge, n: int = 2000, steps: int = 25, guidance: float = 3.0, seed: int = 31_337,
+                  contexts=tuple(world.CONTEXTS), batch_size: int = 250, progress: bool = True) -> dict:
+    """The quality bar per prompt: ``n`` samples of each bare context prompt at DDIM ``steps`` and classifier-free
+    ``guidance``, read by ``judge`` (the world judge), against that context's spec — class shares and their largest
+    gap, confident shares, FD, and FID in judge features next to the FID two sets of true renders give."""
+    from . import metrics
+
+    out = {"settings": {"n": n, "steps": steps, "guidance": guidance, "seed": seed}, "prompts": {}}
+    for ci, ctx in enumerate(contexts):
+        model = load(sd_folder, world.CONTEXTS[ctx], guidance)
+        t0 = time.time()
+        images = models.sample(model, n, steps, seed=seed + ci, batch_size=batch_size, progress=progress)
+        seconds = time.time() - t0
+        spec = world.context_spec(ctx)
+        ref = world.sample(n, spec, seed=seed + 100 + ci, resolution=RESOLUTION).images
+        floor = world.sample(n, spec, seed=seed + 200 + ci, resolution=RESOLUTION).images
+        rep = metrics.quality_report(images, judge, spec, ref, floor, attrs=world.SOCIAL, n_boot=500)
+        rep["prompt"], rep["sample_seconds"] = world.CONTEXTS[ctx], seconds
+        rep["max_abs_gap"] = max(v["max_abs_gap"] for v in rep["attributes"].values())
+        out["prompts"][ctx] = rep
+    return out
+
+
+def prompt_words(sd_folder, judge, clip_judge, per_class: int = 50, steps: int = 25, guidance: float = 3.0,
+                 seed: int = 77_777, progress: bool = True) -> dict:
+    """Text alignment with explicit words: for every class of gender, age and skin tone, ``per_class`` samples of
+    prompts naming it (spread over the five contexts, e.g. "a portrait of a nurse, a man"); reported per attribute:
+    the share the judge reads as the named class, and the share whose CLIP-T with the matching prompt is above its
+    CLIP-T with every prompt naming another class of that attribute (same context)."""
+    out = {"settings": {"per_class": per_class, "steps": steps, "guidance": guidance, "seed": seed}, "attributes": {}}
+    ctxs = list(world.CONTEXTS)
+    base = {a: 0 for a in world.ATTRIBUTES}
+    for ai, a in enumerate(world.SOCIAL):
+        k = len(world.ATTRIBUTES[a])
+        read, above, n = 0, 0, 0
+        for c in range(k):
+            for ci, ctx in enumerate(ctxs):
+                m = per_class // len(ctxs) + (ci < per_class % len(ctxs))
+                if m == 0:
+                    continue
+                prompts = [world.caption({**base, a: j}, ctx, (a,)) for j in range(k)]
+                model = load(sd_folder, prompts[c], guidance)
+                images = models.sample(model, m, steps, seed=seed + 1000 * ai + 100 * c + ci)
+                read += int((judge.predict(images)[a].argmax(1) == c).sum())
+                sims = torch.stack([clip_judge.clip_t(images, p) for p in prompts], 1)
+                others = torch.cat([sims[:, :c], sims[:, c + 1:]], 1).max(1).values
+                above += int((sims[:, c] > others).sum())
+                n += m
+        out["attributes"][a] = {"judge_reads_named_class": read / n, "clip_t_match_above_mismatch": above / n, "n": n}
+    return out

@@ -1,0 +1,47 @@
+"""Train the Stable Diffusion of the portrait world (helpers.minisd), stage by stage, resumably.
+
+    nohup python scripts/train_minisd.py clip --threads 1 > runs/minisd-clip.log 2>&1 &
+    nohup python scripts/train_minisd.py vae --threads 1 > runs/minisd-vae.log 2>&1 &
+    nohup python scripts/train_minisd.py unet --threads 2 > runs/minisd-unet.log 2>&1 &   # needs clip and vae
+    python scripts/train_minisd.py assemble      # data/minisd/sd: the StableDiffusionPipeline folder
+    python scripts/train_minisd.py report        # CLIP zero-shot accuracy and retrieval → data/minisd/clip_report.json
+
+Checkpoints live in runs/minisd/<stage>.safetensors (rerun the same command to resume); the CLIP folder is
+exported to data/minisd/clip, the VAE and UNet to runs/minisd/export/, each swapped in whole at every checkpoint.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from helpers import io, minisd
+
+RUN = Path("runs/minisd")
+CLIP = io.DATA_DIR / "minisd" / "clip"
+SD = io.DATA_DIR / "minisd" / "sd"
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["clip", "vae", "unet", "assemble", "report"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=None, help="override the stage's total steps")
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop (after a checkpoint) when exceeded")
+    ap.add_argument("--checkpoint-every", type=int, default=250)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    loop = dict(max_minutes=a.max_minutes, checkpoint_every=a.checkpoint_every)
+    over = {} if a.steps is None else {"steps": a.steps}
+    if a.stage == "clip":
+        r = minisd.train_clip(CLIP, RUN, minisd.ClipSettings(**over), **loop)
+    elif a.stage == "vae":
+        r = minisd.train_vae(RUN / "export" / "vae", RUN, minisd.VaeSettings(**over), **loop)
+    elif a.stage == "unet":
+        r = minisd.train_unet(RUN / "export" / "unet", RUN, CLIP, RUN / "export" / "vae", minisd.UNetSettings(**over),
+                              **loop)
+    elif a.stage == "assemble":
+        r = {"folder": str(minisd.assemble(SD, CLIP, RUN / "export" / "vae", RUN / "export" / "unet"))}
+    else:
+        r = minisd.clip_report(CLIP)
+        io.write_json(io.DATA_DIR / "minisd" / "clip_report.json", r)
+    print(json.dumps({k: v for k, v in r.items() if k != "history"}))

@@ -1,0 +1,74 @@
+"""The world's Stable Diffusion (helpers.minisd): its training pieces, and the shipped folders."""
+import math
+
+import pytest
+import torch
+
+from helpers import minisd, world
+
+
+def test_every_caption_word_is_one_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(minisd.tiny.write_tokenizer(tmp_path, words=minisd.caption_words()))
+    _, caps, _ = minisd.batch(64, seed=3, rates=(1.0,))
+    for c in caps:
+        ids = tok(c).input_ids[1:-1]
+        words = c.lower().replace(",", " ,").replace("-", " - ").split()
+        assert len(ids) == len(words), (c, tok.convert_ids_to_tokens(ids))
+    assert max(len(tok(c).input_ids) for c in caps) <= minisd.ClipSettings().max_length
+
+
+def test_batch_mixes_contexts_and_mention_rates_and_keeps_labels_with_images():
+    images, caps, labels = minisd.batch(200, seed=1)
+    assert images.shape == (200, 3, 32, 32) and len(caps) == 200
+    assert set(labels["context"].tolist()) == set(range(len(world.CONTEXTS)))
+    bare = {c for c in caps if c in world.CONTEXTS.values()}
+    assert bare and len(bare) < len(set(caps))  # bare prompts and captions with words both occur
+    for i, c in enumerate(caps):  # a named gender is the render's gender
+        if ", a man" in c or "of a man" in c:
+            assert labels["gender"][i] == 0
+        if ", a woman" in c or "of a woman" in c:
+            assert labels["gender"][i] == 1
+    again, caps2, _ = minisd.batch(200, seed=1)
+    assert torch.equal(images, again) and caps == caps2
+
+
+def test_clip_loss_counts_identical_captions_as_positives():
+    caps = ["a", "a", "b", "c"]
+    good = torch.full((4, 4), -30.0)
+    for i in range(4):
+        for j in range(4):
+            if caps[i] == caps[j]:
+                good[i, j] = 30.0
+    # the minimum: each image spreads over its caption's copies, so the loss is the mean log(#copies)
+    expected = (2 * math.log(2)) / 4
+    assert minisd.clip_loss(good, caps).item() == pytest.approx(expected, abs=1e-4)
+    bad = good.clone()
+    bad[0, 1] = bad[1, 0] = -30.0  # treating the copy as a negative costs more
+    assert minisd.clip_loss(bad, caps) > minisd.clip_loss(good, caps) + 0.1
+
+
+def test_a_stage_resumed_from_its_checkpoint_matches_one_run(tmp_path):
+    s = minisd.VaeSettings(block_out_channels=(8, 16), batch=4, steps=4, warmup=1)
+    exports = []
+    minisd.train_vae(tmp_path / "one", tmp_path / "a", s, checkpoint_every=100, progress=False)
+    minisd.train_vae(tmp_path / "two", tmp_path / "b", s, checkpoint_every=100, progress=False, max_minutes=0.0)
+    assert minisd.io.load_tensors(tmp_path / "b" / "vae.safetensors")[1]["step"] == 1  # stopped after one step
+    minisd.train_vae(tmp_path / "two", tmp_path / "b", s, checkpoint_every=100, progress=False)
+    from diffusers import AutoencoderKL
+
+    a = AutoencoderKL.from_pretrained(tmp_path / "one").state_dict()
+    b = AutoencoderKL.from_pretrained(tmp_path / "two").state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), exports
+    with pytest.raises(ValueError, match="other settings"):
+        minisd.train_vae(tmp_path / "two", tmp_path / "b", minisd.VaeSettings(block_out_channels=(8, 16), batch=8,
+                                                                               steps=4, warmup=1), progress=False)
+
+
+def test_judge_prompts_are_captions_of_one_named_class():
+    p = minisd.judge_prompts()
+    assert p["gender"] == ("a portrait of a man", "a portrait of a woman")
+    assert p["race"][3] == "a portrait of a person with dark skin"
+    assert {a: len(v) for a, v in p.items()} == {a: len(c) for a, c in world.ATTRIBUTES.items()}
