@@ -7,8 +7,8 @@ cross-attention UNet, the VAE, the CLIP judge, CLIP-T) runs on weights whose out
 
 1. :func:`train_clip` — a transformers ``CLIPModel`` (small vision and text towers) trained contrastively on
    (render, caption) pairs; exported as a CLIP folder that :class:`helpers.judges.ClipJudge` loads unchanged.
-2. :func:`train_vae` — a diffusers ``AutoencoderKL`` on renders (32×32 → 4×16×16 latents; reconstruction MSE +
-   a small KL term — SD's VAE also has perceptual and adversarial losses, this one does not).
+2. :func:`train_vae` — a diffusers ``AutoencoderKL`` on renders (32×32 → 4×16×16 latents; L1 reconstruction +
+   SD's small KL term — SD's VAE also has perceptual and adversarial losses, this one does not).
 3. :func:`train_unet` — a ``UNet2DConditionModel`` on the VAE's latents, conditioned on the CLIP text encoder's
    last hidden states (frozen, as in SD), captions dropped to "" 10% of the time so classifier-free guidance works;
    ε-prediction with SD v1.5's scaled-linear betas.
@@ -66,12 +66,12 @@ class ClipSettings:
 
 @dataclass(frozen=True)
 class VaeSettings:
-    block_out_channels: tuple[int, ...] = (16, 32)  # two levels: 32×32 images → 16×16 latents
+    block_out_channels: tuple[int, ...] = (32, 64)  # two levels: 32×32 images → 16×16 latents
     latent_channels: int = 4
     layers_per_block: int = 1
     kl_weight: float = 1e-6
     batch: int = 32
-    steps: int = 2000
+    steps: int = 3000
     lr: float = 1e-3
     warmup: int = 100
     seed: int = 0
@@ -317,9 +317,10 @@ def train_vae(folder, run, s: VaeSettings = VaeSettings(), **loop) -> dict:
         post = vae.encode(x).latent_dist
         g = torch.Generator().manual_seed(s.seed * 3_333_333 + step)
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
-        rec = F.mse_loss(vae.decode(z).sample, x)
+        out = vae.decode(z).sample
+        rec = F.l1_loss(out, x)  # SD's reconstruction term (it adds LPIPS and a GAN loss; this VAE does not)
         kl = post.kl().mean() / x[0].numel()  # per pixel, so kl_weight is SD's (its losses are sums per image)
-        return rec + s.kl_weight * kl, {"mse": rec.item(), "kl": kl.item()}
+        return rec + s.kl_weight * kl, {"l1": rec.item(), "mse": F.mse_loss(out.detach(), x).item(), "kl": kl.item()}
 
     def export(m):
         m.eval()
@@ -434,7 +435,7 @@ def assemble(folder, clip_folder, vae_folder, unet_folder) -> Path:
         r.pop("loss_history", None)
     with cache.building(folder) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        io.write_json(tmp / "training.json", records)
+        io.write_json(tmp / "training.json", {"data": models.WORLD_DATA, **records})
     return Path(folder)
 
 
@@ -501,7 +502,8 @@ def prompt_shares(sd_folder, judge, n: int = 2000, steps: int = 25, guidance: fl
     from . import metrics
 
     out = {"settings": {"n": n, "steps": steps, "guidance": guidance, "seed": seed}, "prompts": {}}
-    for ci, ctx in enumerate(contexts):
+    for ctx in contexts:
+        ci = list(world.CONTEXTS).index(ctx)
         model = load(sd_folder, world.CONTEXTS[ctx], guidance)
         t0 = time.time()
         images = models.sample(model, n, steps, seed=seed + ci, batch_size=batch_size, progress=progress)
@@ -543,3 +545,45 @@ def prompt_words(sd_folder, judge, clip_judge, per_class: int = 50, steps: int =
                 n += m
         out["attributes"][a] = {"judge_reads_named_class": read / n, "clip_t_match_above_mismatch": above / n, "n": n}
     return out
+
+
+@torch.no_grad()
+def vae_report(vae_folder, judge, n: int = 2000, seed: int = 515_151) -> dict:
+    """The VAE's reconstructions of ``n`` fresh renders of the unbiased world read by ``judge``: per attribute, the
+    share read as the same class as the render itself; and the pixel MSE."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_folder).eval()
+    b = world.sample(n, world.uniform_spec(), seed=seed, resolution=RESOLUTION)
+    rec = torch.cat([(vae.decode(vae.encode(b.images[i:i + 250] * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2
+                     for i in range(0, n, 250)])
+    p0, p1 = judge.predict(b.images), judge.predict(rec)
+    same = {a: float((p0[a].argmax(1) == p1[a].argmax(1)).float().mean()) for a in p0}
+    return {"same_class": same, "mse": float(F.mse_loss(rec, b.images)), "n": n, "seed": seed,
+            "latent_shape": list(vae.encode(b.images[:1] * 2 - 1).latent_dist.mean.shape[1:]),
+            "scaling_factor": vae.config.scaling_factor}
+
+
+# ----------------------------------------------------------------------------- verdicts for chapter 7
+
+
+def bar_verdicts(quality: dict, n: int, steps: int, guidance: float, seed: int, tol: float = 0.05,
+                 confident: float = 0.95) -> "pd.DataFrame":
+    """One row per prompt of the quality bar (issue 18) from ``quality.json``'s parts at these settings: the largest
+    gap of a judged class share to the prompt's spec and whether it is within ``tol``; the smallest confident share
+    over gender, age and skin tone and whether it reaches ``confident``; FID in judge features next to its floor.
+    A prompt with no part at these settings is a row of NaN (not a pass)."""
+    import pandas as pd
+
+    rows = {}
+    for ctx, prompt in world.CONTEXTS.items():
+        part = quality.get(f"shares/{ctx}/n={n}/steps={steps}/guidance={guidance:g}/seed={seed}")
+        if part is None:
+            rows[prompt] = {"max gap": float("nan"), "within": False, "min confident": float("nan"),
+                            "confident ok": False, "FID": float("nan"), "FID floor": float("nan")}
+            continue
+        conf = min(part["confident"][a] for a in world.SOCIAL)
+        rows[prompt] = {"max gap": part["max_abs_gap"], "within": part["max_abs_gap"] <= tol,
+                        "min confident": conf, "confident ok": conf >= confident,
+                        "FID": part["fid"], "FID floor": part["fid_floor"]}
+    return pd.DataFrame(rows).T

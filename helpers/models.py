@@ -440,6 +440,19 @@ def conditioning(model: Diffusion, batch: int) -> dict:
     return {"encoder_hidden_states": cond.expand(batch, -1, -1)}
 
 
+WORLD_DATA = "the portrait world (helpers.world)"  # what a model folder trained here on renders records as its data
+
+
+def trained_on_world(path) -> bool:
+    """Whether the model folder at ``path`` was trained here on the portrait world (its ``training.json`` says so):
+    the world's judge is then the right reader of its images."""
+    f = Path(path) / "training.json"
+    try:
+        return json.loads(f.read_text()).get("data") == WORLD_DATA
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def to_images(model: Diffusion, x0: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] from a clean sample in the model's space (the VAE decodes latents), differentiable."""
     if model.channels == 3 and not model.text_conditioned:

@@ -734,7 +734,10 @@ class Run:
             io.write_json(self.state_path, self.state)
 
     def _warn_world_judge(self) -> None:
-        if self.cfg.judge.spec == "world" and self.cfg.model.path != "embedded":
+        from . import models
+
+        if (self.cfg.judge.spec == "world" and self.cfg.model.path != "embedded"
+                and not models.trained_on_world(self.cfg.model.path)):
             from . import judge as J
 
             _say(f"[harvest] warning: the portrait world's judge reads {self.cfg.model.path!r}'s images resized to "

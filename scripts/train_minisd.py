@@ -4,7 +4,7 @@
     nohup python scripts/train_minisd.py vae --threads 1 > runs/minisd-vae.log 2>&1 &
     nohup python scripts/train_minisd.py unet --threads 2 > runs/minisd-unet.log 2>&1 &   # needs clip and vae
     python scripts/train_minisd.py assemble      # data/minisd/sd: the StableDiffusionPipeline folder
-    python scripts/train_minisd.py report        # CLIP zero-shot accuracy and retrieval → data/minisd/clip_report.json
+    python scripts/train_minisd.py report        # CLIP zero-shot + retrieval, VAE reconstructions → data/minisd/report.json
 
 Checkpoints live in runs/minisd/<stage>.safetensors (rerun the same command to resume); the CLIP folder is
 exported to data/minisd/clip, the VAE and UNet to runs/minisd/export/, each swapped in whole at every checkpoint.
@@ -42,6 +42,10 @@ if __name__ == "__main__":
     elif a.stage == "assemble":
         r = {"folder": str(minisd.assemble(SD, CLIP, RUN / "export" / "vae", RUN / "export" / "unet"))}
     else:
-        r = minisd.clip_report(CLIP)
-        io.write_json(io.DATA_DIR / "minisd" / "clip_report.json", r)
+        from helpers import judge as J
+
+        r = {"clip": minisd.clip_report(CLIP),
+             "vae": minisd.vae_report(RUN / "export" / "vae", J.load_judge()),
+             "training": json.loads((SD / "training.json").read_text()) if (SD / "training.json").is_file() else None}
+        io.write_json(io.DATA_DIR / "minisd" / "report.json", r)
     print(json.dumps({k: v for k, v in r.items() if k != "history"}))

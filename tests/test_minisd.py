@@ -72,3 +72,19 @@ def test_judge_prompts_are_captions_of_one_named_class():
     assert p["gender"] == ("a portrait of a man", "a portrait of a woman")
     assert p["race"][3] == "a portrait of a person with dark skin"
     assert {a: len(v) for a, v in p.items()} == {a: len(c) for a, c in world.ATTRIBUTES.items()}
+
+
+def test_bar_verdicts_pass_fail_and_missing_parts():
+    def part(gap, conf):
+        return {"max_abs_gap": gap, "confident": {a: conf for a in world.SOCIAL}, "fid": 1.0, "fid_floor": 0.5}
+
+    q = {"shares/person/n=10/steps=5/guidance=3/seed=1": part(0.03, 0.99),
+         "shares/doctor/n=10/steps=5/guidance=3/seed=1": part(0.07, 0.99),
+         "shares/nurse/n=10/steps=5/guidance=3/seed=1": part(0.01, 0.90),
+         "shares/teacher/n=10/steps=5/guidance=3/seed=2": part(0.01, 0.99)}  # another seed: not this bar's
+    v = minisd.bar_verdicts(q, n=10, steps=5, guidance=3.0, seed=1)
+    assert list(v.index) == list(world.CONTEXTS.values())
+    assert v.loc["a portrait of a person", "within"] and v.loc["a portrait of a person", "confident ok"]
+    assert not v.loc["a portrait of a doctor", "within"]
+    assert v.loc["a portrait of a nurse", "within"] and not v.loc["a portrait of a nurse", "confident ok"]
+    assert not v.loc["a portrait of a teacher", "within"] and not v.loc["a portrait of a CEO", "within"]
