@@ -140,6 +140,23 @@ def guided(unet, active: bool = True):
         setattr(unet, _GUIDED, old)
 
 
+_BOTH = "_difflens_edit_both_halves"  # attribute set on a UNet whose guided edits also change the unconditional half
+
+
+@contextmanager
+def both_halves(unet):
+    """Inside this block an edit under classifier-free guidance is applied to **both** halves of each guided batch —
+    the same per-sample edit to the unconditional and the conditional rows (``fn`` is called on the conditional half
+    first, then on the unconditional one) — the ablation of :func:`guided`'s default, which edits the conditional
+    half only. Capture still records the conditional half only. Outside guided calls it changes nothing."""
+    old = getattr(unet, _BOTH, False)
+    setattr(unet, _BOTH, True)
+    try:
+        yield unet
+    finally:
+        setattr(unet, _BOTH, old)
+
+
 DEFAULT_SITE = "mid_block"  # the U-Net bottleneck, DiffLens' h-space
 
 
@@ -255,11 +272,12 @@ def site_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor | None]
     _check_not_compiled(unet, site)
     keep = None if steps is None else set(int(s) for s in steps)
     cache = Cache()
-    state = {"step": int(first_step) - 1, "t": None, "half": False}
+    state = {"step": int(first_step) - 1, "t": None, "half": False, "both": False}
 
     def pre(module, args, kwargs):
         state["step"] += 1
         state["half"] = getattr(module, _GUIDED, False)  # read here, not in the site hook (torch.compile)
+        state["both"] = getattr(module, _BOTH, False)
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         state["t"] = torch.as_tensor(t).detach().cpu() if t is not None else None
 
@@ -288,9 +306,17 @@ def site_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor | None]
             cache.steps.append(step)
             cache.timesteps.append(info.timestep)
             cache.activations.append(h.detach().cpu())
-        if h is output:
+        uncond = full[: full.shape[0] // 2] if half else None
+        changed = h is not output
+        if half and state["both"] and fn is not None:
+            new = fn(uncond, info)
+            if new is not None:
+                if new.shape != uncond.shape:
+                    raise ValueError(f"edit at {site!r} changed h's shape {tuple(uncond.shape)} -> {tuple(new.shape)}")
+                uncond, changed = new, True
+        if not changed:
             return None
-        return torch.cat([full[: full.shape[0] // 2], h]) if half else h
+        return torch.cat([uncond, h]) if half else h
 
     def post(module, args, output):
         new = process(_first_tensor(output))

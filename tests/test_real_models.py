@@ -58,6 +58,15 @@ def test_sd_hooks_capture_and_edit_the_conditional_half_only(sd_dir):
     assert torch.equal(out[:2], plain[:2]) and not torch.allclose(out[2:], plain[2:])
     with hooks.guided(m.unet), pytest.raises(ValueError, match="odd batch"), hooks.capture(m.unet):
         m.unet(x[:3], 10, encoder_hidden_states=emb[:3])
+    # the ablation: both halves get the same edit, capture still records the conditional half only
+    seen = []
+    with hooks.guided(m.unet), hooks.both_halves(m.unet), hooks.capture(m.unet) as cap:
+        with hooks.edit(m.unet, lambda h, info: seen.append(h.shape[0]) or h * 0):
+            both = m.unet(x, 10, encoder_hidden_states=emb).sample
+    assert seen == [2, 2] and cap.activations[0].shape[0] == 2
+    assert torch.equal(both[2:], out[2:]) and not torch.allclose(both[:2], plain[:2])
+    with hooks.guided(m.unet), hooks.both_halves(m.unet), hooks.edit(m.unet, lambda h, info: None):
+        assert torch.equal(m.unet(x, 10, encoder_hidden_states=emb).sample, plain)  # a no-op stays exact
 
 
 def test_pixel_ddpm_pipeline_round_trip(ddpm_dir):
