@@ -44,6 +44,11 @@ MENTION_RATES = (0.0, 0.15, 0.4, 0.8)  # share of attributes named in a caption;
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's own normalisation, kept so ClipJudge's defaults apply
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESOLUTION = 32
+# classifier-free guidance of the book's sampler (DDIM, 25 steps), chosen by :func:`choose_guidance` on the validation
+# seed's parts of data/minisd/quality.json; tests/test_minisd.py recomputes the choice from the stored parts
+GUIDANCE_CANDIDATES = (1.0, 2.0, 3.0, 5.0)
+GUIDANCE_VAL = {"n": 300, "steps": 25, "seed": 31_000}
+GUIDANCE = None  # set once the validation parts exist
 
 
 # ----------------------------------------------------------------------------- settings
@@ -565,6 +570,23 @@ def vae_report(vae_folder, judge, n: int = 2000, seed: int = 515_151) -> dict:
 
 
 # ----------------------------------------------------------------------------- verdicts for chapter 7
+
+
+def choose_guidance(quality: dict, candidates=GUIDANCE_CANDIDATES, n: int = GUIDANCE_VAL["n"],
+                    steps: int = GUIDANCE_VAL["steps"], seed: int = GUIDANCE_VAL["seed"], tol: float = 0.05) -> float:
+    """The book's guidance scale, from the validation parts of ``quality.json``: the largest candidate whose largest
+    class-share gap over every prompt is within ``tol`` (guidance is what SD samples with; more of it is kept as long
+    as each prompt's bias stays what its spec says); if none is, the candidate with the smallest such gap. Every
+    candidate needs all five prompts at these settings."""
+    gaps = {}
+    for g in candidates:
+        parts = [quality.get(f"shares/{c}/n={n}/steps={steps}/guidance={g:g}/seed={seed}") for c in world.CONTEXTS]
+        if any(p is None for p in parts):
+            raise ValueError(f"choose_guidance: guidance {g:g} lacks validation parts (n={n}, steps={steps}, "
+                             f"seed={seed}); run scripts/evaluate_minisd.py --n {n} --seed {seed} --guidance {g:g}")
+        gaps[g] = max(p["max_abs_gap"] for p in parts)
+    ok = [g for g, v in gaps.items() if v <= tol]
+    return max(ok) if ok else min(gaps, key=gaps.get)
 
 
 def bar_verdicts(quality: dict, n: int, steps: int, guidance: float, seed: int, tol: float = 0.05,

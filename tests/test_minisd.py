@@ -88,3 +88,15 @@ def test_bar_verdicts_pass_fail_and_missing_parts():
     assert not v.loc["a portrait of a doctor", "within"]
     assert v.loc["a portrait of a nurse", "within"] and not v.loc["a portrait of a nurse", "confident ok"]
     assert not v.loc["a portrait of a teacher", "within"] and not v.loc["a portrait of a CEO", "within"]
+
+
+def test_choose_guidance_keeps_the_largest_scale_within_tolerance():
+    def parts(gaps):
+        return {f"shares/{c}/n=5/steps=2/guidance={g:g}/seed=9": {"max_abs_gap": v}
+                for g, v in gaps.items() for c in world.CONTEXTS}
+
+    kw = dict(candidates=(1.0, 2.0, 3.0), n=5, steps=2, seed=9)
+    assert minisd.choose_guidance(parts({1.0: 0.02, 2.0: 0.04, 3.0: 0.09}), **kw) == 2.0
+    assert minisd.choose_guidance(parts({1.0: 0.07, 2.0: 0.06, 3.0: 0.09}), **kw) == 2.0  # none within: smallest gap
+    with pytest.raises(ValueError, match="lacks validation parts"):
+        minisd.choose_guidance(parts({1.0: 0.02, 2.0: 0.04}), **kw)

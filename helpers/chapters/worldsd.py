@@ -1,0 +1,209 @@
+"""Chapter 7's experiment: the paper's Stable Diffusion table, on the world's SD (:mod:`helpers.minisd`).
+
+One occupation prompt (:data:`PROMPT`, "a portrait of a doctor": 85% male, age 10/60/30 by the world's spec)
+goes through the runner's stages — harvest under classifier-free guidance → SAE → h-probe → IG rankings — and then
+DiffLens and the baselines that run through the one Method interface edit the same noise, each over its own grid
+(:data:`GRIDS`, the same number of settings for every method). Settings are chosen on a validation noise seed
+(:func:`freeze`: per method and attribute, the lowest FD among settings that keep at least :data:`KEEP` of samples
+on the other attributes; if none does, the setting that keeps most), then frozen and run once on a fresh test seed.
+The paper's SD metrics are read from the stored samples: FD, FID in the world judge's features (against the
+original samples), CLIP-I (the world CLIP's image embeddings, edited vs original, same noise) and CLIP-T (the
+world CLIP's text alignment with the prompt). The hook-placement ablation edits with DiffLens' frozen setting on
+both halves of each guided batch (:func:`helpers.hooks.both_halves`) instead of the conditional half only.
+
+    python scripts/worldsd_table.py validate     # stages + every grid setting on the validation seed (resumable)
+    python scripts/worldsd_table.py freeze       # the chosen settings → data/minisd/table/frozen.json
+    python scripts/worldsd_table.py test         # the frozen settings + the both-halves ablation on the test seed
+
+Each cell (split, attribute, method, setting) is one file ``data/minisd/table/<split>_<attribute>_<method>_<setting>.json``
+holding its metric row, written atomically; rerunning skips finished cells.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .. import hooks, io, minisd, models, pipeline, runner, world
+from .. import intervention as I
+
+PROMPT = world.CONTEXTS["doctor"]
+ATTRIBUTES = ("gender", "age")
+SEEDS = {"val": 6_464, "test": 7_575}  # intervention noise; the harvest uses the runner's own seed
+N = {"val": 256, "test": 1_000}
+STEPS = 25
+KEEP = 0.9  # the freeze rule's keep-rate on the other attributes
+K = 8  # DiffLens features per class
+GRIDS = {  # four settings each: every method gets the same tuning budget
+    "DiffLens": (1.0, 2.0, 4.0, 8.0),
+    "Activation": (1.25, 1.5, 2.0, 3.0),
+    "Latent Direction": (0.25, 0.5, 1.0, 1.5),
+    "H-Distribution": (1e3, 3e3, 1e4, 3e4),
+}
+RUN = io.REPO_ROOT / "runs" / "minisd" / "doctor"  # the runner's folder (harvest, SAE, probe, rankings): not shipped
+OUT = io.DATA_DIR / "minisd" / "table"
+
+
+def config(sd_folder=None, guidance: float | None = None) -> dict:
+    """The runner config of the first four stages (its intervention settings are not used here)."""
+    return {
+        "out": str(RUN), "attributes": list(ATTRIBUTES),
+        "model": {"path": str(sd_folder or io.DATA_DIR / "minisd" / "sd"), "prompt": PROMPT,
+                  "guidance_scale": minisd.GUIDANCE if guidance is None else guidance},
+        "judge": {"spec": "world"},
+        "harvest": {"n": 1000, "steps": STEPS, "batch_size": 100},
+        "sae": {"train_steps": 5000},
+        "attribution": {"steps": [0, 6, 12, 18, 24]},
+        "intervention": {"k": K},
+    }
+
+
+def cell_path(split: str, attribute: str, method: str, setting) -> Path:
+    tag = "both-halves" if setting == "both" else f"{float(setting):g}"
+    return OUT / f"{split}_{attribute}_{method.replace(' ', '-')}_{tag}.json"
+
+
+class Table:
+    """The runner's stages for :data:`PROMPT`, then the edits of every method on one split's noise."""
+
+    def __init__(self, progress: bool = True, **cfg_kw):
+        self.run = runner.Run(runner.config_from_dict(config(**cfg_kw), "worldsd"), progress=progress)
+        self.progress = progress
+        self._original: dict = {}
+        self._fitted: dict = {}
+        self._clip = None
+
+    def stages(self) -> dict:
+        return self.run.all(stages=["harvest", "sae", "probe", "attribution"])
+
+    @property
+    def clip(self):
+        if self._clip is None:
+            from .. import judges
+
+            self._clip = judges.ClipJudge(io.DATA_DIR / "minisd" / "clip", prompts=minisd.judge_prompts(),
+                                          classes=minisd.judge_classes())
+        return self._clip
+
+    def noise(self, split: str) -> torch.Tensor:
+        m = self.run.model
+        return models.make_noise(N[split], m.sample_size, SEEDS[split], m.channels)
+
+    def original(self, split: str) -> dict:
+        if split not in self._original:
+            images = models.sample(self.run.model, noise=self.noise(split), steps=STEPS, batch_size=128,
+                                   progress=self.progress)
+            self._original[split] = self.read(images)
+        return self._original[split]
+
+    def read(self, images: torch.Tensor) -> dict:
+        judge = self.run.judge
+        return {"images": images, "probs": judge.predict(images), "features": judge.features(images),
+                "clip": self.clip.encode(images).detach(), "clip_t": self.clip.clip_t(images, PROMPT)}
+
+    def fitted(self, method: str, attribute: str):
+        if (method, attribute) not in self._fitted:
+            summary, labels, n_train = self.run._labels_split()
+            from .. import probe as P
+
+            probe = P.load_probe(RUN / "probe.safetensors")[0]
+            self._fitted[method, attribute] = self.run._baseline(method, attribute, summary, labels, n_train, probe)
+        return self._fitted[method, attribute]
+
+    def edited(self, split: str, attribute: str, method: str, setting) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images of ``method`` at ``setting`` (``"both"``: DiffLens at the frozen β on both halves) and the
+        per-sample asked-for classes."""
+        from .. import sae as S
+
+        model, noise = self.run.model, self.noise(split)
+        names = self.run.judge.attributes[attribute]
+        if method == "DiffLens":
+            beta = frozen()[attribute]["DiffLens"] if setting == "both" else float(setting)
+            sae, _ = S.load_sae(RUN / "sae.safetensors")
+            e = pipeline.edit_for(RUN / "attribution", attribute, beta, K, target=pipeline.uniform(names),
+                                  steps=range(0, STEPS))
+            if setting == "both":
+                with hooks.both_halves(model.unet):
+                    imgs, iv = I.sample_edited(model, sae, [e], noise=noise, steps=STEPS, batch_size=128,
+                                               progress=self.progress)
+            else:
+                imgs, iv = I.sample_edited(model, sae, [e], noise=noise, steps=STEPS, batch_size=128,
+                                           progress=self.progress)
+            return imgs, iv.classes(attribute)
+        # the same per-sample class draws as DiffLens' (class_seed 0), so every row asks the same samples
+        e = pipeline.edit_for(RUN / "attribution", attribute, 0.0, K, target=pipeline.uniform(names))
+        classes = I.Intervention(S.load_sae(RUN / "sae.safetensors")[0], [e], len(noise), seed=0).classes(attribute)
+        fitted = self.fitted(method, attribute)
+        imgs = fitted.sample_edited(model, noise, STEPS, float(setting), classes, batch_size=128,
+                                    progress=self.progress)
+        return imgs, classes
+
+    def cell(self, split: str, attribute: str, method: str, setting) -> dict:
+        path = cell_path(split, attribute, method, setting)
+        if path.is_file():
+            return json.loads(path.read_text())
+        if split != "val" and not (OUT / "frozen.json").is_file():
+            raise RuntimeError("worldsd: freeze the settings on the validation seed before the test seed")
+        t0 = time.time()
+        o = self.original(split)
+        imgs, classes = self.edited(split, attribute, method, setting)
+        e = self.read(imgs)
+        others = [b for b in e["probs"] if b != attribute]
+        row = pipeline.evaluate(o["probs"], e["probs"], attribute, keep={"other attributes": others},
+                                original_features=o["features"], edited_features=e["features"], n_boot=1000,
+                                floor=True)
+        asked = classes >= 0
+        row.update({"split": split, "attribute": attribute, "method": method, "setting": setting,
+                    "CLIP-I": float((o["clip"] * e["clip"]).sum(1).mean()),
+                    "CLIP-T": float(e["clip_t"].mean()), "CLIP-T original": float(o["clip_t"].mean()),
+                    "asked to change": float((asked & (classes != o["probs"][attribute].argmax(1))).float().mean()),
+                    "seconds": time.time() - t0, "prompt": PROMPT, "guidance": self.run.cfg.model.guidance_scale,
+                    "n": len(imgs)})
+        io.write_json(path, row)
+        return row
+
+
+def validate(table: Table) -> list[dict]:
+    table.stages()
+    return [table.cell("val", a, m, s) for a in ATTRIBUTES for m, grid in GRIDS.items() for s in grid]
+
+
+def frozen() -> dict:
+    return json.loads((OUT / "frozen.json").read_text())
+
+
+def choose(rows: list[dict], keep: float = KEEP) -> float:
+    """The setting with the lowest FD among rows keeping ≥ ``keep`` on the other attributes (ties: the milder
+    setting); if none does, the setting that keeps most."""
+    ok = [r for r in rows if r["keep other attributes"] >= keep]
+    if ok:
+        return min(ok, key=lambda r: (r["FD"], r["setting"]))["setting"]
+    return max(rows, key=lambda r: (r["keep other attributes"], -r["setting"]))["setting"]
+
+
+def freeze() -> dict:
+    chosen = {}
+    for a in ATTRIBUTES:
+        chosen[a] = {}
+        for m, grid in GRIDS.items():
+            rows = [json.loads(cell_path("val", a, m, s).read_text()) for s in grid]
+            chosen[a][m] = choose(rows)
+    io.write_json(OUT / "frozen.json", chosen)
+    return chosen
+
+
+def test(table: Table) -> list[dict]:
+    chosen = frozen()
+    out = [table.cell("test", a, m, s) for a in ATTRIBUTES for m, s in chosen[a].items()]
+    out += [table.cell("test", a, "DiffLens", "both") for a in ATTRIBUTES]
+    return out
+
+
+def frame(split: str = "test") -> "pd.DataFrame":
+    """Every stored cell of ``split`` as one table."""
+    import pandas as pd
+
+    rows = [json.loads(p.read_text()) for p in sorted(OUT.glob(f"{split}_*.json"))]
+    return pd.DataFrame(rows)

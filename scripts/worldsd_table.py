@@ -1,0 +1,27 @@
+"""The paper's SD table on the world's Stable Diffusion (chapter 7): see helpers/chapters/worldsd.py.
+
+    nohup python scripts/worldsd_table.py validate > runs/worldsd-val.log 2>&1 &
+    python scripts/worldsd_table.py freeze
+    nohup python scripts/worldsd_table.py test > runs/worldsd-test.log 2>&1 &
+"""
+import argparse
+import json
+
+import torch
+
+from helpers.chapters import worldsd
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["validate", "freeze", "test"])
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.phase == "freeze":
+        print(json.dumps(worldsd.freeze(), indent=1))
+    else:
+        t = worldsd.Table()
+        rows = worldsd.validate(t) if a.phase == "validate" else worldsd.test(t)
+        for r in rows:
+            print(r["attribute"], r["method"], r["setting"], f"FD {r['FD']:.3f} keep {r['keep other attributes']:.3f} "
+                  f"CLIP-I {r['CLIP-I']:.3f} CLIP-T {r['CLIP-T']:.3f}")
