@@ -49,6 +49,8 @@ RESOLUTION = 32
 GUIDANCE_CANDIDATES = (1.0, 2.0, 3.0, 5.0)
 GUIDANCE_VAL = {"n": 300, "steps": 25, "seed": 31_000}
 GUIDANCE = None  # set once the validation parts exist
+QUALITY_TEST = {"n": 2000, "steps": 25, "seed": 31_337}  # the quality bar, at GUIDANCE, drawn after it was frozen
+ABLATION = {"n": 500, "steps": 25, "seed": 31_337}  # the same noise's first 500 at guidance 1 (none)
 
 
 # ----------------------------------------------------------------------------- settings
