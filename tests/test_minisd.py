@@ -100,3 +100,18 @@ def test_choose_guidance_keeps_the_largest_scale_within_tolerance():
     assert minisd.choose_guidance(parts({1.0: 0.07, 2.0: 0.06, 3.0: 0.09}), **kw) == 2.0  # none within: smallest gap
     with pytest.raises(ValueError, match="lacks validation parts"):
         minisd.choose_guidance(parts({1.0: 0.02, 2.0: 0.04}), **kw)
+
+
+def test_shipped_world_clip_loads_in_clip_judge_and_reads_renders():
+    from helpers import judges
+
+    j = judges.ClipJudge(minisd.io.DATA_DIR / "minisd" / "clip", prompts=minisd.judge_prompts(),
+                         classes=minisd.judge_classes())
+    assert j.attributes["race"] == world.ATTRIBUTES["race"]
+    b = world.sample(64, world.uniform_spec(), seed=8)
+    p = j.predict(b.images)
+    for a in world.SOCIAL:
+        assert (p[a].argmax(1) == b.labels[a]).float().mean() >= 0.9, a
+    caps = [world.caption({k: int(v[i]) for k, v in b.labels.items()}, "person", ("gender",)) for i in range(4)]
+    sims = torch.stack([j.clip_t(b.images[:4], c) for c in caps])  # (caption, image)
+    assert all(sims[i, i] >= sims[:, i].max() - 1e-6 for i in range(4))  # each image matches its own caption
