@@ -3,6 +3,7 @@
     nohup python scripts/train_minisd.py clip --threads 1 > runs/minisd-clip.log 2>&1 &
     nohup python scripts/train_minisd.py vae --threads 1 > runs/minisd-vae.log 2>&1 &
     nohup python scripts/train_minisd.py unet --threads 2 > runs/minisd-unet.log 2>&1 &   # needs clip and vae
+    nohup python scripts/train_minisd.py decoder --threads 1 > runs/minisd-dec.log 2>&1 &  # needs vae (encoder kept)
     python scripts/train_minisd.py assemble      # data/minisd/sd: the StableDiffusionPipeline folder
     python scripts/train_minisd.py report        # CLIP zero-shot + retrieval, VAE reconstructions → data/minisd/report.json
 
@@ -23,7 +24,7 @@ SD = io.DATA_DIR / "minisd" / "sd"
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["clip", "vae", "unet", "assemble", "report"])
+    ap.add_argument("stage", choices=["clip", "vae", "decoder", "unet", "assemble", "report"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=None, help="override the stage's total steps")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (after a checkpoint) when exceeded")
@@ -36,16 +37,20 @@ if __name__ == "__main__":
         r = minisd.train_clip(CLIP, RUN, minisd.ClipSettings(**over), **loop)
     elif a.stage == "vae":
         r = minisd.train_vae(RUN / "export" / "vae", RUN, minisd.VaeSettings(**over), **loop)
+    elif a.stage == "decoder":
+        r = minisd.train_decoder(RUN / "export" / "vae-ft", RUN, RUN / "export" / "vae",
+                                 minisd.DecoderSettings(**over), **loop)
     elif a.stage == "unet":
         r = minisd.train_unet(RUN / "export" / "unet", RUN, CLIP, RUN / "export" / "vae", minisd.UNetSettings(**over),
                               **loop)
     elif a.stage == "assemble":
-        r = {"folder": str(minisd.assemble(SD, CLIP, RUN / "export" / "vae", RUN / "export" / "unet"))}
+        r = {"folder": str(minisd.assemble(SD, CLIP, RUN / "export" / "vae-ft", RUN / "export" / "unet"))}
     else:
         from helpers import judge as J
 
         r = {"clip": minisd.clip_report(CLIP),
-             "vae": minisd.vae_report(RUN / "export" / "vae", J.load_judge()),
+             "vae": minisd.vae_report(RUN / "export" / "vae-ft", J.load_judge()),
+             "vae before the decoder fine-tune": minisd.vae_report(RUN / "export" / "vae", J.load_judge()),
              "training": json.loads((SD / "training.json").read_text()) if (SD / "training.json").is_file() else None}
         io.write_json(io.DATA_DIR / "minisd" / "report.json", r)
     print(json.dumps({k: v for k, v in r.items() if k != "history"}))

@@ -115,3 +115,20 @@ def test_shipped_world_clip_loads_in_clip_judge_and_reads_renders():
     caps = [world.caption({k: int(v[i]) for k, v in b.labels.items()}, "person", ("gender",)) for i in range(4)]
     sims = torch.stack([j.clip_t(b.images[:4], c) for c in caps])  # (caption, image)
     assert all(sims[i, i] >= sims[:, i].max() - 1e-6 for i in range(4))  # each image matches its own caption
+
+
+def test_decoder_fine_tune_keeps_the_encoder_and_changes_the_decoder(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from helpers import judge as J
+
+    minisd.train_vae(tmp_path / "vae", tmp_path, minisd.VaeSettings(block_out_channels=(8, 16), batch=4, steps=2,
+                                                                     warmup=1), progress=False)
+    net = J.Judge(J.JudgeConfig(width=8))
+    J.save(net, tmp_path / "j.safetensors")
+    minisd.train_decoder(tmp_path / "ft", tmp_path, tmp_path / "vae", minisd.DecoderSettings(batch=4, steps=2, warmup=1),
+                         trainer_judge=tmp_path / "j.safetensors", progress=False)
+    a = AutoencoderKL.from_pretrained(tmp_path / "vae").state_dict()
+    b = AutoencoderKL.from_pretrained(tmp_path / "ft").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
