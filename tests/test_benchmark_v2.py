@@ -163,3 +163,36 @@ def test_freeze_matches_each_row_picks_windows_and_declares_the_best_difflens_ro
     assert ch["best DiffLens"]["label"] == "DiffLens swap [minimal, steps 8–24]"
     assert sum(r["tested"] for r in ch["rows"].values()) == len({(r.method, r.policy) for r in BM.rows()})
     assert "frozen" in bench.log and bench.log["frozen"]["choices"]["gender"] is ch
+
+
+def test_goals_and_paired_comparisons_read_the_frozen_best_row(bench):
+    import json
+
+    best = BM.Row("DiffLens swap", "minimal", 8)
+    other = BM.Row("Latent Direction", "minimal", 8)
+    m_best = bench.cell("val", "gender", best, 4.0)
+    bench.cell("val", "gender", other, 1.0)
+    rec = lambda row, s: {"row": [row.method, row.policy, row.window], "tested": True,  # noqa: E731
+                          "0.95": {"setting": s, "why": ""}, "0.9": {"setting": s, "why": ""}}
+    log = json.loads((bench.out / "log.json").read_text()) if (bench.out / "log.json").is_file() else {}
+    saved = dict(log)
+    log["frozen"] = {"choices": {"gender": {"rows": {best.label: rec(best, 4.0), other.label: rec(other, 1.0)},
+                                            "best DiffLens": {"row": [best.method, best.policy, best.window],
+                                                              "label": best.label, "setting": 4.0, "val FD": 0.0}}}}
+    (bench.out / "log.json").write_text(json.dumps(log))
+    try:
+        g = BM.goals(bench.out, "val", ["gender"]).set_index("goal")
+        assert g.loc["best DiffLens FD", "value"] == m_best["FD"]
+        assert bool(g.loc["best DiffLens FD", "met"]) == (m_best["FD"] <= BM.GOAL_FD)
+        assert g.loc["keep overall", "value"] == m_best["keep all"]
+        assert g.loc["FID-target ≤ the Original's", "bar"] == pytest.approx(
+            BM.original_fid_target(bench.out, "val", "gender"))
+        cost = g.loc[["minimal cell cost ≤ 35% of a full cell"]]
+        assert len(cost) >= 2 and (cost["value"] <= 1).all()
+        d = BM.against_best(bench.out, "val", "gender", n_boot=50)
+        assert list(d["row"]) == [other.label]
+        r = d.iloc[0]
+        assert r["FD lo"] <= r["FD diff"] <= r["FD hi"]
+        assert r["FD winner"] in (best.label, other.label, "neither (CI spans 0)")
+    finally:
+        (bench.out / "log.json").write_text(json.dumps(saved))
