@@ -573,9 +573,10 @@ def prompt_shares(sd_folder, judge, n: int = 2000, steps: int = 25, guidance: fl
     from . import metrics
 
     out = {"settings": {"n": n, "steps": steps, "guidance": guidance, "seed": seed}, "prompts": {}}
+    model = load(sd_folder, guidance_scale=guidance)
     for ctx in contexts:
         ci = list(world.CONTEXTS).index(ctx)
-        model = load(sd_folder, world.CONTEXTS[ctx], guidance)
+        model.prompt = world.CONTEXTS[ctx]
         t0 = time.time()
         images = models.sample(model, n, steps, seed=seed + ci, batch_size=batch_size, progress=progress)
         seconds = time.time() - t0
@@ -598,6 +599,7 @@ def prompt_words(sd_folder, judge, clip_judge, per_class: int = 50, steps: int =
     out = {"settings": {"per_class": per_class, "steps": steps, "guidance": guidance, "seed": seed}, "attributes": {}}
     ctxs = list(world.CONTEXTS)
     base = {a: 0 for a in world.ATTRIBUTES}
+    model = load(sd_folder, guidance_scale=guidance)
     for ai, a in enumerate(world.SOCIAL):
         k = len(world.ATTRIBUTES[a])
         read, above, n = 0, 0, 0
@@ -607,7 +609,7 @@ def prompt_words(sd_folder, judge, clip_judge, per_class: int = 50, steps: int =
                 if m == 0:
                     continue
                 prompts = [world.caption({**base, a: j}, ctx, (a,)) for j in range(k)]
-                model = load(sd_folder, prompts[c], guidance)
+                model.prompt = prompts[c]
                 images = models.sample(model, m, steps, seed=seed + 1000 * ai + 100 * c + ci)
                 read += int((judge.predict(images)[a].argmax(1) == c).sum())
                 sims = torch.stack([clip_judge.clip_t(images, p) for p in prompts], 1)

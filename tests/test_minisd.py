@@ -132,3 +132,21 @@ def test_decoder_fine_tune_keeps_the_encoder_and_changes_the_decoder(tmp_path):
     b = AutoencoderKL.from_pretrained(tmp_path / "ft").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("encoder.", "quant_conv.")))
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+
+
+def test_quality_bar_readers_run_on_a_text_to_image_folder(tmp_path):
+    """The readers' plumbing on a tiny random SD (its numbers mean nothing): one part per prompt with shares,
+    gaps and FID; the words test counts every named class."""
+    from helpers import judge as J, judges, tiny
+
+    sd = tiny.build_sd(tmp_path / "sd", sample_size=8)
+    r = minisd.prompt_shares(sd, J.load_judge(), n=6, steps=2, guidance=2.0, contexts=("doctor",), progress=False)
+    part = r["prompts"]["doctor"]
+    assert part["prompt"] == world.CONTEXTS["doctor"] and part["n"] == 6
+    assert part["max_abs_gap"] == max(v["max_abs_gap"] for v in part["attributes"].values())
+    assert part["attributes"]["gender"]["spec"] == pytest.approx(world.context_spec("doctor").marginal("gender").tolist())
+    clip = judges.ClipJudge(tiny.build_clip(tmp_path / "clip"), prompts=minisd.judge_prompts(),
+                            classes=minisd.judge_classes())
+    w = minisd.prompt_words(sd, J.load_judge(), clip, per_class=2, steps=2, guidance=2.0, progress=False)
+    assert {a: v["n"] for a, v in w["attributes"].items()} == {"gender": 4, "age": 6, "race": 8}
+    assert all(0 <= v["clip_t_match_above_mismatch"] <= 1 for v in w["attributes"].values())
