@@ -281,6 +281,15 @@ def site_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor | None]
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         state["t"] = torch.as_tensor(t).detach().cpu() if t is not None else None
 
+    def apply(h, info):
+        """``fn`` on one block of rows; its replacement (shape checked) or ``h`` itself."""
+        new = fn(h, info) if fn is not None else None
+        if new is None:
+            return h
+        if new.shape != h.shape:
+            raise ValueError(f"edit at {site!r} changed h's shape {tuple(h.shape)} -> {tuple(new.shape)}")
+        return new
+
     def process(full):
         """``fn`` and recording on one tensor; returns the replacement or ``None``."""
         step = state["step"]
@@ -293,30 +302,20 @@ def site_hooks(unet, fn: Callable[[torch.Tensor, StepInfo], torch.Tensor | None]
             if full.shape[0] % 2:
                 raise ValueError(f"guided UNet call with an odd batch {full.shape[0]}; expected [uncond; cond]")
             output = full[full.shape[0] // 2:]
-        h = output
-        if fn is not None:
-            new = fn(h, info)
-            if new is not None:
-                if new.shape != h.shape:
-                    raise ValueError(f"edit at {site!r} changed h's shape {tuple(h.shape)} -> {tuple(new.shape)}")
-                h = new
+        h = apply(output, info)
         if record and sink is not None:
             sink.add(h, step, info.timestep)
         elif record:
             cache.steps.append(step)
             cache.timesteps.append(info.timestep)
             cache.activations.append(h.detach().cpu())
-        uncond = full[: full.shape[0] // 2] if half else None
-        changed = h is not output
-        if half and state["both"] and fn is not None:
-            new = fn(uncond, info)
-            if new is not None:
-                if new.shape != uncond.shape:
-                    raise ValueError(f"edit at {site!r} changed h's shape {tuple(uncond.shape)} -> {tuple(new.shape)}")
-                uncond, changed = new, True
-        if not changed:
+        if not half:
+            return None if h is output else h
+        uncond = full[: full.shape[0] // 2]
+        new_uncond = apply(uncond, info) if state["both"] else uncond
+        if h is output and new_uncond is uncond:
             return None
-        return torch.cat([uncond, h]) if half else h
+        return torch.cat([new_uncond, h])
 
     def post(module, args, output):
         new = process(_first_tensor(output))
