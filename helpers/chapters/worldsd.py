@@ -20,6 +20,7 @@ holding its metric row, written atomically; rerunning skips finished cells.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -119,22 +120,19 @@ class Table:
 
         model, noise = self.run.model, self.noise(split)
         names = self.run.judge.attributes[attribute]
+        sae, _ = S.load_sae(RUN / "sae.safetensors")
         if method == "DiffLens":
             beta = frozen()[attribute]["DiffLens"] if setting == "both" else float(setting)
-            sae, _ = S.load_sae(RUN / "sae.safetensors")
             e = pipeline.edit_for(RUN / "attribution", attribute, beta, K, target=pipeline.uniform(names),
                                   steps=range(0, STEPS))
-            if setting == "both":
-                with hooks.both_halves(model.unet):
-                    imgs, iv = I.sample_edited(model, sae, [e], noise=noise, steps=STEPS, batch_size=128,
-                                               progress=self.progress)
-            else:
+            halves = hooks.both_halves(model.unet) if setting == "both" else contextlib.nullcontext()
+            with halves:
                 imgs, iv = I.sample_edited(model, sae, [e], noise=noise, steps=STEPS, batch_size=128,
                                            progress=self.progress)
             return imgs, iv.classes(attribute)
         # the same per-sample class draws as DiffLens' (class_seed 0), so every row asks the same samples
         e = pipeline.edit_for(RUN / "attribution", attribute, 0.0, K, target=pipeline.uniform(names))
-        classes = I.Intervention(S.load_sae(RUN / "sae.safetensors")[0], [e], len(noise), seed=0).classes(attribute)
+        classes = I.Intervention(sae, [e], len(noise), seed=0).classes(attribute)
         fitted = self.fitted(method, attribute)
         imgs = fitted.sample_edited(model, noise, STEPS, float(setting), classes, batch_size=128,
                                     progress=self.progress)
