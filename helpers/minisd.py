@@ -193,19 +193,22 @@ class _Stage:
         io.save_tensors(self.path, tensors, meta)
 
     def run(self, loss_fn, steps: int, lr: float, warmup: int, export, checkpoint_every: int = 250,
-            max_minutes: float | None = None, progress: bool = True) -> dict:
-        """Train to ``steps`` (cosine decay to 10% after ``warmup``); ``loss_fn(step)`` → (loss, logs);
-        ``export(module)`` runs at every checkpoint with the EMA weights swapped in (if any)."""
+            max_minutes: float | None = None, progress: bool = True, data=None, workers: int = 0) -> dict:
+        """Train to ``steps`` (cosine decay to 10% after ``warmup``); ``loss_fn(step)`` → (loss, logs), or
+        ``loss_fn(step, data(step))`` when ``data`` is given; ``workers`` > 0 renders ``data(step)`` ahead in that
+        many processes (the same batches in the same order: each is a function of its step alone), which keeps a GPU
+        fed. ``export(module)`` runs at every checkpoint with the EMA weights swapped in (if any)."""
         t0 = time.time()
         bar = tqdm(range(self.step, steps), initial=self.step, total=steps, desc=f"train {self.name}",
                    disable=not progress, mininterval=10)
+        feed = _prefetch(data, self.step, steps, workers) if data is not None else None
         running: dict = {}
         self.module.train()
         for step in bar:
             frac = min(1.0, step / max(1, steps - 1))
             for group in self.opt.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-            loss, logs = loss_fn(step)
+            loss, logs = loss_fn(step) if feed is None else loss_fn(step, next(feed))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -244,6 +247,31 @@ class _Stage:
     def record(self) -> dict:
         return {"stage": self.name, "settings": self.settings, "steps": self.step, "train_seconds": self.seconds,
                 "loss_history": self.history}
+
+
+class _Steps(torch.utils.data.Dataset):
+    def __init__(self, fn, start: int, stop: int):
+        self.fn, self.start, self.stop = fn, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        return self.fn(self.start + i)
+
+
+def _one_thread(_):
+    torch.set_num_threads(1)
+
+
+def _prefetch(fn, start: int, stop: int, workers: int):
+    """``fn(step)`` for ``start ≤ step < stop`` in order, rendered ahead by ``workers`` forked processes."""
+    if workers <= 0:
+        return (fn(step) for step in range(start, stop))
+    loader = torch.utils.data.DataLoader(_Steps(fn, start, stop), batch_size=None, num_workers=workers,
+                                         prefetch_factor=4, multiprocessing_context="fork",
+                                         worker_init_fn=_one_thread, collate_fn=lambda x: x)
+    return iter(loader)
 
 
 # ----------------------------------------------------------------------------- 1. CLIP
@@ -366,28 +394,31 @@ def _perceptual_features(net, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def train_decoder(folder, run, vae_folder, s: DecoderSettings = DecoderSettings(), trainer_judge=None,
-                  **loop) -> dict:
+                  device: str = "cpu", workers: int = 0, **loop) -> dict:
     """Fine-tune (or resume) the decoder of the VAE at ``vae_folder``; export the whole VAE (encoder unchanged) to
-    ``folder``."""
+    ``folder``. ``device`` trains there (random draws stay on the CPU, so a batch is the same on any device up to
+    float rounding); ``workers`` render batches ahead in that many processes."""
     from diffusers import AutoencoderKL
 
     from . import judge as J
 
-    vae = AutoencoderKL.from_pretrained(vae_folder)
+    vae = AutoencoderKL.from_pretrained(vae_folder).to(device)
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
-    net = J.load_judge(trainer_judge or io.DATA_DIR / "benchmark" / "trainer_judge.safetensors").eval()
+    net = J.load_judge(trainer_judge or io.DATA_DIR / "benchmark" / "trainer_judge.safetensors").eval().to(device)
     net.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     stage = _Stage(Path(run), "decoder", vae, params, s, ema_decay=None)
 
-    def loss_fn(step):
-        images, _, _ = batch(s.batch, seed=s.seed * 2_222_221 + step + 17)
-        x = images * 2 - 1
+    def data(step):
+        return batch(s.batch, seed=s.seed * 2_222_221 + step + 17)[0]
+
+    def loss_fn(step, images):
+        x = images.to(device) * 2 - 1
         with torch.no_grad():
             post = vae.encode(x).latent_dist
             g = torch.Generator().manual_seed(s.seed * 6_666_661 + step)
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
         out = vae.decode(z).sample
         rec = F.l1_loss(out, x)
         per = sum(F.mse_loss(a, b.detach()).mul(a.shape[1]) for a, b in
@@ -397,9 +428,9 @@ def train_decoder(folder, run, vae_folder, s: DecoderSettings = DecoderSettings(
     def export(m):
         with cache.building(folder) as tmp:
             m.save_pretrained(tmp, safe_serialization=True)
-            io.write_json(tmp / "training.json", {**stage.record, "encoder_from": str(vae_folder)})
+            io.write_json(tmp / "training.json", {**stage.record, "encoder_from": str(vae_folder), "device": str(device)})
 
-    return stage.run(loss_fn, s.steps, s.lr, s.warmup, export, **loop)
+    return stage.run(loss_fn, s.steps, s.lr, s.warmup, export, data=data, workers=workers, **loop)
 
 
 # ----------------------------------------------------------------------------- 3. UNet
@@ -432,11 +463,12 @@ class TextEncoder:
     """The frozen CLIP text tower as SD's pipeline calls it: captions padded to the tokenizer's max length, the
     last hidden states (after the final layer norm) are the cross-attention context."""
 
-    def __init__(self, clip_folder):
+    def __init__(self, clip_folder, device: str = "cpu"):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         self.tokenizer = CLIPTokenizer.from_pretrained(clip_folder)
-        self.model = CLIPTextModel.from_pretrained(clip_folder).eval().requires_grad_(False)
+        self.model = CLIPTextModel.from_pretrained(clip_folder).eval().requires_grad_(False).to(device)
+        self.device = device
         self._memo: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -445,44 +477,50 @@ class TextEncoder:
         if new:
             t = self.tokenizer(new, padding="max_length", max_length=self.tokenizer.model_max_length,
                                truncation=True, return_tensors="pt")
-            for c, e in zip(new, self.model(t.input_ids)[0]):
+            for c, e in zip(new, self.model(t.input_ids.to(self.device))[0]):
                 self._memo[c] = e
             if len(self._memo) > 50_000:
                 self._memo.clear()
         return torch.stack([self._memo[c] for c in captions])
 
 
-def train_unet(folder, run, clip_folder, vae_folder, s: UNetSettings = UNetSettings(), **loop) -> dict:
+def train_unet(folder, run, clip_folder, vae_folder, s: UNetSettings = UNetSettings(), device: str = "cpu",
+               workers: int = 0, **loop) -> dict:
     """Train (or resume) the world SD's UNet on the VAE's latents; export a ``UNet2DConditionModel`` folder (EMA
-    weights) to ``folder``."""
+    weights) to ``folder``. ``device`` and ``workers`` as in :func:`train_decoder`."""
     from diffusers import AutoencoderKL
 
-    text = TextEncoder(clip_folder)
-    vae = AutoencoderKL.from_pretrained(vae_folder).eval().requires_grad_(False)
+    text = TextEncoder(clip_folder, device=device)
+    vae = AutoencoderKL.from_pretrained(vae_folder).eval().requires_grad_(False).to(device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    unet = build_unet(s, text.model.config.hidden_size, RESOLUTION // factor)
+    unet = build_unet(s, text.model.config.hidden_size, RESOLUTION // factor).to(device)
     sched = train_scheduler()
     stage = _Stage(Path(run), "unet", unet, unet.parameters(), s, ema_decay=s.ema_decay)
 
-    def loss_fn(step):
+    def data(step):
         images, caps, _ = batch(s.batch, seed=s.seed * 9_999_991 + step)
+        return images, caps
+
+    def loss_fn(step, item):
+        images, caps = item
         g = torch.Generator().manual_seed(s.seed * 4_444_447 + step)
         drop = torch.rand(len(caps), generator=g) < s.uncond_rate
         caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
         with torch.no_grad():
-            post = vae.encode(images * 2 - 1).latent_dist
-            x0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=g)) * vae.config.scaling_factor
-        eps = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=g)
+            post = vae.encode(images.to(device) * 2 - 1).latent_dist
+            noise = torch.randn(post.mean.shape, generator=g).to(device)
+            x0 = (post.mean + post.std * noise) * vae.config.scaling_factor
+        eps = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=g).to(device)
         loss = models.diffusion_loss(unet, sched, x0, eps, t, s.min_snr_gamma, encoder_hidden_states=text(caps))
         return loss, {}
 
     def export(m):
         with cache.building(folder) as tmp:
             m.save_pretrained(tmp, safe_serialization=True)
-            io.write_json(tmp / "training.json", stage.record)
+            io.write_json(tmp / "training.json", {**stage.record, "device": str(device)})
 
-    return stage.run(loss_fn, s.steps, s.lr, s.warmup, export, **loop)
+    return stage.run(loss_fn, s.steps, s.lr, s.warmup, export, data=data, workers=workers, **loop)
 
 
 # ----------------------------------------------------------------------------- 4. the pipeline folder
@@ -566,14 +604,15 @@ def load(folder=None, prompt: str = "a portrait of a person", guidance_scale: fl
 
 
 def prompt_shares(sd_folder, judge, n: int = 2000, steps: int = 25, guidance: float = 3.0, seed: int = 31_337,
-                  contexts=tuple(world.CONTEXTS), batch_size: int = 250, progress: bool = True) -> dict:
+                  contexts=tuple(world.CONTEXTS), batch_size: int = 250, progress: bool = True,
+                  device: str = "cpu") -> dict:
     """The quality bar per prompt: ``n`` samples of each bare context prompt at DDIM ``steps`` and classifier-free
     ``guidance``, read by ``judge`` (the world judge), against that context's spec — class shares and their largest
     gap, confident shares, FD, and FID in judge features next to the FID two sets of true renders give."""
     from . import metrics
 
     out = {"settings": {"n": n, "steps": steps, "guidance": guidance, "seed": seed}, "prompts": {}}
-    model = load(sd_folder, guidance_scale=guidance)
+    model = load(sd_folder, guidance_scale=guidance, device=device)
     for ctx in contexts:
         ci = list(world.CONTEXTS).index(ctx)
         model.prompt = world.CONTEXTS[ctx]
@@ -591,7 +630,7 @@ def prompt_shares(sd_folder, judge, n: int = 2000, steps: int = 25, guidance: fl
 
 
 def prompt_words(sd_folder, judge, clip_judge, per_class: int = 50, steps: int = 25, guidance: float = 3.0,
-                 seed: int = 77_777, progress: bool = True) -> dict:
+                 seed: int = 77_777, progress: bool = True, device: str = "cpu") -> dict:
     """Text alignment with explicit words: for every class of gender, age and skin tone, ``per_class`` samples of
     prompts naming it (spread over the five contexts, e.g. "a portrait of a nurse, a man"); reported per attribute:
     the share the judge reads as the named class, and the share whose CLIP-T with the matching prompt is above its
@@ -599,7 +638,7 @@ def prompt_words(sd_folder, judge, clip_judge, per_class: int = 50, steps: int =
     out = {"settings": {"per_class": per_class, "steps": steps, "guidance": guidance, "seed": seed}, "attributes": {}}
     ctxs = list(world.CONTEXTS)
     base = {a: 0 for a in world.ATTRIBUTES}
-    model = load(sd_folder, guidance_scale=guidance)
+    model = load(sd_folder, guidance_scale=guidance, device=device)
     for ai, a in enumerate(world.SOCIAL):
         k = len(world.ATTRIBUTES[a])
         read, above, n = 0, 0, 0

@@ -28,6 +28,7 @@ if __name__ == "__main__":
     ap.add_argument("--words", type=int, default=0, help="samples per named class for the text-alignment test")
     ap.add_argument("--seed", type=int, default=31_337, help="sampling seed (choose settings on another one)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where the SD samples (the judges read on the CPU)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     judge = J.load_judge()
@@ -40,7 +41,7 @@ if __name__ == "__main__":
                 t0 = time.time()
                 r = minisd.prompt_words(SD, judge, judges.ClipJudge(CLIP, prompts=minisd.judge_prompts(),
                                                                     classes=minisd.judge_classes()),
-                                        per_class=a.words, steps=a.steps, guidance=g, seed=a.seed)
+                                        per_class=a.words, steps=a.steps, guidance=g, seed=a.seed, device=a.device)
                 done[key] = {**r, "seconds": time.time() - t0, "model": fingerprint}
                 io.write_json(OUT, done)
                 print(key, json.dumps(r["attributes"]), flush=True)
@@ -49,7 +50,8 @@ if __name__ == "__main__":
             key = f"shares/{ctx}/n={a.n}/steps={a.steps}/guidance={g:g}/seed={a.seed}"
             if key in done and done[key].get("model") == fingerprint:
                 continue
-            r = minisd.prompt_shares(SD, judge, n=a.n, steps=a.steps, guidance=g, seed=a.seed, contexts=(ctx,))
+            r = minisd.prompt_shares(SD, judge, n=a.n, steps=a.steps, guidance=g, seed=a.seed, contexts=(ctx,),
+                                     device=a.device)
             done[key] = {**r["prompts"][ctx], "settings": r["settings"], "model": fingerprint}
             io.write_json(OUT, done)
             print(key, f"max gap {done[key]['max_abs_gap']:.3f}", json.dumps(

@@ -29,6 +29,8 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=None, help="override the stage's total steps")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (after a checkpoint) when exceeded")
     ap.add_argument("--checkpoint-every", type=int, default=250)
+    ap.add_argument("--device", default="cpu", help="decoder and unet: train there (e.g. cuda)")
+    ap.add_argument("--workers", type=int, default=0, help="decoder and unet: processes rendering batches ahead")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     loop = dict(max_minutes=a.max_minutes, checkpoint_every=a.checkpoint_every)
@@ -39,10 +41,10 @@ if __name__ == "__main__":
         r = minisd.train_vae(RUN / "export" / "vae", RUN, minisd.VaeSettings(**over), **loop)
     elif a.stage == "decoder":
         r = minisd.train_decoder(RUN / "export" / "vae-ft", RUN, RUN / "export" / "vae",
-                                 minisd.DecoderSettings(**over), **loop)
+                                 minisd.DecoderSettings(**over), device=a.device, workers=a.workers, **loop)
     elif a.stage == "unet":
         r = minisd.train_unet(RUN / "export" / "unet", RUN, CLIP, RUN / "export" / "vae", minisd.UNetSettings(**over),
-                              **loop)
+                              device=a.device, workers=a.workers, **loop)
     elif a.stage == "assemble":
         r = {"folder": str(minisd.assemble(SD, CLIP, RUN / "export" / "vae-ft", RUN / "export" / "unet"))}
     else:

@@ -15,12 +15,14 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase", choices=["validate", "freeze", "test"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--guidance", type=float, default=None, help="default: minisd.GUIDANCE (the book's)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.phase == "freeze":
         print(json.dumps(worldsd.freeze(), indent=1))
     else:
-        t = worldsd.Table()
+        t = worldsd.Table(device=a.device, guidance=a.guidance)
         rows = worldsd.validate(t) if a.phase == "validate" else worldsd.test(t)
         for r in rows:
             print(r["attribute"], r["method"], r["setting"], f"FD {r['FD']:.3f} keep {r['keep other attributes']:.3f} "

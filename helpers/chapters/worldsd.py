@@ -47,12 +47,16 @@ RUN = io.REPO_ROOT / "runs" / "minisd" / "doctor"  # the runner's folder (harves
 OUT = io.DATA_DIR / "minisd" / "table"
 
 
-def config(sd_folder=None, guidance: float | None = None) -> dict:
+def config(sd_folder=None, guidance: float | None = None, device: str = "cpu") -> dict:
     """The runner config of the first four stages (its intervention settings are not used here)."""
+    g = minisd.GUIDANCE if guidance is None else guidance
+    if g is None:
+        raise ValueError("worldsd: minisd.GUIDANCE is not set yet (choose it with minisd.choose_guidance on the "
+                         "validation parts of data/minisd/quality.json) and no guidance was given")
     return {
         "out": str(RUN), "attributes": list(ATTRIBUTES),
         "model": {"path": str(sd_folder or io.DATA_DIR / "minisd" / "sd"), "prompt": PROMPT,
-                  "guidance_scale": minisd.GUIDANCE if guidance is None else guidance},
+                  "guidance_scale": g, "device": device},
         "judge": {"spec": "world"},
         "harvest": {"n": 1000, "steps": STEPS, "batch_size": 100},
         "sae": {"train_steps": 5000},
