@@ -34,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -48,7 +49,7 @@ RESOLUTION = 32
 # seed's parts of data/minisd/quality.json; tests/test_minisd.py recomputes the choice from the stored parts
 GUIDANCE_CANDIDATES = (1.0, 2.0, 3.0, 5.0)
 GUIDANCE_VAL = {"n": 300, "steps": 25, "seed": 31_000}
-GUIDANCE = None  # set once the validation parts exist
+GUIDANCE = 1.0  # choose_guidance on the validation parts of data/minisd/quality.json (tests/test_minisd.py recomputes it)
 QUALITY_TEST = {"n": 2000, "steps": 25, "seed": 31_337}  # the quality bar, at GUIDANCE, drawn after it was frozen
 ABLATION = {"n": 500, "steps": 25, "seed": 31_337}  # the same noise's first 500 at guidance 1 (none)
 
@@ -694,6 +695,29 @@ def choose_guidance(quality: dict, candidates=GUIDANCE_CANDIDATES, n: int = GUID
         gaps[g] = max(p["max_abs_gap"] for p in parts)
     ok = [g for g, v in gaps.items() if v <= tol]
     return max(ok) if ok else min(gaps, key=gaps.get)
+
+
+def share_frame(quality: dict, n: int, steps: int, seed: int, guidance=None) -> "pd.DataFrame":
+    """Every judged class share next to its spec, one row per (guidance, prompt, attribute, class), from
+    ``quality.json``'s parts at these settings (``guidance``: one scale, a list, or ``None`` for every stored one);
+    ``gap`` = model − spec (positive: the model draws that class more often than the prompt's spec says)."""
+    import pandas as pd
+
+    want = None if guidance is None else {float(g) for g in np.atleast_1d(guidance)}
+    rows = []
+    for key, part in quality.items():
+        if not key.startswith("shares/"):
+            continue
+        st = part["settings"]
+        if (st["n"], st["steps"], st["seed"]) != (n, steps, seed) or (want is not None and float(st["guidance"]) not in want):
+            continue
+        ctx = key.split("/")[1]
+        for a, v in part["attributes"].items():
+            for k, (sp, mo) in enumerate(zip(v["spec"], v["model"])):
+                rows.append({"guidance": float(st["guidance"]), "prompt": world.CONTEXTS[ctx], "context": ctx,
+                             "attribute": a, "class": world.ATTRIBUTES[a][k], "spec": sp, "model": mo,
+                             "gap": mo - sp})
+    return pd.DataFrame(rows, columns=["guidance", "prompt", "context", "attribute", "class", "spec", "model", "gap"])
 
 
 def bar_verdicts(quality: dict, n: int, steps: int, guidance: float, seed: int, tol: float = 0.05,

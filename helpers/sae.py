@@ -233,7 +233,7 @@ def evaluate(sae: TopKSAE, rows: torch.Tensor, batch_size: int = 16384) -> dict:
     rows = rows.float()
     mu = rows.mean(0)
     sse, sst, l0, n = 0.0, 0.0, 0.0, 0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=rows.device)
     for i in range(0, len(rows), batch_size):
         x = rows[i:i + batch_size]
         vals, idx = sae.encode_topk(x)
@@ -274,7 +274,8 @@ def train_sae(rows: torch.Tensor, cfg: SAEConfig, tc: SAETrainConfig | None = No
                          "harvest more activations or lower batch_size")
     g = torch.Generator().manual_seed(tc.seed)
     torch.manual_seed(tc.seed)
-    sae = TopKSAE(cfg)
+    dev = rows.device  # the SAE trains where its rows are; random draws stay on the CPU generator
+    sae = TopKSAE(cfg).to(dev)
     m = cfg.d_sae
     with torch.no_grad():  # data-dependent init: scale, b_dec at the mean, encoder tied to decoder
         probe = rows[torch.randperm(len(rows), generator=g)[:65536]].float()
@@ -295,7 +296,7 @@ def train_sae(rows: torch.Tensor, cfg: SAEConfig, tc: SAETrainConfig | None = No
         decay = 1.0 if s < start else max(0.0, (tc.steps - s) / max(1, tc.steps - start))
         return tc.lr * warm * decay
 
-    since = torch.zeros(m, dtype=torch.long)  # rows since each latent last fired
+    since = torch.zeros(m, dtype=torch.long, device=dev)  # rows since each latent last fired
     history: list[dict] = []
     acc = {"fvu": 0.0, "l0": 0.0, "aux": 0.0, "n": 0}
     t0 = time.time()
@@ -345,7 +346,7 @@ def train_sae(rows: torch.Tensor, cfg: SAEConfig, tc: SAETrainConfig | None = No
         opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
-            hit = torch.zeros(m, dtype=torch.bool)
+            hit = torch.zeros(m, dtype=torch.bool, device=dev)
             hit[idx[vals > 0]] = True
             since += tc.batch_size
             since[hit] = 0

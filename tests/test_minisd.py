@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from helpers import minisd, world
+from helpers import io, minisd, world
 
 
 def test_every_caption_word_is_one_token(tmp_path):
@@ -150,3 +150,27 @@ def test_quality_bar_readers_run_on_a_text_to_image_folder(tmp_path):
     w = minisd.prompt_words(sd, J.load_judge(), clip, per_class=2, steps=2, guidance=2.0, progress=False)
     assert {a: v["n"] for a, v in w["attributes"].items()} == {"gender": 4, "age": 6, "race": 8}
     assert all(0 <= v["clip_t_match_above_mismatch"] <= 1 for v in w["attributes"].values())
+
+
+def test_book_guidance_is_the_validation_choice():
+    """minisd.GUIDANCE is what the frozen rule picks from the shipped validation parts (not typed by hand)."""
+    import json
+
+    q = json.loads((io.DATA_DIR / "minisd" / "quality.json").read_text())
+    assert minisd.GUIDANCE == minisd.choose_guidance(q)
+
+
+def test_share_frame_reads_every_class_and_signs_the_gap():
+    part = lambda g, gender: {"settings": {"n": 10, "steps": 5, "guidance": g, "seed": 1},  # noqa: E731
+                              "attributes": {"gender": {"spec": [0.85, 0.15], "model": gender}}}
+    q = {"shares/doctor/n=10/steps=5/guidance=1/seed=1": part(1.0, [0.80, 0.20]),
+         "shares/doctor/n=10/steps=5/guidance=3/seed=1": part(3.0, [0.96, 0.04]),
+         "shares/doctor/n=99/steps=5/guidance=1/seed=1": {**part(1.0, [0.5, 0.5]),
+                                                          "settings": {"n": 99, "steps": 5, "guidance": 1.0, "seed": 1}},
+         "words/per_class=5": {}}
+    f = minisd.share_frame(q, n=10, steps=5, seed=1)
+    assert len(f) == 4 and set(f["guidance"]) == {1.0, 3.0}
+    male = f[(f["class"] == world.ATTRIBUTES["gender"][0])].set_index("guidance")["gap"]
+    assert male[1.0] == pytest.approx(-0.05) and male[3.0] == pytest.approx(0.11)
+    assert len(minisd.share_frame(q, n=10, steps=5, seed=1, guidance=3)) == 2
+    assert (f["prompt"] == world.CONTEXTS["doctor"]).all()

@@ -9,7 +9,8 @@ on the other attributes; if none does, the setting that keeps most), then frozen
 The paper's SD metrics are read from the stored samples: FD, FID in the world judge's features (against the
 original samples), CLIP-I (the world CLIP's image embeddings, edited vs original, same noise) and CLIP-T (the
 world CLIP's text alignment with the prompt). The hook-placement ablation edits with DiffLens' frozen setting on
-both halves of each guided batch (:func:`helpers.hooks.both_halves`) instead of the conditional half only.
+both halves of each guided batch (:func:`helpers.hooks.both_halves`) instead of the conditional half only; it needs
+guided batches, so when the book's scale is 1 it runs both placements at :data:`ABLATION_GUIDANCE`.
 
     python scripts/worldsd_table.py validate     # stages + every grid setting on the validation seed (resumable)
     python scripts/worldsd_table.py freeze       # the chosen settings → data/minisd/table/frozen.json
@@ -43,6 +44,7 @@ GRIDS = {  # four settings each: every method gets the same tuning budget
     "Latent Direction": (0.25, 0.5, 1.0, 1.5),
     "H-Distribution": (1e3, 3e3, 1e4, 3e4),
 }
+ABLATION_GUIDANCE = 2.0  # the hook-placement ablation needs guided batches: the book's scale if above 1, else this
 RUN = io.REPO_ROOT / "runs" / "minisd" / "doctor"  # the runner's folder (harvest, SAE, probe, rankings): not shipped
 OUT = io.DATA_DIR / "minisd" / "table"
 
@@ -65,9 +67,22 @@ def config(sd_folder=None, guidance: float | None = None, device: str = "cpu") -
     }
 
 
-def cell_path(split: str, attribute: str, method: str, setting) -> Path:
+def cell_path(split: str, attribute: str, method: str, setting, guidance: float | None = None) -> Path:
+    """``guidance`` (default: the table's own) is named in the file only when it is another scale."""
     tag = "both-halves" if setting == "both" else f"{float(setting):g}"
-    return OUT / f"{split}_{attribute}_{method.replace(' ', '-')}_{tag}.json"
+    g = "" if guidance is None else f"_g{float(guidance):g}"
+    return OUT / f"{split}_{attribute}_{method.replace(' ', '-')}_{tag}{g}.json"
+
+
+@contextlib.contextmanager
+def guidance_scale(model, g: float | None):
+    """Sample ``model`` at classifier-free guidance ``g`` inside the block (``None``: unchanged)."""
+    old = model.guidance_scale
+    model.guidance_scale = old if g is None else float(g)
+    try:
+        yield
+    finally:
+        model.guidance_scale = old
 
 
 class Table:
@@ -96,12 +111,13 @@ class Table:
         m = self.run.model
         return models.make_noise(N[split], m.sample_size, SEEDS[split], m.channels)
 
-    def original(self, split: str) -> dict:
-        if split not in self._original:
-            images = models.sample(self.run.model, noise=self.noise(split), steps=STEPS, batch_size=128,
-                                   progress=self.progress)
-            self._original[split] = self.read(images)
-        return self._original[split]
+    def original(self, split: str, guidance: float | None = None) -> dict:
+        if (split, guidance) not in self._original:
+            with guidance_scale(self.run.model, guidance):
+                images = models.sample(self.run.model, noise=self.noise(split), steps=STEPS, batch_size=128,
+                                       progress=self.progress)
+            self._original[split, guidance] = self.read(images)
+        return self._original[split, guidance]
 
     def read(self, images: torch.Tensor) -> dict:
         judge = self.run.judge
@@ -142,15 +158,17 @@ class Table:
                                     progress=self.progress)
         return imgs, classes
 
-    def cell(self, split: str, attribute: str, method: str, setting) -> dict:
-        path = cell_path(split, attribute, method, setting)
+    def cell(self, split: str, attribute: str, method: str, setting, guidance: float | None = None) -> dict:
+        """One metric row, stored once; ``guidance`` samples the original and the edit at another scale."""
+        path = cell_path(split, attribute, method, setting, guidance)
         if path.is_file():
             return json.loads(path.read_text())
         if split != "val" and not (OUT / "frozen.json").is_file():
             raise RuntimeError("worldsd: freeze the settings on the validation seed before the test seed")
         t0 = time.time()
-        o = self.original(split)
-        imgs, classes = self.edited(split, attribute, method, setting)
+        o = self.original(split, guidance)
+        with guidance_scale(self.run.model, guidance):
+            imgs, classes = self.edited(split, attribute, method, setting)
         e = self.read(imgs)
         others = [b for b in e["probs"] if b != attribute]
         row = pipeline.evaluate(o["probs"], e["probs"], attribute, keep={"other attributes": others},
@@ -161,7 +179,8 @@ class Table:
                     "CLIP-I": float((o["clip"] * e["clip"]).sum(1).mean()),
                     "CLIP-T": float(e["clip_t"].mean()), "CLIP-T original": float(o["clip_t"].mean()),
                     "asked to change": float((asked & (classes != o["probs"][attribute].argmax(1))).float().mean()),
-                    "seconds": time.time() - t0, "prompt": PROMPT, "guidance": self.run.cfg.model.guidance_scale,
+                    "seconds": time.time() - t0, "prompt": PROMPT,
+                    "guidance": self.run.cfg.model.guidance_scale if guidance is None else float(guidance),
                     "n": len(imgs)})
         io.write_json(path, row)
         return row
@@ -196,10 +215,22 @@ def freeze() -> dict:
     return chosen
 
 
+def ablation_guidance(table: Table) -> float | None:
+    """The scale of the hook-placement ablation: ``None`` (the table's own) when that is above 1, else
+    :data:`ABLATION_GUIDANCE` — at scale 1 there is no unconditional half to leave alone."""
+    return None if table.run.cfg.model.guidance_scale > 1 else ABLATION_GUIDANCE
+
+
 def test(table: Table) -> list[dict]:
+    """The frozen settings on the test seed, then the hook-placement ablation: DiffLens at its frozen β with hooks
+    on the conditional half (as everywhere) and on both halves, same noise, at :func:`ablation_guidance`."""
     chosen = frozen()
     out = [table.cell("test", a, m, s) for a in ATTRIBUTES for m, s in chosen[a].items()]
-    out += [table.cell("test", a, "DiffLens", "both") for a in ATTRIBUTES]
+    g = ablation_guidance(table)
+    for a in ATTRIBUTES:
+        if g is not None:
+            out.append(table.cell("test", a, "DiffLens", chosen[a]["DiffLens"], guidance=g))
+        out.append(table.cell("test", a, "DiffLens", "both", guidance=g))
     return out
 
 

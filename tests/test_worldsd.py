@@ -1,0 +1,75 @@
+"""Chapter 7's SD table (helpers.chapters.worldsd) end to end on a tiny random SD: the runner's stages, every
+method's cell, freeze, the test seed and the both-halves ablation. The numbers mean nothing; the plumbing is what
+is checked (cells written once and reused, freeze before test, the ablation differs from the conditional-half edit)."""
+import pytest
+import torch
+
+from helpers import tiny
+from helpers.chapters import worldsd
+
+
+@pytest.fixture()
+def small(tmp_path, monkeypatch):
+    sd = tiny.build_sd(tmp_path / "sd", sample_size=8)
+    base = worldsd.config
+
+    def config(**kw):
+        c = base(sd_folder=sd, guidance=1.0, **kw)
+        c.update(harvest={"n": 48, "steps": 4, "batch_size": 24}, sae={"train_steps": 30},
+                 attribution={"steps": [0, 2]},
+                 intervention={"k": 8, "from_step": 0, "baselines": ["Latent Direction"],
+                               "baseline_fit": {"Latent Direction": {"iters": 4, "batch_size": 4}}})
+        return c
+
+    monkeypatch.setattr(worldsd, "config", config)
+    monkeypatch.setattr(worldsd, "RUN", tmp_path / "run")
+    monkeypatch.setattr(worldsd, "OUT", tmp_path / "table")
+    monkeypatch.setattr(worldsd, "STEPS", 4)
+    monkeypatch.setattr(worldsd, "N", {"val": 6, "test": 6})
+    monkeypatch.setattr(worldsd, "ATTRIBUTES", ("gender",))
+    monkeypatch.setattr(worldsd, "GRIDS", {"DiffLens": (1.0, 4.0), "Activation": (2.0,), "Latent Direction": (1.0,),
+                                           "H-Distribution": (1e3,)})
+    return tmp_path
+
+
+def test_table_end_to_end(small):
+    """At the book's scale 1: every grid cell on the validation seed (stored once), freeze, the test seed, and the
+    hook-placement ablation at ABLATION_GUIDANCE (both placements, same noise)."""
+    t = worldsd.Table(progress=False)
+    with pytest.raises(RuntimeError, match="freeze"):
+        t.cell("test", "gender", "DiffLens", 1.0)
+    rows = worldsd.validate(t)
+    assert {(r["method"], r["setting"]) for r in rows} == {("DiffLens", 1.0), ("DiffLens", 4.0), ("Activation", 2.0),
+                                                         ("Latent Direction", 1.0), ("H-Distribution", 1e3)}
+    for r in rows:
+        assert 0 <= r["keep other attributes"] <= 1 and r["n"] == 6 and r["guidance"] == 1.0
+        assert -1 <= r["CLIP-I"] <= 1
+    path = worldsd.cell_path("val", "gender", "DiffLens", 4.0)
+    stamp = path.stat().st_mtime_ns
+    assert worldsd.validate(t) == rows and path.stat().st_mtime_ns == stamp  # reused, not recomputed
+    chosen = worldsd.freeze()
+    assert set(chosen["gender"]) == set(worldsd.GRIDS)
+    rows = worldsd.test(t)
+    beta = chosen["gender"]["DiffLens"]
+    assert [(r["method"], r["setting"], r["guidance"]) for r in rows[-2:]] == [("DiffLens", beta, 2.0),
+                                                                             ("DiffLens", "both", 2.0)]
+    assert all(r["guidance"] == 1.0 for r in rows[:-2]) and len(rows) == len(worldsd.GRIDS) + 2
+    cond, both = rows[-2:]
+    assert both["FD"] != cond["FD"] or both["CLIP-I"] != cond["CLIP-I"]  # the placement changes the samples
+    assert worldsd.cell_path("test", "gender", "DiffLens", beta, 2.0).is_file()
+    assert len(worldsd.frame("test")) == len(rows)
+
+
+def test_ablation_guidance():
+    class Stub:
+        def __init__(self, g):
+            self.run = type("R", (), {"cfg": type("C", (), {"model": type("M", (), {"guidance_scale": g})})})
+
+    assert worldsd.ablation_guidance(Stub(1.0)) == worldsd.ABLATION_GUIDANCE
+    assert worldsd.ablation_guidance(Stub(3.0)) is None
+
+
+def test_config_refuses_unset_guidance(monkeypatch):
+    monkeypatch.setattr(worldsd.minisd, "GUIDANCE", None)
+    with pytest.raises(ValueError, match="GUIDANCE"):
+        worldsd.config()
