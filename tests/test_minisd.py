@@ -174,3 +174,41 @@ def test_share_frame_reads_every_class_and_signs_the_gap():
     assert male[1.0] == pytest.approx(-0.05) and male[3.0] == pytest.approx(0.11)
     assert len(minisd.share_frame(q, n=10, steps=5, seed=1, guidance=3)) == 2
     assert (f["prompt"] == world.CONTEXTS["doctor"]).all()
+
+
+# ----------------------------------------------------------------------------- the shipped world SD (data/minisd)
+SD = io.DATA_DIR / "minisd" / "sd"
+CLIP = io.DATA_DIR / "minisd" / "clip"
+
+
+def test_shipped_world_sd_loads_through_diffusers_and_load_model_and_samples_the_world():
+    from diffusers import StableDiffusionPipeline
+
+    from helpers import judge as J, models
+
+    pipe = StableDiffusionPipeline.from_pretrained(SD)
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel" and pipe.safety_checker is None
+    m = models.load_model(SD, prompt=world.CONTEXTS["nurse"], guidance_scale=minisd.GUIDANCE)
+    assert m.text_conditioned and models.trained_on_world(SD)
+    x = models.sample(m, n=16, steps=10, seed=3)
+    assert x.shape == (16, 3, 32, 32) and torch.isfinite(x).all()
+    p = J.load_judge().predict(x)
+    assert (p["gender"].argmax(1) == 1).float().mean() >= 0.6  # "a nurse" is 90% female by its spec
+
+
+def test_runner_end_to_end_on_the_world_sd(tmp_path, capsys):
+    import json
+
+    from helpers import runner
+
+    d = {"out": str(tmp_path / "run"), "attributes": ["gender"],
+         "model": {"path": str(SD), "prompt": world.CONTEXTS["doctor"], "guidance_scale": minisd.GUIDANCE},
+         "harvest": {"n": 40, "steps": 5, "batch_size": 20},
+         "sae": {"train_steps": 40, "batch_size": 256},
+         "attribution": {"steps": [0, 2], "per_class": 4, "ig_steps": 8},
+         "intervention": {"n": 8, "from_step": 1, "k": 4, "batch_size": 8}}
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    assert runner.main(["run", str(tmp_path / "c.json"), "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().out  # the world judge is the right reader of the world SD
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics) == {"gender/DiffLens"}

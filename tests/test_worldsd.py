@@ -73,3 +73,12 @@ def test_config_refuses_unset_guidance(monkeypatch):
     monkeypatch.setattr(worldsd.minisd, "GUIDANCE", None)
     with pytest.raises(ValueError, match="GUIDANCE"):
         worldsd.config()
+
+
+def test_placement_verdict():
+    row = lambda fd, lo, hi: {"FD original": 0.5, "FD": fd, "FD lo": lo, "FD hi": hi,  # noqa: E731
+                              "keep other attributes": 0.9, "CLIP-I": 0.8}
+    r = worldsd.placement(row(0.1, 0.05, 0.15), row(0.4, 0.35, 0.45))
+    assert r["verdict"] == "editing the conditional half moves FD further" and r["FD moved"]["both halves"] == pytest.approx(0.1)
+    assert worldsd.placement(row(0.4, 0.35, 0.45), row(0.1, 0.05, 0.15))["verdict"] == "editing both halves moves FD further"
+    assert worldsd.placement(row(0.1, 0.05, 0.3), row(0.2, 0.1, 0.3))["verdict"].startswith("no clear difference")

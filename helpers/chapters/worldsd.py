@@ -234,6 +234,21 @@ def test(table: Table) -> list[dict]:
     return out
 
 
+def placement(cond: dict, both: dict) -> dict:
+    """The hook-placement ablation read from its two test cells (same noise, same β, same scale): how far each
+    placement moved FD from the unedited samples, and a verdict — which placement moved it further, when their FD
+    confidence intervals do not overlap; else no clear difference."""
+    moved = {"conditional half": cond["FD original"] - cond["FD"], "both halves": both["FD original"] - both["FD"]}
+    apart = cond["FD hi"] < both["FD lo"] or both["FD hi"] < cond["FD lo"]
+    if not apart:
+        verdict = "no clear difference (the FD intervals overlap)"
+    else:
+        verdict = f"editing {'the conditional half' if moved['conditional half'] > moved['both halves'] else 'both halves'} moves FD further"
+    return {"FD moved": moved, "verdict": verdict, "intervals apart": apart,
+            "keep": {"conditional half": cond["keep other attributes"], "both halves": both["keep other attributes"]},
+            "CLIP-I": {"conditional half": cond["CLIP-I"], "both halves": both["CLIP-I"]}}
+
+
 def frame(split: str = "test") -> "pd.DataFrame":
     """Every stored cell of ``split`` as one table."""
     import pandas as pd
