@@ -42,7 +42,7 @@ if __name__ == "__main__":
                 r = minisd.prompt_words(SD, judge, judges.ClipJudge(CLIP, prompts=minisd.judge_prompts(),
                                                                     classes=minisd.judge_classes()),
                                         per_class=a.words, steps=a.steps, guidance=g, seed=a.seed, device=a.device)
-                done[key] = {**r, "seconds": time.time() - t0, "model": fingerprint}
+                done[key] = {**r, "seconds": time.time() - t0, "model": fingerprint, "device": a.device}
                 io.write_json(OUT, done)
                 print(key, json.dumps(r["attributes"]), flush=True)
             continue
@@ -52,7 +52,7 @@ if __name__ == "__main__":
                 continue
             r = minisd.prompt_shares(SD, judge, n=a.n, steps=a.steps, guidance=g, seed=a.seed, contexts=(ctx,),
                                      device=a.device)
-            done[key] = {**r["prompts"][ctx], "settings": r["settings"], "model": fingerprint}
+            done[key] = {**r["prompts"][ctx], "settings": r["settings"], "model": fingerprint, "device": a.device}
             io.write_json(OUT, done)
             print(key, f"max gap {done[key]['max_abs_gap']:.3f}", json.dumps(
                 {k: v["model"] for k, v in done[key]["attributes"].items()}), flush=True)
