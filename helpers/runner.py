@@ -808,6 +808,16 @@ class Run:
                                              device=self.device, progress=self.progress)
         return {"samples_per_class": {a: r.counts for a, r in ranks.items()}}
 
+    def fitted_baseline(self, name: str, attribute: str):
+        """Baseline ``name`` fitted for ``attribute`` on this run's harvest (its training split) and probe, as the
+        intervention stage fits it (with the config's ``baseline_fit`` settings); needs the harvest and probe
+        stages done. For experiments beyond the runner's own stage, e.g. a grid of settings."""
+        summary, labels, n_train = self._labels_split()
+        from . import probe as P
+
+        probe = P.load_probe(self.out / "probe.safetensors")[0]
+        return self._baseline(name, attribute, summary, labels, n_train, probe)
+
     def _baseline(self, name: str, attribute: str, summary, labels, n_train, probe):
         from . import baselines as B
         from . import pipeline

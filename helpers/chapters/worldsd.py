@@ -126,11 +126,7 @@ class Table:
 
     def fitted(self, method: str, attribute: str):
         if (method, attribute) not in self._fitted:
-            summary, labels, n_train = self.run._labels_split()
-            from .. import probe as P
-
-            probe = P.load_probe(RUN / "probe.safetensors")[0]
-            self._fitted[method, attribute] = self.run._baseline(method, attribute, summary, labels, n_train, probe)
+            self._fitted[method, attribute] = self.run.fitted_baseline(method, attribute)
         return self._fitted[method, attribute]
 
     def edited(self, split: str, attribute: str, method: str, setting) -> tuple[torch.Tensor, torch.Tensor]:
