@@ -110,13 +110,15 @@ def check_figures(nb, name: str) -> None:
     for i, c in enumerate(nb.cells):
         if c.cell_type != "code":
             continue
-        shown = [o for o in c.outputs if o.output_type in ("display_data", "execute_result")]
+        glued = [o for o in c.outputs if "scrapbook" in o.get("metadata", {})]
+        shown = [o for o in c.outputs if o.output_type in ("display_data", "execute_result") and o not in glued]
         images = [o for o in shown if any(k.startswith("image/") for k in o.get("data", {}))]
         fig = c.metadata.get("mystnb", {}).get("figure")
         if images:
             assert fig and fig.get("name") and str(fig.get("caption", "")).strip(), \
                 f"{name}, cell {i}: shows a figure without mystnb.figure name and caption"
         if fig:
+            assert not glued, f"{name}, cell {i}: glue in a figure cell (myst-nb would wrap it in the figure too)"
             assert len(shown) == 1 and images, \
                 f"{name}, cell {i}: a figure cell must show exactly one image (it shows {len(shown)} outputs)"
 
