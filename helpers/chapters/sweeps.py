@@ -87,3 +87,48 @@ def run(out=OUT, n: int = 128, keep: int = 12, steps: int = 25, quick: bool = Fa
     log["seconds"]["total"] = time.time() - t0
     io.write_json(out / "log.json", log)
     return log
+
+
+# ----------------------------------------------------------------------------- verdicts (chapter 5's findings)
+
+
+def finding3(shares: dict[float, float], n: int) -> dict:
+    """Finding 3 on one sweep (``{β: share judged in the target class}``, ``n`` samples per β): the share is
+    **monotone** (no step up in β lowers it by more than one standard error of a difference, or 1/n) **and
+    moves** (largest-β share above smallest-β share by more than two standard errors of their difference)."""
+    import numpy as np
+
+    betas = sorted(shares)
+    p = np.array([shares[b] for b in betas], dtype=float)
+    se = np.sqrt(p * (1 - p) / n * 2)
+    monotone = not bool((np.diff(p) < -np.maximum(se[1:], 1 / n)).any())
+    se_ends = float(np.sqrt((p[0] * (1 - p[0]) + p[-1] * (1 - p[-1])) / n))
+    moves = bool(p[-1] - p[0] > 2 * se_ends)
+    return {"monotone": monotone, "moves": moves, "holds": monotone and moves,
+            "share at smallest β": float(p[0]), "share at largest β": float(p[-1])}
+
+
+def log_ratio(pred: torch.Tensor, majority: int, target: int, n: int | None = None) -> float:
+    """log(p_majority / p_target) of judged classes ``pred``, shares clipped at 1/(2n) so the log is finite."""
+    import math
+
+    n = n or len(pred)
+    p_t = max((pred == target).float().mean().item(), 1 / (2 * n))
+    p_m = max((pred == majority).float().mean().item(), 1 / (2 * n))
+    return math.log(p_m / p_t)
+
+
+def finding4(ratios: list[float]) -> dict:
+    """Finding 4 on one attribute's add sweep (log ratios majority/target over β): broad control holds when the
+    ratio is driven through balance — it takes both signs over the sweep."""
+    return {"log ratio at β=0": ratios[0], "min over β": min(ratios), "max over β": max(ratios),
+            "crosses 0": min(ratios) < 0 < max(ratios)}
+
+
+def finding5(fd_original: float, fd_alone: float, fd_together: float, floor: float) -> dict:
+    """Finding 5 for one attribute: with all three attributes edited, its FD is **reduced** against the original
+    by more than twice the noise ``floor`` and lies within twice the floor of its FD when edited alone (**no
+    interference**)."""
+    return {"FD original": fd_original, "FD edited alone": fd_alone, "FD all three edited": fd_together,
+            "reduced vs original": fd_together < fd_original - 2 * floor,
+            "no interference": abs(fd_together - fd_alone) <= 2 * floor}
