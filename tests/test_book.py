@@ -123,6 +123,14 @@ def check_figures(nb, name: str) -> None:
                 f"{name}, cell {i}: a figure cell must show exactly one image (it shows {len(shown)} outputs)"
 
 
+def check_quiet(nb, name: str) -> None:
+    """The static book shows no warnings: a chapter's cells print nothing with "Warning" to stderr."""
+    for i, c in enumerate(nb.cells):
+        for o in c.get("outputs", []):
+            if o.output_type == "stream" and o.name == "stderr" and "Warning" in o.text:
+                raise AssertionError(f"{name}, cell {i}: a warning reaches the static book: {o.text[:200]}")
+
+
 def check_glue(nb, name: str) -> None:
     """Every {glue} a chapter's prose pastes is glued by one of its cells."""
     glued = {o.metadata["scrapbook"]["name"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
@@ -168,3 +176,4 @@ def test_chapter_executes(nb_path):
     if str(nb_path.relative_to(ROOT)) not in _PENDING:  # chapter 6's v1 cells are replaced, not polished
         check_figures(nb, nb_path.name)
     check_glue(nb, nb_path.name)
+    check_quiet(nb, nb_path.name)
