@@ -31,6 +31,8 @@ def build_mini_book(tmp: Path) -> Path:
     (tmp / "_config.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))  # script order matters
     (tmp / "_toc.yml").write_text("format: jb-book\nroot: slider\n")
     shutil.copytree(ROOT / "widgets_js", tmp / "widgets_js")
+    for f in cfg.get("bibtex_bibfiles", []):  # files the project's config names must exist in the mini book too
+        shutil.copy(ROOT / f, tmp / f)
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Slider"), nbformat.v4.new_code_cell(CELL)])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, tmp / "slider.ipynb")
