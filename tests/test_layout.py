@@ -47,7 +47,7 @@ FLOORS = {
     "world": 1, "metrics": 1, "io": 1, "plots": 1, "tables": 1, "cache": 1, "tiny": 1,
     "hooks": 2, "sae": 2, "probe": 2, "widgets": 2, "guided": 2,
     "models": 3, "attribution": 3,
-    "intervention": 4, "judge": 4, "judges": 4, "minisd": 4,
+    "intervention": 4, "patching": 4, "judge": 4, "judges": 4, "minisd": 4,
     "harvest": 5, "baselines": 5,
     "pipeline": 6,
     "runner": 7, "__main__": 7, "__init__": 7,
