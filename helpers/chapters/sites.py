@@ -1,0 +1,369 @@
+"""Chapter "Where each attribute lives": a causal site-and-step map of the embedded U-Net, with the world's ground truth.
+
+**Question.** Chapters 4–6 edit the bottleneck ``h`` and find that gender and age move but skin tone barely does.
+Is tone not *in* ``h`` (so no edit there can move it), or do the features and edits fall short of what ``h``
+carries? Activation patching answers the first half: give a recipient's trajectory a donor's clean activations at
+a site over a window of steps and read, with the judge, whether the recipient takes the donor's class.
+
+**Pairs** (:func:`pairs`). A pool of :data:`POOL_N` clean samples (seed :data:`POOL_SEED`, never used elsewhere) is
+sampled and judged once. For each social attribute, :data:`PAIRS_PER` recipients are drawn from the pool and each
+gets a donor whose judged class of that attribute differs: the donor's class uniformly among the recipient's other
+classes, then a pool member of that class at random. Everything else about the donor is whatever it happens to be,
+so the same pairs also read the other attributes wherever donor and recipient happen to differ (their counts are
+in every table). Pairs of the three attributes are interleaved so that any finished chunk holds all three.
+
+**Reading** (:func:`transfer_table`). For an attribute and a patch: among pairs whose donor and recipient differ in
+it, the share in which the patched recipient takes the donor's class (the *transfer rate*, Wilson 95% CI); among
+pairs that agree, the share whose class changed anyway (*damage*). A patch cannot separate an attribute from the
+rest of the donor: it moves whatever the site carries. Patches that replace every input of the up path make the
+UNet's output the donor's whatever the recipient's ``x_t`` (:data:`CONFOUNDED`): they bound the map from above,
+they do not locate anything.
+
+**Sites** (:data:`GROUPS`): each down block's output on the main path (its skip tensors stay the recipient's),
+the bottleneck ``mid_block`` (DiffLens' h), the first two up blocks' outputs, the skip tensors each up block
+receives, all skips, and h together with all skips. **Windows** (:data:`WINDOWS`): every step, chapter 6's edit
+window (steps 8–24), and finer windows for h. A window that starts at step ``s`` resumes the recipient from its
+clean state entering ``s`` (:func:`helpers.patching.run_patched`), so it costs ``25 − s`` passes.
+
+**Cells** (``cells/<config>_c<chunk>.safetensors``): the patched recipients' judged classes (uint8) of every
+attribute for one chunk of :data:`CHUNK` pairs, and for chunk 0 the first :data:`SHOW` images. Resumable and
+atomic; donors are recorded again per chunk (their activations are not stored: ≈ 1.4 GB per chunk in RAM).
+
+Cost on 2 cores (measured, ``log.json``): the pool pass ≈ 0.26 s per sample; a configuration ≈ 0.26 s per pair
+per 25 patched steps.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import io, models, patching, pipeline, world
+
+OUT = models.DATA_DIR / "sites"
+STATES = models.DATA_DIR / "cache" / "sites"  # the pool's clean states at each window's first step (recomputed)
+POOL_SEED = 9_494  # fresh: no chapter or benchmark cell used it
+POOL_N = 1_024
+PAIRS_PER = 128  # pairs per social attribute
+PAIR_SEED = 12
+STEPS = 25
+CHUNK = 64  # pairs whose donors are recorded at once (≈ 1.4 GB of activations at every site and step)
+BATCH = 64
+SHOW = 8  # images kept per configuration (chunk 0's first pairs)
+
+SKIPS = tuple(f"up_blocks.{i}.skips.{j}" for i in range(3) for j in range(2))
+GROUPS: dict[str, tuple[str, ...]] = {
+    "down_blocks.0": ("down_blocks.0",),
+    "down_blocks.1": ("down_blocks.1",),
+    "down_blocks.2": ("down_blocks.2",),
+    "mid_block": ("mid_block",),
+    "up_blocks.0": ("up_blocks.0",),
+    "up_blocks.1": ("up_blocks.1",),
+    "skips → up_blocks.0": SKIPS[0:2],
+    "skips → up_blocks.1": SKIPS[2:4],
+    "skips → up_blocks.2": SKIPS[4:6],
+    "all skips": SKIPS,
+    "mid_block + all skips": ("mid_block", *SKIPS),
+}
+CONFOUNDED = {
+    "mid_block + all skips": "every input of the up path is the donor's, so the UNet's output at the patched steps "
+                             "is the donor's whatever the recipient's x_t: an upper bound, not a location",
+}
+WINDOWS: dict[str, tuple[int, int]] = {  # name -> [first, stop)
+    "0–24": (0, 25), "8–24": (8, 25), "0–7": (0, 8), "0–3": (0, 4), "4–7": (4, 8), "8–15": (8, 16),
+    "16–24": (16, 25)}
+MAP_WINDOWS = ("0–24", "8–24")
+EDIT_METHODS = ("DiffLens", "DiffLens swap")  # chapter 6's bottleneck edits (their minimal-policy rows)
+EDIT_WINDOW = 8  # chapter 6's edit window (steps 8–24); the ceiling it is held against is h patched there  # every site is patched over these; h (and all skips) over the finer ones too
+
+
+def configs() -> list[tuple[str, str]]:
+    """(site group, window) of every patch, the map's order."""
+    out = [(g, w) for w in MAP_WINDOWS for g in GROUPS]
+    out += [("mid_block", w) for w in WINDOWS if w not in MAP_WINDOWS]
+    out += [("all skips", "0–7")]
+    return out
+
+
+def slug(group: str, window: str) -> str:
+    g = group.replace(" → ", "-to-").replace(" + ", "-plus-").replace(" ", "-")
+    return f"{g}_{window.replace('–', '-')}"
+
+
+class Sites:
+    """The embedded model, the judge, the pool and its pairs; runs and reads the patching cells."""
+
+    def __init__(self, out=OUT, states_dir=STATES, pool_n: int = POOL_N, pairs_per: int = PAIRS_PER,
+                 chunk: int = CHUNK, progress: bool = True):
+        from .. import judge as J
+
+        self.out, self.states_dir = out, states_dir
+        self.pool_n, self.pairs_per, self.chunk, self.progress = pool_n, pairs_per, chunk, progress
+        (self.out / "cells").mkdir(parents=True, exist_ok=True)
+        self.model = models.load_model("embedded")
+        self.model.unet.to(memory_format=torch.channels_last)
+        self.judge = J.load_judge()
+        self._pool = None
+
+    # -- the pool and its pairs --
+    def pool(self) -> dict:
+        """The clean pool: judged classes (``cls.<attribute>``), its pairs, and the states entering each window's
+        first step (kept under ``states_dir``; recomputed when missing, and checked against the stored classes)."""
+        if self._pool is not None:
+            return self._pool
+        path = self.out / "pool.safetensors"
+        firsts = sorted({w[0] for w in WINDOWS.values() if w[0]})
+        spath = self.states_dir / f"pool_{POOL_SEED}_{self.pool_n}.safetensors"
+        noise = models.make_noise(self.pool_n, self.model.sample_size, POOL_SEED)
+        if path.is_file() and spath.is_file():
+            t, meta = io.load_tensors(path)
+            st = {int(k): v for k, v in io.load_tensors(spath)[0].items()}
+        else:
+            t0 = time.time()
+            ref = pipeline.original_pass(self.model, noise, STEPS, self.judge, state_steps=firsts,
+                                         batch_size=BATCH, progress=self.progress)
+            cls = {f"cls.{a}": ref.probs[a].argmax(-1).to(torch.uint8) for a in world.ATTRIBUTES}
+            if path.is_file():  # states lost: the rerun must reproduce the stored reading
+                t, meta = io.load_tensors(path)
+                bad = [a for a in world.ATTRIBUTES if not torch.equal(t[f"cls.{a}"], cls[f"cls.{a}"])]
+                if bad:
+                    raise RuntimeError(f"{path}: rerunning the pool changed the judged classes of {bad}; this "
+                                       "machine does not reproduce the stored cells — delete data/sites and rerun")
+            else:
+                t = {**cls, **pairs(cls, self.pairs_per)}
+                meta = {"seed": POOL_SEED, "n": self.pool_n, "steps": STEPS, "seconds": time.time() - t0,
+                        "pairs_per": self.pairs_per, "pair_seed": PAIR_SEED}
+                io.save_tensors(path, t, meta=meta)
+            st = ref.states
+            io.save_tensors(spath, {str(k): v for k, v in st.items()})
+        st[0] = noise
+        self._pool = {"t": t, "meta": meta, "states": st}
+        return self._pool
+
+    def cell_path(self, group: str, window: str, chunk: int):
+        return self.out / "cells" / f"{slug(group, window)}_c{chunk}.safetensors"
+
+    def n_chunks(self) -> int:
+        n = len(self.pool()["t"]["recipient"])
+        return (n + self.chunk - 1) // self.chunk
+
+    def run(self, todo: list[tuple[str, str]] | None = None) -> None:
+        """Every configuration on every chunk of pairs; finished cells are skipped (resumable)."""
+        from tqdm.auto import tqdm
+
+        todo = todo or configs()
+        p = self.pool()
+        rec, don = p["t"]["recipient"].long(), p["t"]["donor"].long()
+        for c in tqdm(range(self.n_chunks()), desc="chunks", disable=not self.progress):
+            missing = [(g, w) for g, w in todo if not self.cell_path(g, w, c).is_file()]
+            if not missing:
+                continue
+            idx = torch.arange(c * self.chunk, min((c + 1) * self.chunk, len(rec)))
+            sites = sorted({s for g, _ in missing for s in GROUPS[g]})
+            t0 = time.time()
+            acts = patching.record(self.model, p["states"][0][don[idx]], sites, STEPS, batch_size=BATCH)
+            rec_seconds = time.time() - t0
+            for g, w in tqdm(missing, desc=f"chunk {c}", leave=False, disable=not self.progress):
+                first, stop = WINDOWS[w]
+                window = range(first, stop)
+                donor = {s: {k: acts[s][k] for k in window} for s in GROUPS[g]}
+                t0 = time.time()
+                imgs = patching.run_patched(self.model, p["states"][first][rec[idx]], donor, STEPS, window=window,
+                                            batch_size=BATCH, start_step=first)
+                probs = self.judge.predict(imgs)
+                t = {f"cls.{a}": probs[a].argmax(-1).to(torch.uint8) for a in world.ATTRIBUTES}
+                if c == 0:
+                    t["images"] = (imgs[:SHOW] * 255).round().to(torch.uint8)
+                io.save_tensors(self.cell_path(g, w, c), t, meta={
+                    "group": g, "sites": list(GROUPS[g]), "window": w, "steps": [first, stop - 1], "chunk": c,
+                    "pairs": idx.tolist()[:1] + idx.tolist()[-1:], "seconds": time.time() - t0,
+                    "donor_record_seconds": rec_seconds, "passes": len(idx) * (STEPS - first)})
+            del acts
+
+    # -- what DiffLens' feature edits reach on the same pairs --
+    def edits(self, methods=EDIT_METHODS) -> None:
+        """DiffLens' bottleneck edits on each social attribute's pairs, every recipient asked for its donor's class,
+        at every setting of the row's validation frontier in chapter 6 (chosen there, not here); resumable."""
+        import json
+
+        from tqdm.auto import tqdm
+
+        from . import benchmark
+
+        p = self.pool()
+        log = json.loads((benchmark.OUT / "log.json").read_text())
+        bench = None
+        (self.out / "edits").mkdir(exist_ok=True)
+        for a in world.SOCIAL:
+            sel = (p["t"]["drawn_for"].long() == world.SOCIAL.index(a)).nonzero().flatten()
+            rec, don = p["t"]["recipient"].long()[sel], p["t"]["donor"].long()[sel]
+            asked = p["t"][f"cls.{a}"].long()[don]
+            for method in methods:
+                row = benchmark.Row(method, "minimal", EDIT_WINDOW)
+                for s in tqdm(log["val"][a][row.label]["settings"], desc=f"{a}: {method}", disable=not self.progress):
+                    path = self.out / "edits" / f"{a}_{row.slug}_{benchmark.fmt(s)}.safetensors"
+                    if path.is_file():
+                        continue
+                    if bench is None:
+                        bench = benchmark.Bench(progress=False)
+                    t0 = time.time()
+                    run = bench.edit_runner(a, row, s, asked)
+                    imgs = run(torch.arange(len(rec)), p["states"][EDIT_WINDOW][rec], EDIT_WINDOW)
+                    probs = self.judge.predict(imgs)
+                    t = {f"cls.{b}": probs[b].argmax(-1).to(torch.uint8) for b in world.ATTRIBUTES}
+                    t["images"] = (imgs[:SHOW] * 255).round().to(torch.uint8)
+                    io.save_tensors(path, t, meta={"attribute": a, "method": method, "row": row.label, "setting": s,
+                                                   "window": EDIT_WINDOW, "seconds": time.time() - t0,
+                                                   "passes": len(rec) * (STEPS - EDIT_WINDOW)})
+
+
+def pairs(cls: dict[str, torch.Tensor], per: int = PAIRS_PER, seed: int = PAIR_SEED) -> dict[str, torch.Tensor]:
+    """Recipient/donor pool indices and the attribute each pair was drawn for (index into ``world.SOCIAL``),
+    interleaved ``gender, age, race, gender, …``. The donor's class differs from the recipient's in that attribute:
+    uniformly one of the recipient's other classes present in the pool, then a random pool member of it."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(next(iter(cls.values())))
+    per_attr = []
+    for a in world.SOCIAL:
+        y = cls[f"cls.{a}"].long()
+        present = sorted(set(y.tolist()))
+        if len(present) < 2:
+            raise ValueError(f"pairs: the pool shows one class of {a!r} only; no donor can differ from a recipient")
+        recips = torch.randperm(n, generator=g)[:per]
+        donors = []
+        for r in recips.tolist():
+            others = [k for k in present if k != int(y[r])]
+            k = others[int(torch.randint(len(others), (1,), generator=g))]
+            members = (y == k).nonzero().flatten()
+            donors.append(int(members[torch.randint(len(members), (1,), generator=g)]))
+        per_attr.append((recips, torch.tensor(donors)))
+    rec = torch.stack([r for r, _ in per_attr], 1).flatten()
+    don = torch.stack([d for _, d in per_attr], 1).flatten()
+    attr = torch.arange(len(world.SOCIAL)).repeat(per)
+    return {"recipient": rec.to(torch.int16), "donor": don.to(torch.int16), "drawn_for": attr.to(torch.uint8)}
+
+
+# ----------------------------------------------------------------------------- reading the cells
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson interval of a proportion ``k / n`` (``nan`` when ``n`` is 0)."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return float("nan"), float("nan")
+    ci = binomtest(int(k), int(n)).proportion_ci(method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def load(out=OUT) -> tuple[dict, dict[tuple[str, str], dict[str, torch.Tensor]]]:
+    """The pool's tensors and, per configuration whose every chunk exists, the patched classes of all pairs."""
+    pool, meta = io.load_tensors(out / "pool.safetensors")
+    n = len(pool["recipient"])
+    cells = {}
+    for g, w in configs():
+        parts = []
+        c = 0
+        while True:
+            p = out / "cells" / f"{slug(g, w)}_c{c}.safetensors"
+            if not p.is_file():
+                break
+            parts.append(io.load_tensors(p)[0])
+            c += 1
+        if parts and sum(len(x["cls.gender"]) for x in parts) == n:
+            cells[(g, w)] = {a: torch.cat([x[f"cls.{a}"] for x in parts]).long() for a in world.ATTRIBUTES}
+    return {**pool, "meta": meta}, cells
+
+
+def transfer_table(out=OUT, drawn_only: bool = True) -> "pd.DataFrame":
+    """One row per configuration × attribute: pairs that differ (``n``), transfer rate with its Wilson CI, pairs
+    that agree and the share of them damaged. With ``drawn_only`` a social attribute is read on the pairs drawn for
+    it (its donor differs by design); nuisance attributes are always read on every pair where they happen to differ."""
+    import pandas as pd
+
+    pool, cells = load(out)
+    rec, don = pool["recipient"].long(), pool["donor"].long()
+    rows = []
+    for (g, w), cl in cells.items():
+        for a in world.ATTRIBUTES:
+            y = pool[f"cls.{a}"].long()
+            sel = torch.ones(len(rec), dtype=torch.bool)
+            if drawn_only and a in world.SOCIAL:
+                sel = pool["drawn_for"].long() == world.SOCIAL.index(a)
+            o = patching.transfer(y[rec][sel], y[don][sel], cl[a][sel])
+            k, n = int(o["took"][o["differ"]].sum()), int(o["differ"].sum())
+            d, m = int(o["changed"][~o["differ"]].sum()), int((~o["differ"]).sum())
+            lo, hi = wilson(k, n)
+            rows.append({"site": g, "window": w, "attribute": a, "n": n, "transfer": k / n if n else float("nan"),
+                         "lo": lo, "hi": hi, "n agree": m, "damage": d / m if m else float("nan"),
+                         "confounded": g in CONFOUNDED})
+    return pd.DataFrame(rows)
+
+
+def separated(table, a: tuple[str, str], b: tuple[str, str], attribute: str) -> bool | None:
+    """Do the transfer CIs of configurations ``a`` and ``b`` (site, window) for ``attribute`` exclude each other?
+    ``None`` when either is missing."""
+    def get(cfg):
+        r = table[(table.site == cfg[0]) & (table.window == cfg[1]) & (table.attribute == attribute)]
+        return None if r.empty else r.iloc[0]
+    ra, rb = get(a), get(b)
+    if ra is None or rb is None:
+        return None
+    return bool(ra.hi < rb.lo or rb.hi < ra.lo)
+
+
+def _leakage(pool, sel, patched: dict[str, torch.Tensor], attribute: str) -> tuple[int, int]:
+    """Changed / read over the attributes other than ``attribute``, on pairs whose donor agrees with the recipient
+    on that attribute (where neither a patch nor an edit has any business changing it)."""
+    rec, don = pool["recipient"].long()[sel], pool["donor"].long()[sel]
+    changed = total = 0
+    for b in world.ATTRIBUTES:
+        if b == attribute:
+            continue
+        y = pool[f"cls.{b}"].long()
+        agree = y[rec] == y[don]
+        changed += int((patched[b][agree] != y[rec][agree]).sum())
+        total += int(agree.sum())
+    return changed, total
+
+
+def ceiling_vs_edit(out=OUT, window: str = "8–24") -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    """Per social attribute: the ceiling (h patched from the donor over ``window``: transfer rate and leakage, with
+    Wilson CIs) and each edit method's curve over its settings on the same recipients (transfer, leakage). The
+    summary gives each method's best transfer among its settings that leak no more than the ceiling (``None`` when
+    every setting leaks more), as a share of the ceiling, and its best transfer at any leakage."""
+    import pandas as pd
+
+    pool, cells = load(out)
+    curve, summary = [], []
+    for a in world.SOCIAL:
+        sel = pool["drawn_for"].long() == world.SOCIAL.index(a)
+        y = pool[f"cls.{a}"].long()
+        donor_cls = y[pool["donor"].long()[sel]]
+        key = ("mid_block", window)
+        if key not in cells:
+            continue
+        patched = {b: v[sel] for b, v in cells[key].items()}
+        k = int((patched[a] == donor_cls).sum())
+        n = len(donor_cls)
+        lc, lt = _leakage(pool, sel, patched, a)
+        ceil = {"attribute": a, "ceiling transfer": k / n, "ceiling lo": wilson(k, n)[0],
+                "ceiling hi": wilson(k, n)[1], "ceiling leakage": lc / lt, "n": n}
+        for p in sorted((out / "edits").glob(f"{a}_*.safetensors")):
+            t, m = io.load_tensors(p)
+            ke = int((t[f"cls.{a}"].long() == donor_cls).sum())
+            le, lt2 = _leakage(pool, sel, {b: t[f"cls.{b}"].long() for b in world.ATTRIBUTES}, a)
+            curve.append({"attribute": a, "method": m["method"], "setting": m["setting"], "transfer": ke / n,
+                          "lo": wilson(ke, n)[0], "hi": wilson(ke, n)[1], "leakage": le / lt2})
+        cdf = pd.DataFrame([c for c in curve if c["attribute"] == a])
+        for method, g in (cdf.groupby("method") if len(cdf) else []):
+            lk, tr = g["leakage"].to_numpy(), g["transfer"].to_numpy()
+            ok = lk <= ceil["ceiling leakage"]
+            at = float(tr[ok].max()) if ok.any() else None
+            summary.append({**ceil, "method": method, "edit transfer at matched leakage": at,
+                            "share of ceiling": None if at is None or not ceil["ceiling transfer"] else
+                            at / ceil["ceiling transfer"],
+                            "edit best transfer": float(tr.max()),
+                            "its leakage": float(lk[tr.argmax()])})
+    curve = pd.DataFrame(curve)
+    return pd.DataFrame(summary), curve.sort_values(["attribute", "method", "setting"]) if len(curve) else curve

@@ -1,0 +1,99 @@
+"""The site-and-step map's pairs and readings (helpers.chapters.sites) on fabricated pools and cells."""
+import math
+
+import pytest
+import torch
+
+from helpers import io, world
+from helpers.chapters import sites as S
+
+
+def _pool(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {f"cls.{a}": torch.randint(len(c), (n,), generator=g).to(torch.uint8) for a, c in world.ATTRIBUTES.items()}
+
+
+def test_pairs_differ_in_the_attribute_they_were_drawn_for_and_interleave():
+    cls = _pool()
+    p = S.pairs(cls, per=10, seed=3)
+    assert len(p["recipient"]) == 30 and p["drawn_for"][:6].tolist() == [0, 1, 2, 0, 1, 2]
+    for i in range(30):
+        a = world.SOCIAL[int(p["drawn_for"][i])]
+        y = cls[f"cls.{a}"]
+        assert y[int(p["recipient"][i])] != y[int(p["donor"][i])]
+    again = S.pairs(cls, per=10, seed=3)
+    assert all(torch.equal(p[k], again[k]) for k in p)
+    one = {**cls, "cls.race": torch.zeros(40, dtype=torch.uint8)}
+    with pytest.raises(ValueError, match="one class of 'race'"):
+        S.pairs(one, per=4)
+
+
+def test_wilson_matches_the_closed_form():
+    lo, hi = S.wilson(30, 100)
+    z, p, n = 1.959963984540054, 0.3, 100
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert lo == pytest.approx(c - h, abs=1e-9) and hi == pytest.approx(c + h, abs=1e-9)
+    assert all(math.isnan(x) for x in S.wilson(0, 0))
+
+
+@pytest.fixture
+def fabricated(tmp_path, monkeypatch):
+    """A pool of 40 with 3 × 4 pairs; "mid_block 8–24" hands every recipient its donor's classes (perfect transfer,
+    no damage), "down_blocks.0 8–24" leaves every recipient as it was (no transfer); chunks of 6 pairs."""
+    monkeypatch.setattr(S, "configs", lambda: [("mid_block", "8–24"), ("down_blocks.0", "8–24")])
+    cls = _pool()
+    pr = S.pairs(cls, per=4, seed=1)
+    io.save_tensors(tmp_path / "pool.safetensors", {**cls, **pr}, meta={"n": 40})
+    rec, don = pr["recipient"].long(), pr["donor"].long()
+    for c in range(2):
+        idx = slice(6 * c, 6 * c + 6)
+        io.save_tensors(tmp_path / "cells" / f"{S.slug('mid_block', '8–24')}_c{c}.safetensors",
+                        {f"cls.{a}": cls[f"cls.{a}"][don[idx]] for a in world.ATTRIBUTES})
+        io.save_tensors(tmp_path / "cells" / f"{S.slug('down_blocks.0', '8–24')}_c{c}.safetensors",
+                        {f"cls.{a}": cls[f"cls.{a}"][rec[idx]] for a in world.ATTRIBUTES})
+    return tmp_path, cls, pr
+
+
+def test_transfer_table_reads_perfect_and_null_patches(fabricated):
+    out, cls, pr = fabricated
+    tab = S.transfer_table(out)
+    full = tab[(tab.site == "mid_block")]
+    none = tab[(tab.site == "down_blocks.0")]
+    assert (full.transfer[full.n > 0] == 1.0).all() and (full.damage.dropna() == 0).all()
+    assert (none.transfer[none.n > 0] == 0.0).all()
+    g = full[full.attribute == "gender"].iloc[0]
+    assert g.n == 4 and g["n agree"] == 0  # a social attribute is read on the pairs drawn for it
+    assert S.separated(tab, ("mid_block", "8–24"), ("down_blocks.0", "8–24"), "gender") is True
+    assert S.separated(tab, ("mid_block", "8–24"), ("mid_block", "0–7"), "gender") is None
+
+
+def test_an_unfinished_configuration_is_not_read(fabricated):
+    out, *_ = fabricated
+    (out / "cells" / f"{S.slug('down_blocks.0', '8–24')}_c1.safetensors").unlink()
+    assert set(S.transfer_table(out).site) == {"mid_block"}
+
+
+def test_ceiling_vs_edit_takes_the_best_transfer_within_the_ceilings_leakage(fabricated):
+    out, cls, pr = fabricated
+    sel = pr["drawn_for"].long() == 0
+    rec, don = pr["recipient"].long()[sel], pr["donor"].long()[sel]
+
+    def edit(name, setting, took: int, damage_all: bool):
+        t = {f"cls.{a}": cls[f"cls.{a}"][rec].clone() for a in world.ATTRIBUTES}
+        t["cls.gender"][:took] = cls["cls.gender"][don[:took]]
+        if damage_all:  # every other attribute changes: leakage 1
+            for a in world.ATTRIBUTES:
+                if a != "gender":
+                    t[f"cls.{a}"] = (t[f"cls.{a}"] + 1) % len(world.ATTRIBUTES[a])
+        io.save_tensors(out / "edits" / f"gender_{name}_{setting}.safetensors", t,
+                        meta={"method": name, "setting": setting})
+
+    edit("DiffLens", 1.0, 2, False)
+    edit("DiffLens", 2.0, 4, True)  # more transfer, but leaking beyond the ceiling's (zero) leakage
+    summ, curve = S.ceiling_vs_edit(out)
+    r = summ[(summ.attribute == "gender") & (summ.method == "DiffLens")].iloc[0]
+    assert r["ceiling transfer"] == 1.0 and r["ceiling leakage"] == 0.0
+    assert r["edit transfer at matched leakage"] == 0.5 and r["share of ceiling"] == 0.5
+    assert r["edit best transfer"] == 1.0 and r["its leakage"] == 1.0
+    assert list(curve.setting) == [1.0, 2.0]
