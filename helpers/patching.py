@@ -19,7 +19,7 @@ patch at a module the forward pass never calls.
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -62,9 +62,13 @@ def record(model: models.Diffusion, noise: torch.Tensor, sites: Sequence[str], s
 @torch.no_grad()
 def run_patched(model: models.Diffusion, noise: torch.Tensor, donor: Acts, steps: int,
                 window: Iterable[int] | None = None, batch_size: int = 128, start_step: int = 0,
-                bar=None) -> torch.Tensor:
+                bar=None, mix: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor] | None = None) -> torch.Tensor:
     """Sample the recipients (``noise``: their state entering ``start_step``) with every site of ``donor`` replaced,
     at each step of ``window``, by the donor's recorded output (row ``i`` ← donor ``i``). Images in [0, 1].
+
+    ``mix(h, h_donor, site)`` replaces the plain transplant: it gets the recipient's own activation at that moment
+    and the donor's, and returns what the site outputs instead — e.g. the donor's SAE reconstruction, or the
+    recipient's h moved by the difference of a few SAE latents (a transplant confined to those latents).
 
     ``window`` must lie within ``start_step .. steps - 1`` and the donor must hold every site at every step of it."""
     if model.text_conditioned:
@@ -85,7 +89,8 @@ def run_patched(model: models.Diffusion, noise: torch.Tensor, donor: Acts, steps
     for b in range(0, len(noise), batch_size):
         def put(site, b=b):
             def fn(h, info):
-                return donor[site][info.step][b:b + len(h)].to(h.device, h.dtype)
+                d = donor[site][info.step][b:b + len(h)].to(h.device, h.dtype)
+                return d if mix is None else mix(h, d, site)
             return fn
 
         with ExitStack() as stack:

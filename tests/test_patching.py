@@ -28,6 +28,18 @@ def test_a_sample_patched_with_its_own_activations_is_bit_identical(model):
     assert _no_hooks(model.unet)
 
 
+def test_mix_sees_the_recipient_and_the_donor(model):
+    rec, don = models.make_noise(3, model.sample_size, seed=6), models.make_noise(3, model.sample_size, seed=7)
+    acts = patching.record(model, don, ["mid_block"], STEPS)
+    clean = models.sample(model, noise=rec, steps=STEPS)
+    keep_own = patching.run_patched(model, rec, acts, STEPS, mix=lambda h, d, site: h)
+    assert torch.equal(keep_own, clean)
+    take = patching.run_patched(model, rec, acts, STEPS, mix=lambda h, d, site: d)
+    assert torch.equal(take, patching.run_patched(model, rec, acts, STEPS))
+    half = patching.run_patched(model, rec, acts, STEPS, mix=lambda h, d, site: (h + d) / 2)
+    assert (half - clean).abs().amax() > 1e-4 and (half - take).abs().amax() > 1e-4
+
+
 def test_a_donor_patch_changes_the_recipient_and_a_resumed_window_equals_the_full_run(model):
     rec, don = models.make_noise(4, model.sample_size, seed=2), models.make_noise(4, model.sample_size, seed=3)
     clean = models.sample(model, noise=rec, steps=STEPS)

@@ -97,3 +97,27 @@ def test_ceiling_vs_edit_takes_the_best_transfer_within_the_ceilings_leakage(fab
     assert r["edit transfer at matched leakage"] == 0.5 and r["share of ceiling"] == 0.5
     assert r["edit best transfer"] == 1.0 and r["its leakage"] == 1.0
     assert list(curve.setting) == [1.0, 2.0]
+
+
+def test_latent_mixes_are_identities_when_the_donor_is_the_recipient_and_move_only_their_latents():
+    from helpers import sae as SA
+    from helpers.chapters import dissect
+
+    s = S.Sites.__new__(S.Sites)  # latent_mix needs only the shipped SAE and rankings, not the model
+    sae = SA.load_sae(dissect.OUT / "sae.safetensors")[0]
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, sae.cfg.d_in, 8, 8, generator=g) * 3
+    d = torch.randn(2, sae.cfg.d_in, 8, 8, generator=g) * 3
+    for v in ("all latents", "top k latents", "top 4k latents"):
+        mix = s.latent_mix("race", v)
+        torch.testing.assert_close(mix(h, h, "mid_block"), h, atol=1e-4, rtol=0)
+    torch.testing.assert_close(s.latent_mix("race", "SAE(h donor)")(h, d, "mid_block"), sae.reconstruct(d))
+    torch.testing.assert_close(s.latent_mix("race", "all latents")(h, d, "mid_block"),
+                               h + sae.reconstruct(d) - sae.reconstruct(h), atol=1e-4, rtol=0)
+    # a transplant of the ranked latents leaves the recipient's other latents as they were
+    mix = s.latent_mix("gender", "top k latents")
+    zo, zh, zd = (sae.encode(SA.to_rows(x)) for x in (mix(h, d, "mid_block"), h, d))
+    moved = (zo[:, mix.latents] - zd[:, mix.latents]).abs().mean() < (zh[:, mix.latents] - zd[:, mix.latents]).abs().mean()
+    assert moved  # the ranked latents move toward the donor's (TopK re-selection makes it approximate)
+    with pytest.raises(ValueError, match="unknown variant"):
+        s.latent_mix("race", "top 3 latents")

@@ -74,6 +74,7 @@ WINDOWS: dict[str, tuple[int, int]] = {  # name -> [first, stop)
     "16–24": (16, 25)}
 MAP_WINDOWS = ("0–24", "8–24")
 EDIT_METHODS = ("DiffLens", "DiffLens swap")  # chapter 6's bottleneck edits (their minimal-policy rows)
+LATENT_VARIANTS = ("SAE(h donor)", "all latents", "top 4k latents", "top k latents")  # see Sites.latents
 EDIT_WINDOW = 8  # chapter 6's edit window (steps 8–24); the ceiling it is held against is h patched there  # every site is patched over these; h (and all skips) over the finer ones too
 
 
@@ -86,7 +87,7 @@ def configs() -> list[tuple[str, str]]:
 
 
 def slug(group: str, window: str) -> str:
-    g = group.replace(" → ", "-to-").replace(" + ", "-plus-").replace(" ", "-")
+    g = group.replace(" → ", "-to-").replace(" + ", "-plus-").replace(" ", "-").replace("(", "").replace(")", "")
     return f"{g}_{window.replace('–', '-')}"
 
 
@@ -179,6 +180,70 @@ class Sites:
                     "pairs": idx.tolist()[:1] + idx.tolist()[-1:], "seconds": time.time() - t0,
                     "donor_record_seconds": rec_seconds, "passes": len(idx) * (STEPS - first)})
             del acts
+
+    # -- how much of the ceiling the SAE and its ranked latents can carry --
+    def latent_mix(self, attribute: str, variant: str):
+        """``mix(h, h_donor, site)`` of a latent variant (see :meth:`latents`)."""
+        from .. import pipeline as Pl
+        from .. import sae as S
+        from . import dissect, identify
+
+        if not hasattr(self, "_sae"):
+            self._sae, _ = S.load_sae(dissect.OUT / "sae.safetensors")
+        sae = self._sae
+        if variant == "SAE(h donor)":
+            return lambda h, d, site: sae.reconstruct(d.float()).to(h.dtype)
+        if variant == "all latents":
+            return lambda h, d, site: (h.float() + sae.reconstruct(d.float()) - sae.reconstruct(h.float())).to(h.dtype)
+        k = identify.K[attribute] * (4 if variant == "top 4k latents" else 1)
+        k = min(k, Pl.K_MAX)  # race: 4k = 128 > the 64 ranked latents stored per class
+        if variant not in LATENT_VARIANTS:
+            raise ValueError(f"latent_mix: unknown variant {variant!r}; one of {LATENT_VARIANTS}")
+        feats = sorted({f for c in range(len(world.ATTRIBUTES[attribute]))
+                        for f in Pl.features(identify.OUT, attribute, c, k)[0]})
+        idx = torch.tensor(feats)
+        w = sae.W_dec[idx] * sae.input_scale  # (|S|, C)
+
+        def mix(h, d, site):
+            zd = sae.encode(S.to_rows(d.float()))[:, idx]
+            zh = sae.encode(S.to_rows(h.float()))[:, idx]
+            return (h.float() + S.from_rows((zd - zh) @ w, h.shape)).to(h.dtype)
+        mix.latents = feats
+        return mix
+
+    def latents(self, window: str = "8–24", variants=LATENT_VARIANTS) -> None:
+        """Per social attribute, on its pairs: h patched not with the donor's h but with what the SAE carries of
+        it — the donor's SAE reconstruction (``SAE(h donor)``: the ceiling less the SAE's reconstruction error), the
+        recipient's h moved by the difference of *all* SAE latents (``all latents``: keeps the recipient's own
+        reconstruction error), or of the ranked latents only: the union over classes of the top ``k`` per class
+        that chapters 4–6 edit (``top k latents``; k of :data:`helpers.chapters.identify.K`) or of the top ``4k`` (at
+        most the 64 ranked per class that are stored).
+        Each is the most an edit confined to that part of h could write there; resumable."""
+        from tqdm.auto import tqdm
+
+        p = self.pool()
+        first, stop = WINDOWS[window]
+        steps = range(first, stop)
+        (self.out / "latent").mkdir(exist_ok=True)
+        for a in world.SOCIAL:
+            sel = (p["t"]["drawn_for"].long() == world.SOCIAL.index(a)).nonzero().flatten()
+            rec, don = p["t"]["recipient"].long()[sel], p["t"]["donor"].long()[sel]
+            todo = [v for v in variants if not (self.out / "latent" / f"{a}_{slug(v, window)}.safetensors").is_file()]
+            if not todo:
+                continue
+            acts = patching.record(self.model, p["states"][first][don], ["mid_block"], STEPS, window=steps,
+                                   batch_size=BATCH, start_step=first)
+            for v in tqdm(todo, desc=f"{a}: latent variants", disable=not self.progress):
+                t0 = time.time()
+                mix = self.latent_mix(a, v)
+                imgs = patching.run_patched(self.model, p["states"][first][rec], acts, STEPS, window=steps,
+                                            batch_size=BATCH, start_step=first, mix=mix)
+                probs = self.judge.predict(imgs)
+                t = {f"cls.{b}": probs[b].argmax(-1).to(torch.uint8) for b in world.ATTRIBUTES}
+                t["images"] = (imgs[:SHOW] * 255).round().to(torch.uint8)
+                io.save_tensors(self.out / "latent" / f"{a}_{slug(v, window)}.safetensors", t, meta={
+                    "attribute": a, "variant": v, "window": window, "latents": getattr(mix, "latents", None),
+                    "seconds": time.time() - t0, "passes": len(rec) * (STEPS - first)})
 
     # -- what DiffLens' feature edits reach on the same pairs --
     def edits(self, methods=EDIT_METHODS) -> None:
@@ -367,3 +432,32 @@ def ceiling_vs_edit(out=OUT, window: str = "8–24") -> tuple["pd.DataFrame", "p
                             "its leakage": float(lk[tr.argmax()])})
     curve = pd.DataFrame(curve)
     return pd.DataFrame(summary), curve.sort_values(["attribute", "method", "setting"]) if len(curve) else curve
+
+
+def decomposition(out=OUT, window: str = "8–24") -> "pd.DataFrame":
+    """Per social attribute, on its pairs: transfer (Wilson CI) and leakage of the full h transplant (the ceiling)
+    and of each latent variant (:meth:`Sites.latents`) — where along ceiling → SAE → all latents → ranked latents the
+    transfer is lost."""
+    import pandas as pd
+
+    pool, cells = load(out)
+    rows = []
+    for a in world.SOCIAL:
+        sel = pool["drawn_for"].long() == world.SOCIAL.index(a)
+        donor_cls = pool[f"cls.{a}"].long()[pool["donor"].long()[sel]]
+        n = len(donor_cls)
+        found = []
+        if ("mid_block", window) in cells:
+            found.append(("h donor (ceiling)", {b: v[sel] for b, v in cells[("mid_block", window)].items()}, None))
+        for v in LATENT_VARIANTS:
+            path = out / "latent" / f"{a}_{slug(v, window)}.safetensors"
+            if path.is_file():
+                t, m = io.load_tensors(path)
+                found.append((v, {b: t[f"cls.{b}"].long() for b in world.ATTRIBUTES}, m.get("latents")))
+        for v, patched, lat in found:
+            k = int((patched[a] == donor_cls).sum())
+            lc, lt = _leakage(pool, sel, patched, a)
+            lo, hi = wilson(k, n)
+            rows.append({"attribute": a, "patch": v, "latents": None if lat is None else len(lat), "n": n,
+                         "transfer": k / n, "lo": lo, "hi": hi, "leakage": lc / lt if lt else float("nan")})
+    return pd.DataFrame(rows)
