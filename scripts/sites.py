@@ -2,6 +2,7 @@
 Resumable: rerun after an interruption and finished cells are skipped.
 
     python scripts/sites.py patch      # the pool, its pairs, every (site group, window) patch
+    python scripts/sites.py latents    # h patched with what the SAE / its ranked latents carry of the donor's h
     python scripts/sites.py edits      # DiffLens' edits on the same pairs (the ceiling-vs-edit comparison)
 
 Costs on 2 cores: see helpers/chapters/sites.py and data/sites/log.json.
@@ -14,12 +15,14 @@ from helpers.chapters import sites
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["patch", "edits"])
+    ap.add_argument("stage", choices=["patch", "latents", "edits"])
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     s = sites.Sites()
     if a.stage == "patch":
         s.run()
+    elif a.stage == "latents":
+        s.latents()
     else:
         s.edits()
