@@ -121,3 +121,23 @@ def test_latent_mixes_are_identities_when_the_donor_is_the_recipient_and_move_on
     assert moved  # the ranked latents move toward the donor's (TopK re-selection makes it approximate)
     with pytest.raises(ValueError, match="unknown variant"):
         s.latent_mix("race", "top 3 latents")
+
+
+def _table(rows):
+    import pandas as pd
+    return pd.DataFrame([{"site": s, "window": "0–24", "attribute": "race", "transfer": t, "lo": lo, "hi": hi,
+                          "confounded": s in S.CONFOUNDED} for s, t, lo, hi in rows])
+
+
+def test_where_and_compare_read_ci_separation():
+    tab = _table([("mid_block", 0.6, 0.5, 0.7), ("all skips", 0.2, 0.1, 0.3), ("down_blocks.0", 0.65, 0.55, 0.75),
+                  ("mid_block + all skips", 0.99, 0.95, 1.0)])
+    w = S.where(tab, "race")
+    assert w["best"] == "down_blocks.0" and w["tied with best"] == ["mid_block"]  # the confounded patch is not a site
+    assert w["h vs skips"] == "higher" and w["h best"] is True
+    assert S.compare(tab, "race", ("all skips", "0–24"), ("mid_block", "0–24")) == "lower"
+    tab2 = _table([("mid_block", 0.3, 0.2, 0.4), ("all skips", 0.8, 0.7, 0.9)])
+    w2 = S.where(tab2, "race")
+    assert w2["best"] == "all skips" and w2["h best"] is False and w2["h vs skips"] == "lower"
+    with pytest.raises(ValueError, match="no cells"):
+        S.where(tab2, "gender")

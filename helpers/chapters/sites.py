@@ -21,7 +21,10 @@ they do not locate anything.
 
 **Sites** (:data:`GROUPS`): each down block's output on the main path (its skip tensors stay the recipient's),
 the bottleneck ``mid_block`` (DiffLens' h), the first two up blocks' outputs, the skip tensors each up block
-receives, all skips, and h together with all skips. **Windows** (:data:`WINDOWS`): every step, chapter 6's edit
+receives, all skips, and h together with all skips. Main-path sites are *nested*: a patch at ``down_blocks.k``
+makes everything computed from it the donor's too (the later down blocks, their skip tensors, h), so
+``down_blocks.2`` (the mid block's input) gives h exactly as the ``mid_block`` patch does — a built-in check — and
+``up_blocks.i`` carries h plus the skips of the up blocks up to ``i``. **Windows** (:data:`WINDOWS`): every step, chapter 6's edit
 window (steps 8–24), and finer windows for h. A window that starts at step ``s`` resumes the recipient from its
 clean state entering ``s`` (:func:`helpers.patching.run_patched`), so it costs ``25 − s`` passes.
 
@@ -461,3 +464,32 @@ def decomposition(out=OUT, window: str = "8–24") -> "pd.DataFrame":
             rows.append({"attribute": a, "patch": v, "latents": None if lat is None else len(lat), "n": n,
                          "transfer": k / n, "lo": lo, "hi": hi, "leakage": lc / lt if lt else float("nan")})
     return pd.DataFrame(rows)
+
+
+def compare(table, attribute: str, a: tuple[str, str], b: tuple[str, str]) -> str | None:
+    """``"higher"``, ``"lower"`` or ``"tied"``: configuration ``a``'s transfer of ``attribute`` against ``b``'s,
+    "tied" when their 95% CIs overlap; ``None`` when either is missing."""
+    sep = separated(table, a, b, attribute)
+    if sep is None:
+        return None
+    if not sep:
+        return "tied"
+    ta = table[(table.site == a[0]) & (table.window == a[1]) & (table.attribute == attribute)].transfer.iloc[0]
+    tb = table[(table.site == b[0]) & (table.window == b[1]) & (table.attribute == attribute)].transfer.iloc[0]
+    return "higher" if ta > tb else "lower"
+
+
+def where(table, attribute: str, window: str = "0–24") -> dict:
+    """Where ``attribute`` lives, from the map over ``window``: the non-confounded site group with the highest
+    transfer, the groups tied with it (CIs overlap), h's (``mid_block``) transfer against all skip tensors'
+    (:func:`compare`), and whether h is among the best (``h best``: it is the best or tied with it)."""
+    t = table[(table.attribute == attribute) & (table.window == window) & ~table.confounded]
+    if t.empty:
+        raise ValueError(f"where: no cells for {attribute!r} over {window!r}")
+    top = t.sort_values("transfer", ascending=False).iloc[0]
+    tied = [s for s in t.site if s != top.site and compare(table, attribute, (s, window), (top.site, window)) == "tied"]
+    h = t[t.site == "mid_block"]
+    return {"best": top.site, "best transfer": float(top.transfer), "tied with best": tied,
+            "h": float(h.transfer.iloc[0]) if len(h) else None,
+            "h vs skips": compare(table, attribute, ("mid_block", window), ("all skips", window)),
+            "h best": bool(len(h)) and (top.site == "mid_block" or "mid_block" in tied)}
