@@ -15,14 +15,14 @@ One module per noun, each introduced by a chapter:
 * ``intervention`` — error-preserving scale/add edits with per-sample class targeting (chapters 4–5)
 * ``widgets`` — β sliders that also work in the static book, and their headless-browser check (chapter 5)
 * ``baselines`` — Activation, Latent Direction, H-Distribution, Latent Editing, Finetuning behind one
-  interface (chapter 6)
-* ``judges`` — judges for real images (CLIP zero-shot with any attribute's prompts, FairFace, your own) (chapter 7)
-* ``tiny``    — tiny random SD / DDPM / CLIP pipelines for tests and chapter 7
+  interface (chapter 7)
+* ``judges`` — judges for real images (CLIP zero-shot with any attribute's prompts, FairFace, your own) (chapter 8)
+* ``tiny``    — tiny random SD / DDPM / CLIP pipelines for tests and chapter 8
 * ``pipeline`` — the stages harvest → SAE → probe → IG + footprints → edit → evaluate, used by the runner
   and the chapters alike
-* ``runner``  — ``python -m helpers run config.toml`` (chapter 7)
+* ``runner``  — ``python -m helpers run config.toml`` (chapter 8)
 * ``chapters`` — each chapter's own experiments on the embedded model (``dissect``, ``identify``,
-  ``sweeps``, ``benchmark``), run by its RECOMPUTE flag (chapters 2–6); no other module imports them
+  ``sweeps``, ``benchmark``), run by its RECOMPUTE flag (chapters 2–7); no other module imports them
 * ``plots``   — image grids
 * ``io``      — atomic writes and safetensors checkpoints
 """

@@ -1,7 +1,7 @@
-"""The paper's baselines, behind one interface, on any model and at any hook site (chapter 6, chapter 7).
+"""The paper's baselines, behind one interface, on any model and at any hook site (chapter 7, chapter 8).
 
 Each is the cheapest faithful version of its published method; deviations are stated here and
-in chapter 6. Every method is fitted from one :class:`Context` (``Method.from_context(ctx)``: the model,
+in chapter 7. Every method is fitted from one :class:`Context` (``Method.from_context(ctx)``: the model,
 the attribute and its classes, the harvest, the probe, a judge to learn from) and samples with
 ``fitted.sample_edited(model, noise, steps, setting, classes)`` from the same noise tensor, with the
 same per-sample class draws (:func:`helpers.intervention.assign_classes`) where the method has them.
@@ -14,7 +14,7 @@ classifier-free guidance), in the VAE's latent space, judging VAE-decoded images
   positive, 1/β where it is negative; per-sample class targeting, like DiffLens).
 * :class:`LatentDirection` (Li et al., CVPR 2024) — one learned vector per class added to h at every
   step, trained with the denoising loss on images of that class, UNet frozen. Their images of a class
-  came from prompting Stable Diffusion; ours are renders of the world conditioned on the class (chapter 6)
+  came from prompting Stable Diffusion; ours are renders of the world conditioned on the class (chapter 7)
   or the model's own harvested images the judge read as that class (the runner).
 * :class:`HDistribution` (Parihar et al., CVPR 2024) — at each step, h moves along the gradient of a
   distribution loss between the batch-mean probe prediction and the target distribution. Deviation: the
@@ -78,7 +78,7 @@ class Context:
     images: torch.Tensor | None = None  # (N, 3, H, W) uint8 harvested images (training data where needed)
     probe: HProbe | None = None  # the h-probe (H-Distribution steers with it)
     h_full: Callable | None = None  # steps -> {step: (N, C, H, W)} full harvested h of the training samples
-    judge: object | None = None  # the judge learned methods train against (chapter 6: a second judge)
+    judge: object | None = None  # the judge learned methods train against (chapter 7: a second judge)
     images_of: Callable | None = None  # (classes, seed) -> images in [-1, 1] of those classes; default: harvested
     progress: bool = True
 
@@ -246,7 +246,7 @@ class Activation:
     class's mean of that channel is positive; where it is negative the channel is scaled by 1/β instead
     (``signs``), so every edited channel moves in the direction of its class difference. (The first version
     multiplied every channel by β: for most minority classes five of eight channels have a negative class
-    mean, so the edit pushed those samples away from the class — chapter 6's first Activation cells.)
+    mean, so the edit pushed those samples away from the class — chapter 7's first Activation cells.)
     """
 
     attribute: str

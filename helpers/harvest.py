@@ -245,7 +245,7 @@ def cached(model_name: str = "embedded", settings: HarvestSettings | None = None
     """The harvest folder for ``model_name`` and ``settings``, made on first use (or when ``recompute``).
 
     The judge is the world's (``judge_path``, default ``data/judge.safetensors``): this cache serves the
-    portrait-world models of chapters 2–6; other models go through :mod:`helpers.pipeline` with their judge.
+    portrait-world models of chapters 2–7; other models go through :mod:`helpers.pipeline` with their judge.
     """
     from . import judge as J
 

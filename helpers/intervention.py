@@ -23,7 +23,7 @@ the edit then adds ``β · map`` instead of a flat β. Chapter 4 measures both.
 **Swap** (``Edit.suppress_others``, not in the paper). Adding class c's features to a sample leaves
 the features of the class it already shows in place. On this model that is enough to turn male
 samples female, but added "male" features barely turn female samples male: the long-hair features
-stay and the judge still reads female (chapter 6 measures the hit rate per original → asked-for
+stay and the judge still reads female (chapter 7 measures the hit rate per original → asked-for
 class). With ``suppress_others`` every other class's ranked features are also set to 0 in a sample
 assigned class c. Features that are not active are unaffected, so this needs no knowledge of the
 sample's own class; it costs one SAE encode per step (the zeroing is a sparse top-k edit).

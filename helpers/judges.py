@@ -1,4 +1,4 @@
-"""Judges for real images, behind the same interface as the portrait world's judge (chapter 7).
+"""Judges for real images, behind the same interface as the portrait world's judge (chapter 8).
 
 The world's :class:`helpers.judge.Judge` reads attributes off 32×32 renders. On Stable Diffusion
 or a CelebA-HQ model the paper reads them with real classifiers; two are pluggable here:

@@ -1,4 +1,4 @@
-"""A Stable Diffusion of the portrait world, trained here (chapter 7, issue 18).
+"""A Stable Diffusion of the portrait world, trained here (chapter 8, issue 18).
 
 No Stable Diffusion or CLIP weights can be downloaded here, but the world can be captioned
 (:func:`helpers.world.sample_captioned`), so the paper's text-to-image setting is rebuilt small, in the same
@@ -677,7 +677,7 @@ def vae_report(vae_folder, judge, n: int = 2000, seed: int = 515_151) -> dict:
             "scaling_factor": vae.config.scaling_factor}
 
 
-# ----------------------------------------------------------------------------- verdicts for chapter 7
+# ----------------------------------------------------------------------------- verdicts for chapter 8
 
 
 def choose_guidance(quality: dict, candidates=GUIDANCE_CANDIDATES, n: int = GUIDANCE_VAL["n"],

@@ -5,7 +5,7 @@ standardised per step) and predicts the class the judge will see in the final im
 attributes and their classes are data (``{name: class names}``, from the judge), stored with the
 probe. The number of steps is whatever the harvest used; nothing is hard-coded. The probe
 is the differentiable stand-in for the judge inside the sampling loop: integrated gradients
-run through it (``helpers.attribution``), and H-Distribution guidance (chapter 6) steers with it.
+run through it (``helpers.attribution``), and H-Distribution guidance (chapter 7) steers with it.
 """
 from __future__ import annotations
 

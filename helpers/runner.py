@@ -1,4 +1,4 @@
-"""Headless runner: the whole DiffLens pipeline on one model from a config file (chapter 7).
+"""Headless runner: the whole DiffLens pipeline on one model from a config file (chapter 8).
 
     python -m helpers run config.toml                 every stage, resuming finished ones
     python -m helpers run config.toml --stages probe attribution
@@ -972,7 +972,7 @@ def _report(cfg: Config, res: dict) -> str:
     learners = [b for b in cfg.intervention.baselines if B.METHODS[b].learns_from_judge]
     if learners:
         lines += ["", f"{' and '.join(learners)} learned from the same judge that scores them here; the book's "
-                  "benchmark (chapter 6) trains them against a second judge, because a method trained against the "
+                  "benchmark (chapter 7) trains them against a second judge, because a method trained against the "
                   "scoring judge can learn that judge's blind spots instead of the attribute."]
     lines += ["", "Image grids: " + ", ".join(f"`grid_{a}.png`" for a in cfg.attributes) +
               " (first row: original samples; the rows below: the same noise, edited).", ""]

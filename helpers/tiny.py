@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised stand-ins of the real pipelines (chapter 7 and the tests).
+"""Tiny, randomly initialised stand-ins of the real pipelines (chapter 8 and the tests).
 
 No weights can be downloaded here, so the Stable Diffusion and CelebA-HQ code paths are
 exercised on pipelines of the same diffusers classes, built from random weights and saved with

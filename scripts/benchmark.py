@@ -1,4 +1,4 @@
-"""Chapter 6 artifacts (data/benchmark/v2/): validation frontiers of every row, the frozen choices, the test
+"""Chapter 7 artifacts (data/benchmark/v2/): validation frontiers of every row, the frozen choices, the test
 cells. Resumable: rerun the same command after an interruption and finished cells are loaded, not recomputed.
 
     python scripts/benchmark.py validate [--attributes gender]   # every row's grid on the validation seed

@@ -2,7 +2,7 @@
 
     python scripts/train_judge.py            # writes data/judge.safetensors
     python scripts/train_judge.py --width 16 --seed 1 --steps 800 --out data/benchmark/trainer_judge.safetensors
-                                             # the second judge the trainable baselines learn from (chapter 6)
+                                             # the second judge the trainable baselines learn from (chapter 7)
 
 Accuracy is measured on 10,000 renders from seeds never used in training; the script fails
 (and writes nothing) if any attribute is below 99%.

@@ -1,4 +1,4 @@
-"""The paper's SD table on the world's Stable Diffusion (chapter 7): see helpers/chapters/worldsd.py.
+"""The paper's SD table on the world's Stable Diffusion (chapter 8): see helpers/chapters/worldsd.py.
 
     nohup python scripts/worldsd_table.py validate > runs/worldsd-val.log 2>&1 &
     python scripts/worldsd_table.py freeze

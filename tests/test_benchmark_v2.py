@@ -1,4 +1,4 @@
-"""Chapter 6's protocol: rows, grid extension, who gets edited under each policy, and that a cell which reuses
+"""Chapter 7's protocol: rows, grid extension, who gets edited under each policy, and that a cell which reuses
 unedited samples and resumes edited ones gives what a full in-pass run gives."""
 from dataclasses import replace
 

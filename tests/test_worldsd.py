@@ -1,4 +1,4 @@
-"""Chapter 7's SD table (helpers.chapters.worldsd) end to end on a tiny random SD: the runner's stages, every
+"""Chapter 8's SD table (helpers.chapters.worldsd) end to end on a tiny random SD: the runner's stages, every
 method's cell, freeze, the test seed and the both-halves ablation. The numbers mean nothing; the plumbing is what
 is checked (cells written once and reused, freeze before test, the ablation differs from the conditional-half edit)."""
 import pytest

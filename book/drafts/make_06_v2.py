@@ -1,7 +1,7 @@
-"""Writes book/drafts/06_benchmark_v2.ipynb: chapter 6 rebuilt on the benchmark-v2 cells (issue 15).
+"""Writes book/drafts/07_benchmark_v2.ipynb: chapter 7 rebuilt on the benchmark-v2 cells (issue 15).
 
 A draft until the test cells exist (scripts/benchmark.py freeze → test → test --split test2); then it replaces
-book/06_benchmark.ipynb. The validation part (frontiers) executes today. Run: python book/drafts/make_06_v2.py
+book/07_benchmark.ipynb. The validation part (frontiers) executes today. Run: python book/drafts/make_06_v2.py
 """
 from pathlib import Path
 
@@ -9,7 +9,7 @@ import nbformat
 
 MD, CODE = "markdown", "code"
 CELLS = [
-(MD, r"""# 6. Benchmark: DiffLens against five baselines, on equal terms
+(MD, r"""# 7. Benchmark: DiffLens against five baselines, on equal terms
 
 The paper's Finding 1 {cite:p}`shi2025difflens` is a table: on P2 (CelebA-HQ), DiffLens brings the Fairness
 Discrepancy of gender, age and race closer to zero than five published debiasing methods while keeping image
@@ -239,7 +239,7 @@ show_images(torch.cat(rows_img), nrow=8, row_labels=labels);""", ["hide-input"],
  {"name": "fig-same-noise", "caption": "The same noises, original and under the best DiffLens row at keep 0.95, per "
   "social attribute (edited samples first)."}),
 ]
-OUT = Path(__file__).with_name("06_benchmark_v2.ipynb")
+OUT = Path(__file__).with_name("07_benchmark_v2.ipynb")
 
 
 def main():

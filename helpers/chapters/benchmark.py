@@ -1,4 +1,4 @@
-"""Chapter 6: the Finding-1 table on equal terms — who gets edited is its own axis, every row gets the same
+"""Chapter 7: the Finding-1 table on equal terms — who gets edited is its own axis, every row gets the same
 information and the same tuning budget, frontiers instead of single picks, paired statistics.
 
 **Rows** are method × assignment policy × step window (:class:`Row`):
@@ -56,7 +56,7 @@ from .. import baselines as B
 from .. import cache, io, metrics, models, pipeline, world
 
 OUT = models.DATA_DIR / "benchmark" / "v2"
-FITTED = models.DATA_DIR / "benchmark" / "fitted"  # the trainable baselines' fits (seed-independent; chapter 6 v1)
+FITTED = models.DATA_DIR / "benchmark" / "fitted"  # the trainable baselines' fits (seed-independent; chapter 7 v1)
 TRAINER_JUDGE = models.DATA_DIR / "benchmark" / "trainer_judge.safetensors"
 STATES = models.DATA_DIR / "cache" / "benchmark-v2"  # the Original's states at WINDOWS (large; recomputed if gone)
 SEEDS = {"val": 6_262, "test": 7_272, "test2": 7_373}  # fresh: no earlier chapter or cell used them
@@ -766,7 +766,7 @@ def leakage(out, split: str, attribute: str, row: Row, setting: float) -> "pd.Da
 
 def frontier_frame(out=OUT, attributes=world.SOCIAL):
     """Every validation cell as one row of a frame (attribute, row label, method, policy, window, setting and
-    its metrics): the frontiers of chapter 6's plot."""
+    its metrics): the frontiers of chapter 7's plot."""
     import pandas as pd
 
     recs = []
@@ -785,7 +785,7 @@ def frontier_frame(out=OUT, attributes=world.SOCIAL):
 # ----------------------------------------------------------------------------- the goals, checked
 
 # The paper's main table (DiffLens, CVPR 2025, Table 1: P2 on CelebA-HQ, FD against the uniform distribution), quoted
-# beside ours in chapter 6; their judge is a FairFace/CelebA classifier on real faces, ours the world's judge.
+# beside ours in chapter 7; their judge is a FairFace/CelebA classifier on real faces, ours the world's judge.
 PAPER_P2_FD = {"Original": {"gender": 0.226, "age": 0.592, "race": 0.718},
                "DiffLens": {"gender": 0.002, "age": 0.401, "race": 0.447}}
 GOAL_FD = 0.03  # best DiffLens row, gender and age, at keep ≥ GOAL_KEEP overall and ≥ GOAL_KEEP_EDITED among edited

@@ -1,4 +1,4 @@
-"""Chapter 6: every method on the same model and the same noise — the paper's Finding-1 table, with
+"""Chapter 7: every method on the same model and the same noise — the paper's Finding-1 table, with
 keep-rates on the attributes a debiasing edit must not touch.
 
 Protocol (``run``):

@@ -24,7 +24,7 @@ the bottleneck ``mid_block`` (DiffLens' h), the first two up blocks' outputs, th
 receives, all skips, and h together with all skips. Main-path sites are *nested*: a patch at ``down_blocks.k``
 makes everything computed from it the donor's too (the later down blocks, their skip tensors, h), so
 ``down_blocks.2`` (the mid block's input) gives h exactly as the ``mid_block`` patch does — a built-in check — and
-``up_blocks.i`` carries h plus the skips of the up blocks up to ``i``. **Windows** (:data:`WINDOWS`): every step, chapter 6's edit
+``up_blocks.i`` carries h plus the skips of the up blocks up to ``i``. **Windows** (:data:`WINDOWS`): every step, chapter 7's edit
 window (steps 8–24), and finer windows for h. A window that starts at step ``s`` resumes the recipient from its
 clean state entering ``s`` (:func:`helpers.patching.run_patched`), so it costs ``25 − s`` passes.
 
@@ -76,9 +76,9 @@ WINDOWS: dict[str, tuple[int, int]] = {  # name -> [first, stop)
     "0–24": (0, 25), "8–24": (8, 25), "0–7": (0, 8), "0–3": (0, 4), "4–7": (4, 8), "8–15": (8, 16),
     "16–24": (16, 25)}
 MAP_WINDOWS = ("0–24", "8–24")
-EDIT_METHODS = ("DiffLens", "DiffLens swap")  # chapter 6's bottleneck edits (their minimal-policy rows)
+EDIT_METHODS = ("DiffLens", "DiffLens swap")  # chapter 7's bottleneck edits (their minimal-policy rows)
 LATENT_VARIANTS = ("SAE(h donor)", "all latents", "top 4k latents", "top k latents")  # see Sites.latents
-EDIT_WINDOW = 8  # chapter 6's edit window (steps 8–24); the ceiling it is held against is h patched there  # every site is patched over these; h (and all skips) over the finer ones too
+EDIT_WINDOW = 8  # chapter 7's edit window (steps 8–24); the ceiling it is held against is h patched there  # every site is patched over these; h (and all skips) over the finer ones too
 
 
 def configs() -> list[tuple[str, str]]:
@@ -251,7 +251,7 @@ class Sites:
     # -- what DiffLens' feature edits reach on the same pairs --
     def edits(self, methods=EDIT_METHODS) -> None:
         """DiffLens' bottleneck edits on each social attribute's pairs, every recipient asked for its donor's class,
-        at every setting of the row's validation frontier in chapter 6 (chosen there, not here); resumable."""
+        at every setting of the row's validation frontier in chapter 7 (chosen there, not here); resumable."""
         import json
 
         from tqdm.auto import tqdm

@@ -1,4 +1,4 @@
-"""Chapter 7's experiment: the paper's Stable Diffusion table, on the world's SD (:mod:`helpers.minisd`).
+"""Chapter 8's experiment: the paper's Stable Diffusion table, on the world's SD (:mod:`helpers.minisd`).
 
 One occupation prompt (:data:`PROMPT`, "a portrait of a doctor": 85% male, age 10/60/30 by the world's spec)
 goes through the runner's stages — harvest under classifier-free guidance → SAE → h-probe → IG rankings — and then

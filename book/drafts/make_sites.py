@@ -1,0 +1,258 @@
+"""Writes book/06_where_attributes_live.ipynb: the causal site-and-step map (issue 19) from data/sites/.
+
+Run: python book/drafts/make_sites.py (then execute the notebook, or `make book`).
+"""
+from pathlib import Path
+
+import nbformat
+
+MD, CODE = "markdown", "code"
+CELLS = [
+(MD, r"""# 6. Where each attribute lives
+
+{doc}`Chapters 4 <04_finding_features>` and {doc}`5 <05_intervention_sweeps>` edit the bottleneck h and find that
+gender and age move but skin tone barely does; every method in {doc}`chapter 7 <07_benchmark>` stops far from balance
+on race, the same shape as the paper's P2 result, where race is its weakest attribute {cite:p}`shi2025difflens`.
+Two explanations predict that picture: skin tone is not *in* h, so no edit of h can move it; or h carries it and
+the features and edits fall short. This chapter tells them apart with **activation patching**: run a recipient's
+sampling trajectory, but at some site of the U-Net and over some sampling steps give it another sample's (the
+donor's) clean activations, and let the world's judge read whether the recipient now has the donor's class. A patch
+writes everything the donor had at that site, so its transfer rate is the **ceiling** of any edit there: an edit can
+at best write what the donor had.
+
+Here the world knows every factor, so the map has ground truth: where each attribute is carried, when in sampling,
+and how much of that ceiling the SAE and its ranked features reach."""),
+(CODE, r"""RECOMPUTE = False  # True: rerun the pool, every patch, the latent transplants and the edits (≈ 1.5 h on 2 cores)
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from myst_nb import glue
+
+from helpers import io, tables, world
+from helpers.chapters import identify
+from helpers.chapters import sites as S
+from helpers.plots import show_images
+
+torch.set_num_threads(2)
+if RECOMPUTE:
+    s = S.Sites()
+    s.run(); s.latents(); s.edits()
+pool, cells = S.load()
+tab = S.transfer_table()
+meta = pool["meta"]
+for k, v in {"pool_n": meta["n"], "pairs_per": meta["pairs_per"], "n_pairs": len(pool["recipient"]),
+             "steps": S.STEPS, "n_configs": len(cells), "n_sites": len(S.GROUPS)}.items():
+    glue(k, tables.num(v), display=False)""", ["hide-output"]),
+(MD, r"""## Pairs and what a patch can say
+
+A pool of {glue:text}`pool_n` clean samples from a seed no other chapter uses is sampled and judged once. For each
+social attribute, {glue:text}`pairs_per` recipients from the pool each get a donor whose judged class of that
+attribute differs (the donor's class uniformly among the recipient's other classes, then a pool member of it at
+random): {glue:text}`n_pairs` pairs in all. Nothing else about the donor is controlled, so each pair also differs in
+whatever else it happens to — which lets the same pairs read the nuisance attributes, on the pairs where those
+differ (the table below).
+
+For an attribute and a patch, the **transfer rate** is the share of pairs differing in that attribute in which the
+patched recipient takes the donor's class, with a 95% Wilson interval; **damage** is the share of pairs that
+agree on it whose class changed anyway. A patch cannot pick one attribute out of a site: it moves what the site
+carries, all of it.
+
+The sites are the outputs of the down blocks (the main path; each block's skip tensors stay the recipient's), the
+bottleneck `mid_block` (DiffLens' h), the first two up blocks' outputs, the skip tensors each up block receives, all
+skips, and h with all skips. Main-path sites are **nested**: patching a down block's output makes everything
+computed from it the donor's too, so `down_blocks.2` (the mid block's input) gives exactly the `mid_block` patch, and
+an up block's output carries h plus the skips of the up blocks before it. One patch is **confounded**: h with all
+skips replaces every input of the up path, so the UNet's output at those steps is the donor's whatever the
+recipient's x_t — an upper bound, not a location (marked † below). Patches run over every step (0–24) and over
+{doc}`chapter 7 <07_benchmark>`'s edit window (8–24); h also over finer windows."""),
+(CODE, r"""rec, don = pool["recipient"].long(), pool["donor"].long()
+counts = {}
+for a in world.ATTRIBUTES:
+    y = pool[f"cls.{a}"].long()
+    sel = pool["drawn_for"].long() == world.SOCIAL.index(a) if a in world.SOCIAL else torch.ones(len(rec), dtype=torch.bool)
+    counts[a] = {"pairs read": int(sel.sum()), "differ": int((y[rec] != y[don])[sel].sum())}
+pairs_tab = pd.DataFrame(counts).T
+tables.frame(pairs_tab, legend="Social attributes are read on the pairs drawn for them (all differ by design); "
+             "nuisance attributes on every pair, where donor and recipient happen to differ.")""",
+ ["remove-input"]),
+(MD, r"""## Where: the site map
+
+{numref}`fig-site-map` shows the transfer rate of every judged attribute for every site, over all steps and over
+the edit window; the table after it gives the social attributes with their intervals."""),
+(CODE, r"""def grid(window, attrs=tuple(world.ATTRIBUTES)):
+    t = tab[tab.window == window].pivot(index="site", columns="attribute", values="transfer")
+    order = [g for g in S.GROUPS if g in t.index]
+    t = t.loc[order, list(attrs)]
+    t.index = [g + (" †" if g in S.CONFOUNDED else "") for g in t.index]
+    return t
+
+fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), sharey=True)
+for ax, w in zip(axes, S.MAP_WINDOWS):
+    sns.heatmap(grid(w), vmin=0, vmax=1, cmap="viridis", annot=True, fmt=".2f", cbar=ax is axes[-1], ax=ax,
+                annot_kws={"size": 8})
+    ax.set_title(f"patched over steps {w}")
+    ax.set_xlabel("attribute read by the judge"); ax.set_ylabel("")
+plt.tight_layout()""", ["hide-input"],
+ {"name": "fig-site-map", "caption": "Transfer rate (share of differing pairs in which the patched recipient takes "
+  "the donor's class) per site and attribute; left every step, right the edit window. † confounded: the UNet's "
+  "output is the donor's whatever x_t."}),
+(CODE, r"""soc = tab[tab.attribute.isin(world.SOCIAL)].copy()
+soc["cell"] = [tables.ci(r.transfer, r.lo, r.hi) for r in soc.itertuples()]
+site_tab = soc.pivot_table(index="site", columns=["window", "attribute"], values="cell", aggfunc="first")
+site_tab = site_tab.loc[[g for g in S.GROUPS if g in site_tab.index],
+                        [(w, a) for w in S.MAP_WINDOWS for a in world.SOCIAL]]
+site_tab.index = [g + (" †" if g in S.CONFOUNDED else "") for g in site_tab.index]
+tables.frame(site_tab, legend="Transfer rate [95% Wilson CI] of the social attributes, per site and window; "
+             f"n = {meta['pairs_per']} pairs per attribute. † confounded.")""",
+ ["remove-input"]),
+(CODE, r"""verdicts = {(a, w): S.where(tab, a, w) for a in world.SOCIAL for w in S.MAP_WINDOWS}
+for a in world.SOCIAL:
+    for w, key in zip(S.MAP_WINDOWS, ("all", "win")):
+        v = verdicts[(a, w)]
+        glue(f"h_{a}_{key}", tables.num(v["h"]), display=False)
+        glue(f"best_{a}_{key}", f"`{v['best']}`", display=False)
+        glue(f"best_t_{a}_{key}", tables.num(v["best transfer"]), display=False)
+        glue(f"hbest_{a}_{key}", "is" if v["h best"] else "is not", display=False)
+        glue(f"hskips_{a}_{key}", {"higher": "more than", "lower": "less than", "tied": "as much as (CIs overlap)"}
+             [v["h vs skips"]], display=False)
+        r = tab[(tab.site == "all skips") & (tab.window == w) & (tab.attribute == a)].iloc[0]
+        glue(f"skips_{a}_{key}", tables.num(r.transfer), display=False)
+# the built-in check: down_blocks.2 (the mid block's input) and mid_block must give the same images' classes
+same = [bool(torch.equal(cells[("down_blocks.2", w)][a], cells[("mid_block", w)][a]))
+        for w in S.MAP_WINDOWS for a in world.ATTRIBUTES]
+glue("nested_check", "identical" if all(same) else f"not identical ({sum(same)}/{len(same)} attribute readings)",
+     display=False)
+pd.DataFrame(verdicts).T""", ["remove-cell"]),
+(MD, r"""Over every step, h transfers gender in {glue:text}`h_gender_all` of pairs, age in {glue:text}`h_age_all` and skin
+tone in {glue:text}`h_race_all`; over the edit window {glue:text}`h_gender_win`, {glue:text}`h_age_win` and
+{glue:text}`h_race_win`. The best non-confounded site for skin tone is {glue:text}`best_race_all`
+({glue:text}`best_t_race_all` over every step), and h {glue:text}`hbest_race_all` among the best sites for it (best,
+or its interval overlaps the best's); for gender h {glue:text}`hbest_gender_all` and for age h
+{glue:text}`hbest_age_all`. Against the skip tensors alone — the recipient keeps its own h, the up path gets the
+donor's skips — h carries gender {glue:text}`hskips_gender_all` them ({glue:text}`skips_gender_all` for the skips),
+age {glue:text}`hskips_age_all` them ({glue:text}`skips_age_all`) and skin tone {glue:text}`hskips_race_all` them
+({glue:text}`skips_race_all`). As the nesting requires, the `down_blocks.2` and `mid_block` patches give
+{glue:text}`nested_check` judged classes."""),
+(MD, r"""## When: the step window of h
+
+{numref}`fig-window-map` patches h alone over windows of the 25 DDIM steps."""),
+(CODE, r"""wins = list(S.WINDOWS)
+t = tab[(tab.site == "mid_block")].pivot(index="window", columns="attribute", values="transfer")
+t = t.loc[[w for w in wins if w in t.index], list(world.ATTRIBUTES)]
+fig, ax = plt.subplots(figsize=(7.5, 3.8))
+sns.heatmap(t, vmin=0, vmax=1, cmap="viridis", annot=True, fmt=".2f", ax=ax, annot_kws={"size": 8})
+ax.set_xlabel("attribute read by the judge"); ax.set_ylabel("steps patched (h only)")
+plt.tight_layout()""", ["hide-input"],
+ {"name": "fig-window-map", "caption": "Transfer rate of h patched over windows of the sampling steps (step 0 is "
+  "the noisiest)."}),
+(CODE, r"""def tr(a, w, site="mid_block"):
+    r = tab[(tab.site == site) & (tab.window == w) & (tab.attribute == a)]
+    return r.iloc[0] if len(r) else None
+
+for a in world.SOCIAL:
+    for w in ("0–7", "8–24", "0–3", "16–24"):
+        r = tr(a, w)
+        glue(f"w_{a}_{w.replace('–', '_')}", tables.ci(r.transfer, r.lo, r.hi), display=False)
+    glue(f"early_vs_late_{a}", {"higher": "more", "lower": "less", "tied": "about as much (CIs overlap)"}
+         [S.compare(tab, a, ("mid_block", "0–7"), ("mid_block", "8–24"))], display=False)""", ["remove-cell"]),
+(MD, r"""The first eight steps alone (0–7) carry gender {glue:text}`early_vs_late_gender` than the edit window (8–24)
+does ({glue:text}`w_gender_0_7` against {glue:text}`w_gender_8_24`), age {glue:text}`early_vs_late_age`
+({glue:text}`w_age_0_7` against {glue:text}`w_age_8_24`) and skin tone {glue:text}`early_vs_late_race`
+({glue:text}`w_race_0_7` against {glue:text}`w_race_8_24`)."""),
+(MD, r"""## The ceiling against the features and the edits
+
+A patch of h over the edit window is the ceiling for any edit of h there. Between that ceiling and what DiffLens'
+edits reach lie three losses, each measured on the same pairs (the first table below):
+
+* **the SAE's reconstruction**: h patched with the donor's SAE reconstruction instead of its h;
+* **all latents**: the recipient's h moved by the difference of *all* SAE latents between donor and recipient
+  (it keeps its own reconstruction error);
+* **the ranked latents**: moved by the difference of only the latents chapters 4–7 edit — the top k per class
+  ranked by integrated gradients, the union over classes — or of the top 4k (at most the 64 stored per class).
+  This is the most an edit confined to those latents could write: the donor's own values at the donor's own
+  positions.
+
+**Leakage** is read the same way for every row: over the other six attributes, the share of pairs that agree on one
+of them whose class of it changed."""),
+(CODE, r"""dec = S.decomposition()
+d = dec.copy()
+d["transfer"] = [tables.ci(r.transfer, r.lo, r.hi) for r in d.itertuples()]
+d = d.set_index(["attribute", "patch"])[["latents", "transfer", "leakage"]]
+tables.frame(d, legend="Each row patches h over steps 8–24 on the attribute's pairs: with the donor's h (the "
+             "ceiling), its SAE reconstruction, or the recipient's h moved by the difference of all or of the "
+             "ranked SAE latents (their number in `latents`). Leakage: other attributes changed where donor and "
+             "recipient agree on them.")""", ["remove-input"]),
+(CODE, r"""summ, curve = S.ceiling_vs_edit()
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+marks = {"SAE(h donor)": "s", "all latents": "D", "top 4k latents": "^", "top k latents": "v"}
+for ax, a in zip(axes, world.SOCIAL):
+    for m, g in curve[curve.attribute == a].groupby("method"):
+        ax.plot(g.leakage, g.transfer, "o-", label=f"{m} (β grid)", alpha=0.8)
+    for r in dec[dec.attribute == a].itertuples():
+        ax.plot(r.leakage, r.transfer, marker="*" if r.patch.startswith("h donor") else marks[r.patch],
+                ms=12 if r.patch.startswith("h donor") else 8, ls="", color="k" if r.patch.startswith("h donor")
+                else None, label=r.patch)
+    ax.set_title(a); ax.set_xlabel("leakage"); ax.set_ylim(0, 1.02)
+axes[0].set_ylabel("transfer to the donor's class")
+axes[-1].legend(fontsize=7, loc="lower right")
+plt.tight_layout()""", ["hide-input"],
+ {"name": "fig-ceiling", "caption": "Transfer against leakage on each attribute's pairs, steps 8–24: the ceiling "
+  "(★, h patched), the SAE and latent transplants, and DiffLens' edits over the settings chapter 7's validation "
+  "explored (every recipient asked for its donor's class)."}),
+(CODE, r"""summ_tab = summ.set_index(["attribute", "method"])[["ceiling transfer", "ceiling leakage",
+                                                      "edit transfer at matched leakage", "share of ceiling",
+                                                      "edit best transfer", "its leakage"]]
+tables.frame(summ_tab, legend="Edit transfer at matched leakage: the best transfer among the edit's settings that "
+             "leak no more than the ceiling (— when every setting leaks more); best transfer: at any leakage.")""",
+ ["remove-input"]),
+(CODE, r"""def dv(a, patch):
+    r = dec[(dec.attribute == a) & (dec.patch == patch)]
+    return r.iloc[0] if len(r) else None
+
+for a in world.SOCIAL:
+    for p, key in (("h donor (ceiling)", "ceil"), ("SAE(h donor)", "sae"), ("all latents", "all"),
+                   ("top 4k latents", "k4"), ("top k latents", "k")):
+        r = dv(a, p)
+        glue(f"d_{a}_{key}", tables.num(r.transfer) if r is not None else "—", display=False)
+    rows = summ[summ.attribute == a]
+    best = rows.sort_values("edit best transfer", ascending=False).iloc[0]
+    glue(f"e_{a}_best", tables.num(best["edit best transfer"]), display=False)
+    glue(f"e_{a}_method", best["method"], display=False)
+    m = rows["share of ceiling"].dropna()
+    glue(f"e_{a}_share", tables.num(m.max(), percent=True) if len(m) else "— (every setting leaks more than the "
+         "ceiling)", display=False)
+    glue(f"k_{a}", tables.num(identify.K[a]), display=False)""", ["remove-cell"]),
+(MD, r"""For skin tone, the ceiling over the edit window is {glue:text}`d_race_ceil`; the donor's SAE reconstruction
+transfers {glue:text}`d_race_sae`, all latents {glue:text}`d_race_all`, the top 4k ranked latents
+{glue:text}`d_race_k4` and the top k = {glue:text}`k_race` per class {glue:text}`d_race_k`. DiffLens' best edit
+reaches {glue:text}`e_race_best` ({glue:text}`e_race_method`, at any leakage) and, at no more leakage than the
+ceiling, {glue:text}`e_race_share` of it. For gender the same chain reads {glue:text}`d_gender_ceil` →
+{glue:text}`d_gender_sae` → {glue:text}`d_gender_all` → {glue:text}`d_gender_k4` → {glue:text}`d_gender_k`, edits
+{glue:text}`e_gender_best` ({glue:text}`e_gender_share` of the ceiling at matched leakage); for age
+{glue:text}`d_age_ceil` → {glue:text}`d_age_sae` → {glue:text}`d_age_all` → {glue:text}`d_age_k4` →
+{glue:text}`d_age_k`, edits {glue:text}`e_age_best` ({glue:text}`e_age_share`)."""),
+]
+OUT = Path(__file__).resolve().parent.parent / "06_where_attributes_live.ipynb"
+
+
+def main():
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nb.metadata["language_info"] = {"name": "python"}
+    for c in CELLS:
+        kind, src, *rest = c
+        cell = nbformat.v4.new_markdown_cell(src) if kind == MD else nbformat.v4.new_code_cell(src)
+        if rest and rest[0]:
+            cell.metadata["tags"] = list(rest[0])
+        if len(rest) > 1 and rest[1]:
+            cell.metadata["mystnb"] = {"figure": rest[1]}
+        nb.cells.append(cell)
+    nbformat.write(nb, OUT)
+    print("wrote", OUT)
+
+
+if __name__ == "__main__":
+    main()
