@@ -5,5 +5,6 @@ outside this package imports it (the book, scripts, bench and tests do).
 * ``dissect``   — chapters 2–3: harvest → both SAEs → channel edits, reconstruction check
 * ``identify``  — chapter 4: probe, IG rankings, footprints, top-k vs random-k vs channels check
 * ``sweeps``    — chapter 5: β sweeps and multi-attribute control
+* ``sites``     — chapter 6: activation patching per site × step window, the ceiling of an edit of h
 * ``benchmark`` — chapter 7: every method on the same noise, validated then tested
 """
