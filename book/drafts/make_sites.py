@@ -64,9 +64,11 @@ The sites are the outputs of the down blocks (the main path; each block's skip t
 bottleneck `mid_block` (DiffLens' h), the first two up blocks' outputs, the skip tensors each up block receives, all
 skips, and h with all skips. Main-path sites are **nested**: patching a down block's output makes everything
 computed from it the donor's too, so `down_blocks.2` (the mid block's input) gives exactly the `mid_block` patch, and
-an up block's output carries h plus the skips of the up blocks before it. One patch is **confounded**: h with all
-skips replaces every input of the up path, so the UNet's output at those steps is the donor's whatever the
-recipient's x_t — an upper bound, not a location (marked † below). Patches run over every step (0–24) and over
+an up block's output carries h plus the skips of the up blocks before it. One patch is **confounded** (marked † below): h with
+all skips replaces every input of the up path, so the UNet's output at those steps is the donor's whatever the
+recipient's x_t. It is not an upper bound: the sampler combines that output with the recipient's own x_t (the
+model's estimate of the clean image uses both), so the trajectory follows neither sample — a patch has to leave the
+UNet's output responsive to its input to say anything. Patches run over every step (0–24) and over
 {doc}`chapter 7 <07_benchmark>`'s edit window (8–24); h also over finer windows."""),
 (CODE, r"""rec, don = pool["recipient"].long(), pool["donor"].long()
 counts = {}
@@ -98,7 +100,7 @@ for ax, w in zip(axes, S.MAP_WINDOWS):
 plt.tight_layout()""", ["hide-input"],
  {"name": "fig-site-map", "caption": "Transfer rate (share of differing pairs in which the patched recipient takes "
   "the donor's class) per site and attribute; left every step, right the edit window. † confounded: the UNet's "
-  "output is the donor's whatever x_t."}),
+  "output is the donor's whatever x_t (see the text)."}),
 (CODE, r"""soc = tab[tab.attribute.isin(world.SOCIAL)].copy()
 soc["cell"] = [tables.ci(r.transfer, r.lo, r.hi) for r in soc.itertuples()]
 site_tab = soc.pivot_table(index="site", columns=["window", "attribute"], values="cell", aggfunc="first")

@@ -15,9 +15,9 @@ in every table). Pairs of the three attributes are interleaved so that any finis
 **Reading** (:func:`transfer_table`). For an attribute and a patch: among pairs whose donor and recipient differ in
 it, the share in which the patched recipient takes the donor's class (the *transfer rate*, Wilson 95% CI); among
 pairs that agree, the share whose class changed anyway (*damage*). A patch cannot separate an attribute from the
-rest of the donor: it moves whatever the site carries. Patches that replace every input of the up path make the
-UNet's output the donor's whatever the recipient's ``x_t`` (:data:`CONFOUNDED`): they bound the map from above,
-they do not locate anything.
+rest of the donor: it moves whatever the site carries. A patch that replaces every input of the up path makes the
+UNet's output the donor's whatever the recipient's ``x_t`` (:data:`CONFOUNDED`); the sampler combines it with the
+recipient's own ``x_t``, so it is incoherent rather than an upper bound: it locates nothing.
 
 **Sites** (:data:`GROUPS`): each down block's output on the main path (its skip tensors stay the recipient's),
 the bottleneck ``mid_block`` (DiffLens' h), the first two up blocks' outputs, the skip tensors each up block
@@ -69,8 +69,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "mid_block + all skips": ("mid_block", *SKIPS),
 }
 CONFOUNDED = {
-    "mid_block + all skips": "every input of the up path is the donor's, so the UNet's output at the patched steps "
-                             "is the donor's whatever the recipient's x_t: an upper bound, not a location",
+    "mid_block + all skips": "every input of the up path is the donor's, so the UNet's output at the patched steps is "
+                             "the donor's whatever the recipient's x_t; the sampler then combines that output with the "
+                             "recipient's own x_t (its x0 estimate uses both), so the result is neither sample: the "
+                             "patch neither locates nor bounds anything",
 }
 WINDOWS: dict[str, tuple[int, int]] = {  # name -> [first, stop)
     "0–24": (0, 25), "8–24": (8, 25), "0–7": (0, 8), "0–3": (0, 4), "4–7": (4, 8), "8–15": (8, 16),
