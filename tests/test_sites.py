@@ -141,3 +141,17 @@ def test_where_and_compare_read_ci_separation():
     assert w2["best"] == "all skips" and w2["h best"] is False and w2["h vs skips"] == "lower"
     with pytest.raises(ValueError, match="no cells"):
         S.where(tab2, "gender")
+
+
+def test_losses_names_the_largest_drop_along_the_chain():
+    import pandas as pd
+    dec = pd.DataFrame([{"attribute": "race", "patch": p, "transfer": t} for p, t in
+                        zip(S.CHAIN, (0.6, 0.55, 0.5, 0.2, 0.15))])
+    summ = pd.DataFrame([{"attribute": "race", "method": "DiffLens", "edit transfer at matched leakage": 0.1,
+                          "edit best transfer": 0.3}])
+    out = S.losses(dec, summ, "race")
+    assert out["largest"] == "all latents → top 4k latents" and out["largest drop"] == pytest.approx(0.3)
+    assert out["chain"][-1] == ("best edit", 0.1) and out["edit at matched leakage"] is True
+    summ2 = summ.assign(**{"edit transfer at matched leakage": [None]})
+    out2 = S.losses(dec, summ2, "race")
+    assert out2["chain"][-1] == ("best edit", 0.3) and out2["edit at matched leakage"] is False

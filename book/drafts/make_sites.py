@@ -118,7 +118,9 @@ for a in world.SOCIAL:
         glue(f"best_{a}_{key}", f"`{v['best']}`", display=False)
         glue(f"best_t_{a}_{key}", tables.num(v["best transfer"]), display=False)
         glue(f"hbest_{a}_{key}", "is" if v["h best"] else "is not", display=False)
-        glue(f"hskips_{a}_{key}", {"higher": "more than", "lower": "less than", "tied": "as much as (CIs overlap)"}
+        u = tab[(tab.site == "up_blocks.0") & (tab.window == w) & (tab.attribute == a)].iloc[0]
+        glue(f"up0_{a}_{key}", tables.num(u.transfer), display=False)
+        glue(f"hskips_{a}_{key}", {"higher": "more than", "lower": "less than", "tied": "about as much as"}
              [v["h vs skips"]], display=False)
         r = tab[(tab.site == "all skips") & (tab.window == w) & (tab.attribute == a)].iloc[0]
         glue(f"skips_{a}_{key}", tables.num(r.transfer), display=False)
@@ -128,16 +130,35 @@ same = [bool(torch.equal(cells[("down_blocks.2", w)][a], cells[("mid_block", w)]
 glue("nested_check", "identical" if all(same) else f"not identical ({sum(same)}/{len(same)} attribute readings)",
      display=False)
 pd.DataFrame(verdicts).T""", ["remove-cell"]),
-(MD, r"""Over every step, h transfers gender in {glue:text}`h_gender_all` of pairs, age in {glue:text}`h_age_all` and skin
-tone in {glue:text}`h_race_all`; over the edit window {glue:text}`h_gender_win`, {glue:text}`h_age_win` and
-{glue:text}`h_race_win`. The best non-confounded site for skin tone is {glue:text}`best_race_all`
-({glue:text}`best_t_race_all` over every step), and h {glue:text}`hbest_race_all` among the best sites for it (best,
-or its interval overlaps the best's); for gender h {glue:text}`hbest_gender_all` and for age h
-{glue:text}`hbest_age_all`. Against the skip tensors alone — the recipient keeps its own h, the up path gets the
-donor's skips — h carries gender {glue:text}`hskips_gender_all` them ({glue:text}`skips_gender_all` for the skips),
-age {glue:text}`hskips_age_all` them ({glue:text}`skips_age_all`) and skin tone {glue:text}`hskips_race_all` them
-({glue:text}`skips_race_all`). As the nesting requires, the `down_blocks.2` and `mid_block` patches give
-{glue:text}`nested_check` judged classes."""),
+(MD, r"""Because the main-path sites are nested, the most complete patch that is not confounded carries everything
+a smaller one does; the question a site map answers is how close h *alone* comes to it. Over every step, h transfers
+gender in {glue:text}`h_gender_all` of pairs, age in {glue:text}`h_age_all` and skin tone in {glue:text}`h_race_all`
+(over the edit window: {glue:text}`h_gender_win`, {glue:text}`h_age_win`, {glue:text}`h_race_win`). The most
+complete patches reach {glue:text}`best_t_gender_all`, {glue:text}`best_t_age_all` and {glue:text}`best_t_race_all`.
+By the intervals, h {glue:text}`hbest_gender_all` as good as the best site for gender, {glue:text}`hbest_age_all`
+for age and {glue:text}`hbest_race_all` for skin tone. Giving the up path, besides h, only the two 8×8 skip tensors
+its first block receives (the `up_blocks.0` patch) moves skin tone in {glue:text}`up0_race_all` of pairs
+(gender {glue:text}`up0_gender_all`, age {glue:text}`up0_age_all`); the skip tensors alone, with the recipient's own
+h, move gender in {glue:text}`skips_gender_all`, age in {glue:text}`skips_age_all` and skin tone in
+{glue:text}`skips_race_all` — h carries each {glue:text}`hskips_gender_all` / {glue:text}`hskips_age_all` /
+{glue:text}`hskips_race_all` the skips (gender / age / skin tone). As the nesting requires, the `down_blocks.2` and
+`mid_block` patches give {glue:text}`nested_check` judged classes."""),
+(CODE, r"""from helpers import models
+
+model = models.load_model("embedded")
+idx = torch.arange(S.SHOW)
+noise = models.make_noise(meta["n"], model.sample_size, S.POOL_SEED)
+shown_rec = models.sample(model, noise=noise[rec[idx]], steps=S.STEPS)
+shown_don = models.sample(model, noise=noise[don[idx]], steps=S.STEPS)
+rows_img, labels = [shown_rec, shown_don], ["recipient", "donor"]
+for g in ("mid_block", "up_blocks.0", "all skips"):
+    t, _ = io.load_tensors(S.OUT / "cells" / f"{S.slug(g, '0–24')}_c0.safetensors")
+    rows_img.append(t["images"].float() / 255); labels.append(f"{g} patched")
+titles = [f"{world.SOCIAL[int(pool['drawn_for'][i])]}" for i in idx] + [""] * (len(rows_img) - 1) * S.SHOW
+show_images(torch.cat(rows_img), nrow=S.SHOW, titles=titles, row_labels=labels);""", ["hide-input"],
+ {"name": "fig-patch-examples", "caption": "The first pairs (titled by the attribute they were drawn for): recipient, "
+  "donor, and the recipient patched over every step at h, at h plus the first up block's skip tensors "
+  "(`up_blocks.0`), and at the skip tensors alone."}),
 (MD, r"""## When: the step window of h
 
 {numref}`fig-window-map` patches h alone over windows of the 25 DDIM steps."""),
@@ -236,6 +257,28 @@ ceiling, {glue:text}`e_race_share` of it. For gender the same chain reads {glue:
 {glue:text}`e_gender_best` ({glue:text}`e_gender_share` of the ceiling at matched leakage); for age
 {glue:text}`d_age_ceil` → {glue:text}`d_age_sae` → {glue:text}`d_age_all` → {glue:text}`d_age_k4` →
 {glue:text}`d_age_k`, edits {glue:text}`e_age_best` ({glue:text}`e_age_share`)."""),
+(CODE, r"""for a in world.SOCIAL:
+    L = S.losses(dec, summ, a)
+    glue(f"loss_{a}", L["largest"] or "—", display=False)
+    glue(f"loss_{a}_drop", tables.num(L["largest drop"]) if L["largest drop"] is not None else "—", display=False)
+    glue(f"loss_{a}_matched", "at no more leakage than the ceiling" if L["edit at matched leakage"]
+         else "at any leakage (every setting leaks more than the ceiling)", display=False)
+premise = [a for a in world.SOCIAL if verdicts[(a, "0–24")]["h best"]]
+glue("premise_holds", ", ".join(premise) or "none of them", display=False)
+glue("premise_fails", ", ".join(a for a in world.SOCIAL if a not in premise) or "none", display=False)""",
+ ["remove-cell"]),
+(MD, r"""Along that chain the largest loss for skin tone is {glue:text}`loss_race` (a drop of
+{glue:text}`loss_race_drop` in transfer; the edit read {glue:text}`loss_race_matched`); for gender it is
+{glue:text}`loss_gender` ({glue:text}`loss_gender_drop`) and for age {glue:text}`loss_age`
+({glue:text}`loss_age_drop`).
+
+## What it means for the paper's premise
+
+DiffLens edits the bottleneck because it takes h to be where the model decides its semantic attributes. On this
+model, with ground truth, h alone is as good as the most complete patch for: {glue:text}`premise_holds`; it is not
+for: {glue:text}`premise_fails`. Where it is not, part of the attribute travels through the skip tensors, which an
+edit of h never touches: no choice of features or strength can make an h-only edit move it more often than h's own
+transplant does. Where the features fall short of h's transplant, the chain above says which step loses it."""),
 ]
 OUT = Path(__file__).resolve().parent.parent / "06_where_attributes_live.ipynb"
 

@@ -495,3 +495,24 @@ def where(table, attribute: str, window: str = "0–24") -> dict:
             "h": float(h.transfer.iloc[0]) if len(h) else None,
             "h vs skips": compare(table, attribute, ("mid_block", window), ("all skips", window)),
             "h best": bool(len(h)) and (top.site == "mid_block" or "mid_block" in tied)}
+
+
+CHAIN = ("h donor (ceiling)", "SAE(h donor)", "all latents", "top 4k latents", "top k latents")
+
+
+def losses(dec, summary, attribute: str) -> dict:
+    """Where the transfer of ``attribute`` is lost between the ceiling and the edits: the chain ceiling → the donor's
+    SAE reconstruction → all latents → top 4k → top k ranked latents → the best edit at no more leakage than the
+    ceiling (or, when every edit setting leaks more, at any leakage: ``edit at matched leakage`` says which). Returns
+    the chain's transfers, each step's drop, and the step with the largest drop."""
+    d = dec[dec.attribute == attribute].set_index("patch")
+    chain = [(p, float(d.loc[p, "transfer"])) for p in CHAIN if p in d.index]
+    s = summary[summary.attribute == attribute]
+    matched = s["edit transfer at matched leakage"].dropna()
+    edit = float(matched.max()) if len(matched) else float(s["edit best transfer"].max()) if len(s) else None
+    if edit is not None:
+        chain.append(("best edit", edit))
+    drops = [(f"{a} → {b}", ta - tb) for (a, ta), (b, tb) in zip(chain, chain[1:])]
+    big = max(drops, key=lambda x: x[1]) if drops else (None, None)
+    return {"chain": chain, "drops": drops, "largest": big[0], "largest drop": big[1],
+            "edit at matched leakage": bool(len(matched))}
