@@ -38,6 +38,7 @@ per 25 patched steps.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -326,8 +327,9 @@ def wilson(k: int, n: int) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
-def load(out=OUT) -> tuple[dict, dict[tuple[str, str], dict[str, torch.Tensor]]]:
+def load(out=None) -> tuple[dict, dict[tuple[str, str], dict[str, torch.Tensor]]]:
     """The pool's tensors and, per configuration whose every chunk exists, the patched classes of all pairs."""
+    out = Path(out or OUT)
     pool, meta = io.load_tensors(out / "pool.safetensors")
     n = len(pool["recipient"])
     cells = {}
@@ -345,12 +347,13 @@ def load(out=OUT) -> tuple[dict, dict[tuple[str, str], dict[str, torch.Tensor]]]
     return {**pool, "meta": meta}, cells
 
 
-def transfer_table(out=OUT, drawn_only: bool = True) -> "pd.DataFrame":
+def transfer_table(out=None, drawn_only: bool = True) -> "pd.DataFrame":
     """One row per configuration × attribute: pairs that differ (``n``), transfer rate with its Wilson CI, pairs
     that agree and the share of them damaged. With ``drawn_only`` a social attribute is read on the pairs drawn for
     it (its donor differs by design); nuisance attributes are always read on every pair where they happen to differ."""
     import pandas as pd
 
+    out = Path(out or OUT)
     pool, cells = load(out)
     rec, don = pool["recipient"].long(), pool["donor"].long()
     rows = []
@@ -397,13 +400,14 @@ def _leakage(pool, sel, patched: dict[str, torch.Tensor], attribute: str) -> tup
     return changed, total
 
 
-def ceiling_vs_edit(out=OUT, window: str = "8–24") -> tuple["pd.DataFrame", "pd.DataFrame"]:
+def ceiling_vs_edit(out=None, window: str = "8–24") -> tuple["pd.DataFrame", "pd.DataFrame"]:
     """Per social attribute: the ceiling (h patched from the donor over ``window``: transfer rate and leakage, with
     Wilson CIs) and each edit method's curve over its settings on the same recipients (transfer, leakage). The
     summary gives each method's best transfer among its settings that leak no more than the ceiling (``None`` when
     every setting leaks more), as a share of the ceiling, and its best transfer at any leakage."""
     import pandas as pd
 
+    out = Path(out or OUT)
     pool, cells = load(out)
     curve, summary = [], []
     for a in world.SOCIAL:
@@ -439,12 +443,13 @@ def ceiling_vs_edit(out=OUT, window: str = "8–24") -> tuple["pd.DataFrame", "p
     return pd.DataFrame(summary), curve.sort_values(["attribute", "method", "setting"]) if len(curve) else curve
 
 
-def decomposition(out=OUT, window: str = "8–24") -> "pd.DataFrame":
+def decomposition(out=None, window: str = "8–24") -> "pd.DataFrame":
     """Per social attribute, on its pairs: transfer (Wilson CI) and leakage of the full h transplant (the ceiling)
     and of each latent variant (:meth:`Sites.latents`) — where along ceiling → SAE → all latents → ranked latents the
     transfer is lost."""
     import pandas as pd
 
+    out = Path(out or OUT)
     pool, cells = load(out)
     rows = []
     for a in world.SOCIAL:
