@@ -295,6 +295,7 @@ def main():
         if len(rest) > 1 and rest[1]:
             cell.metadata["mystnb"] = {"figure": rest[1]}
         nb.cells.append(cell)
+    nb.metadata["book"] = {"typed_numbers": {"95%": "the confidence level of every interval, a setting"}}
     nbformat.write(nb, OUT)
     print("wrote", OUT)
 
