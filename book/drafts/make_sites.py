@@ -180,11 +180,17 @@ for a in world.SOCIAL:
         r = tr(a, w)
         glue(f"w_{a}_{w.replace('–', '_')}", tables.ci(r.transfer, r.lo, r.hi), display=False)
     glue(f"early_vs_late_{a}", {"higher": "more", "lower": "less", "tied": "about as much (CIs overlap)"}
-         [S.compare(tab, a, ("mid_block", "0–7"), ("mid_block", "8–24"))], display=False)""", ["remove-cell"]),
+         [S.compare(tab, a, ("mid_block", "0–7"), ("mid_block", "8–24"))], display=False)
+for w in ("0–7", "8–24", "0–24"):
+    r = tr("background", w)
+    glue(f"bg_{w.replace('–', '_')}", tables.ci(r.transfer, r.lo, r.hi), display=False)""", ["remove-cell"]),
 (MD, r"""The first eight steps alone (0–7) carry gender {glue:text}`early_vs_late_gender` than the edit window (8–24)
 does ({glue:text}`w_gender_0_7` against {glue:text}`w_gender_8_24`), age {glue:text}`early_vs_late_age`
 ({glue:text}`w_age_0_7` against {glue:text}`w_age_8_24`) and skin tone {glue:text}`early_vs_late_race`
-({glue:text}`w_race_0_7` against {glue:text}`w_race_8_24`)."""),
+({glue:text}`w_race_0_7` against {glue:text}`w_race_8_24`). The backdrop, by contrast, is settled in the first
+steps: h patched over steps 0–7 moves it in {glue:text}`bg_0_7` of the pairs where it differs, over 8–24 in
+{glue:text}`bg_8_24` — an edit confined to the edit window cannot change it, which is one reason edits there leave
+it alone."""),
 (MD, r"""## The ceiling against the features and the edits
 
 A patch of h over the edit window is the ceiling for any edit of h there. Between that ceiling and what DiffLens'
@@ -195,8 +201,9 @@ edits reach lie three losses, each measured on the same pairs (the first table b
   (it keeps its own reconstruction error);
 * **the ranked latents**: moved by the difference of only the latents chapters 4–7 edit — the top k per class
   ranked by integrated gradients, the union over classes — or of the top 4k (at most the 64 stored per class).
-  This is the most an edit confined to those latents could write: the donor's own values at the donor's own
-  positions.
+  This writes the donor's own values at the donor's own positions — what a natural sample of the other class has
+  in those latents; an edit may push the same latents further than any sample has them, which is what a large β
+  does.
 
 **Leakage** is read the same way for every row: over the other six attributes, the share of pairs that agree on one
 of them whose class of it changed."""),

@@ -224,7 +224,8 @@ class Sites:
         reconstruction error), or of the ranked latents only: the union over classes of the top ``k`` per class
         that chapters 4–6 edit (``top k latents``; k of :data:`helpers.chapters.identify.K`) or of the top ``4k`` (at
         most the 64 ranked per class that are stored).
-        Each is the most an edit confined to that part of h could write there; resumable."""
+        Each writes what the donor — a natural sample of the other class — has in that part of h (an edit may push
+        the same latents further than any sample has them); resumable."""
         from tqdm.auto import tqdm
 
         p = self.pool()
