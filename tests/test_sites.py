@@ -130,15 +130,15 @@ def _table(rows):
 
 
 def test_where_and_compare_read_ci_separation():
-    tab = _table([("mid_block", 0.6, 0.5, 0.7), ("all skips", 0.2, 0.1, 0.3), ("down_blocks.0", 0.65, 0.55, 0.75),
+    tab = _table([("mid_block", 0.6, 0.5, 0.7), (S.SKIPS_COHERENT, 0.2, 0.1, 0.3), ("down_blocks.0", 0.65, 0.55, 0.75),
                   ("mid_block + all skips", 0.99, 0.95, 1.0)])
     w = S.where(tab, "race")
     assert w["best"] == "down_blocks.0" and w["tied with best"] == ["mid_block"]  # the confounded patch is not a site
     assert w["h vs skips"] == "higher" and w["h best"] is True
-    assert S.compare(tab, "race", ("all skips", "0–24"), ("mid_block", "0–24")) == "lower"
-    tab2 = _table([("mid_block", 0.3, 0.2, 0.4), ("all skips", 0.8, 0.7, 0.9)])
+    assert S.compare(tab, "race", (S.SKIPS_COHERENT, "0–24"), ("mid_block", "0–24")) == "lower"
+    tab2 = _table([("mid_block", 0.3, 0.2, 0.4), (S.SKIPS_COHERENT, 0.8, 0.7, 0.9)])
     w2 = S.where(tab2, "race")
-    assert w2["best"] == "all skips" and w2["h best"] is False and w2["h vs skips"] == "lower"
+    assert w2["best"] == S.SKIPS_COHERENT and w2["h best"] is False and w2["h vs skips"] == "lower"
     with pytest.raises(ValueError, match="no cells"):
         S.where(tab2, "gender")
 
@@ -155,3 +155,18 @@ def test_losses_names_the_largest_drop_along_the_chain():
     summ2 = summ.assign(**{"edit transfer at matched leakage": [None]})
     out2 = S.losses(dec, summ2, "race")
     assert out2["chain"][-1] == ("best edit", 0.3) and out2["edit at matched leakage"] is False
+
+
+def test_sae_verdicts_read_ci_separation():
+    import pandas as pd
+    dec = pd.DataFrame([{"attribute": "age", "patch": p, "lo": lo, "hi": hi} for p, lo, hi in
+                        (("h donor (ceiling)", 0.6, 0.76), ("all latents", 0.55, 0.72), ("top k latents", 0.05, 0.16))])
+    assert S.sae_verdicts(dec) == {"age": {"SAE loses": False, "ranked latents lose": True}}
+
+
+def test_roughness_separates_portraits_from_noise():
+    from helpers import world as W
+    imgs = W.sample(8, seed=3).images
+    imgs = imgs.float() / 255 if imgs.dtype == torch.uint8 else imgs
+    noise = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert S.roughness(imgs) < 0.1 < 0.3 < S.roughness(noise)
