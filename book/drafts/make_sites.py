@@ -43,6 +43,11 @@ if RECOMPUTE:
 pool, cells = S.load()
 tab = S.transfer_table()
 meta = pool["meta"]
+rough = {g: S.roughness(io.load_tensors(S.OUT / "cells" / f"{S.slug(g, '0–24')}_c0.safetensors")[0]["images"]
+                        .float() / 255) for g in S.GROUPS}
+glue("rough_bad", tables.num(min(rough[g] for g in S.CONFOUNDED)) + "–" + tables.num(max(rough[g] for g in S.CONFOUNDED)),
+     display=False)
+glue("rough_h", tables.num(rough["mid_block"]), display=False)
 for k, v in {"pool_n": meta["n"], "pairs_per": meta["pairs_per"], "n_pairs": len(pool["recipient"]),
              "steps": S.STEPS, "n_configs": len(cells), "n_sites": len(S.GROUPS)}.items():
     glue(k, tables.num(v), display=False)""", ["hide-output"]),
@@ -61,14 +66,19 @@ agree on it whose class changed anyway. A patch cannot pick one attribute out of
 carries, all of it.
 
 The sites are the outputs of the down blocks (the main path; each block's skip tensors stay the recipient's), the
-bottleneck `mid_block` (DiffLens' h), the first two up blocks' outputs, the skip tensors each up block receives, all
-skips, and h with all skips. Main-path sites are **nested**: patching a down block's output makes everything
+bottleneck `mid_block` (DiffLens' h), the first two up blocks' outputs, the skip tensors each up block receives, the
+8×8 and 16×16 skips together, all skips, and h with all skips. Main-path sites are **nested**: patching a down block's output makes everything
 computed from it the donor's too, so `down_blocks.2` (the mid block's input) gives exactly the `mid_block` patch, and
-an up block's output carries h plus the skips of the up blocks before it. One patch is **confounded** (marked † below): h with
-all skips replaces every input of the up path, so the UNet's output at those steps is the donor's whatever the
-recipient's x_t. It is not an upper bound: the sampler combines that output with the recipient's own x_t (the
-model's estimate of the clean image uses both), so the trajectory follows neither sample — a patch has to leave the
-UNet's output responsive to its input to say anything. Patches run over every step (0–24) and over
+an up block's output carries h plus the skips of the up blocks before it. Three patches are **confounded** (marked † below): those that replace the 32×32 skip tensors the last up block
+receives (`skips → up_blocks.2`, `all skips`, h with all skips). Those tensors — the output of the first
+convolution and of the first resnet — carry the noisy input x_t itself; the donor's make the UNet predict the
+donor's noise, which the sampler then removes from the recipient's x_t, and the images end as noise (a roughness of
+{glue:text}`rough_bad` against {glue:text}`rough_h` for h's patches: the mean difference of neighbouring pixels) —
+the judge's readings of them mean nothing. h with all skips is the patch that makes the UNet's whole output the
+donor's whatever the recipient's x_t, and it is no upper bound either. The skip tensors that can be patched
+without replacing x_t are the 8×8 and 16×16 ones (`skips → up_blocks.0–1`); with the recipient's own h they give
+blurred blends of the two samples ({numref}`fig-patch-examples`), so their readings are of images off the model's
+distribution. Patches run over every step (0–24) and over
 {doc}`chapter 7 <07_benchmark>`'s edit window (8–24); h also over finer windows."""),
 (CODE, r"""rec, don = pool["recipient"].long(), pool["donor"].long()
 counts = {}
@@ -122,7 +132,7 @@ for a in world.SOCIAL:
         glue(f"up0_{a}_{key}", tables.num(u.transfer), display=False)
         glue(f"hskips_{a}_{key}", {"higher": "more than", "lower": "less than", "tied": "about as much as"}
              [v["h vs skips"]], display=False)
-        r = tab[(tab.site == "all skips") & (tab.window == w) & (tab.attribute == a)].iloc[0]
+        r = tab[(tab.site == S.SKIPS_COHERENT) & (tab.window == w) & (tab.attribute == a)].iloc[0]
         glue(f"skips_{a}_{key}", tables.num(r.transfer), display=False)
 # the built-in check: down_blocks.2 (the mid block's input) and mid_block must give the same images' classes
 same = [bool(torch.equal(cells[("down_blocks.2", w)][a], cells[("mid_block", w)][a]))
@@ -138,8 +148,8 @@ complete patches reach {glue:text}`best_t_gender_all`, {glue:text}`best_t_age_al
 By the intervals, h {glue:text}`hbest_gender_all` as good as the best site for gender, {glue:text}`hbest_age_all`
 for age and {glue:text}`hbest_race_all` for skin tone. Giving the up path, besides h, only the two 8×8 skip tensors
 its first block receives (the `up_blocks.0` patch) moves skin tone in {glue:text}`up0_race_all` of pairs
-(gender {glue:text}`up0_gender_all`, age {glue:text}`up0_age_all`); the skip tensors alone, with the recipient's own
-h, move gender in {glue:text}`skips_gender_all`, age in {glue:text}`skips_age_all` and skin tone in
+(gender {glue:text}`up0_gender_all`, age {glue:text}`up0_age_all`); the 8×8 and 16×16 skip tensors alone, with the
+recipient's own h, move gender in {glue:text}`skips_gender_all`, age in {glue:text}`skips_age_all` and skin tone in
 {glue:text}`skips_race_all` — h carries each {glue:text}`hskips_gender_all` / {glue:text}`hskips_age_all` /
 {glue:text}`hskips_race_all` the skips (gender / age / skin tone). As the nesting requires, the `down_blocks.2` and
 `mid_block` patches give {glue:text}`nested_check` judged classes."""),
@@ -151,14 +161,15 @@ noise = models.make_noise(meta["n"], model.sample_size, S.POOL_SEED)
 shown_rec = models.sample(model, noise=noise[rec[idx]], steps=S.STEPS)
 shown_don = models.sample(model, noise=noise[don[idx]], steps=S.STEPS)
 rows_img, labels = [shown_rec, shown_don], ["recipient", "donor"]
-for g in ("mid_block", "up_blocks.0", "all skips"):
+for g in ("mid_block", "up_blocks.0", S.SKIPS_COHERENT, "all skips"):
     t, _ = io.load_tensors(S.OUT / "cells" / f"{S.slug(g, '0–24')}_c0.safetensors")
     rows_img.append(t["images"].float() / 255); labels.append(f"{g} patched")
 titles = [f"{world.SOCIAL[int(pool['drawn_for'][i])]}" for i in idx] + [""] * (len(rows_img) - 1) * S.SHOW
 show_images(torch.cat(rows_img), nrow=S.SHOW, titles=titles, row_labels=labels);""", ["hide-input"],
  {"name": "fig-patch-examples", "caption": "The first pairs (titled by the attribute they were drawn for): recipient, "
   "donor, and the recipient patched over every step at h, at h plus the first up block's skip tensors "
-  "(`up_blocks.0`), and at the skip tensors alone."}),
+  "(`up_blocks.0`), at the 8×8 and 16×16 skip tensors alone, and at all skip tensors (confounded: the 32×32 ones "
+  "carry x_t, and the image ends as noise)."}),
 (MD, r"""## When: the step window of h
 
 {numref}`fig-window-map` patches h alone over windows of the 25 DDIM steps."""),
@@ -264,28 +275,41 @@ ceiling, {glue:text}`e_race_share` of it. For gender the same chain reads {glue:
 {glue:text}`e_gender_best` ({glue:text}`e_gender_share` of the ceiling at matched leakage); for age
 {glue:text}`d_age_ceil` → {glue:text}`d_age_sae` → {glue:text}`d_age_all` → {glue:text}`d_age_k4` →
 {glue:text}`d_age_k`, edits {glue:text}`e_age_best` ({glue:text}`e_age_share`)."""),
-(CODE, r"""for a in world.SOCIAL:
-    L = S.losses(dec, summ, a)
-    glue(f"loss_{a}", L["largest"] or "—", display=False)
-    glue(f"loss_{a}_drop", tables.num(L["largest drop"]) if L["largest drop"] is not None else "—", display=False)
-    glue(f"loss_{a}_matched", "at no more leakage than the ceiling" if L["edit at matched leakage"]
-         else "at any leakage (every setting leaks more than the ceiling)", display=False)
+(CODE, r"""sv = S.sae_verdicts(dec)
+glue("sae_loses", ", ".join(a for a in world.SOCIAL if sv[a]["SAE loses"]) or "none of them", display=False)
+glue("ranked_lose", ", ".join(a for a in world.SOCIAL if sv[a]["ranked latents lose"]) or "none of them",
+     display=False)
+for a in world.SOCIAL:
+    r = summ[summ.attribute == a].sort_values("edit best transfer", ascending=False).iloc[0]
+    glue(f"e_{a}_best_leak", tables.num(r["its leakage"]), display=False)
+    glue(f"c_{a}_leak", tables.num(r["ceiling leakage"]), display=False)
+    glue(f"e_{a}_leak_ratio", tables.num(r["its leakage"] / r["ceiling leakage"]), display=False)
 premise = [a for a in world.SOCIAL if verdicts[(a, "0–24")]["h best"]]
 glue("premise_holds", ", ".join(premise) or "none of them", display=False)
 glue("premise_fails", ", ".join(a for a in world.SOCIAL if a not in premise) or "none", display=False)""",
  ["remove-cell"]),
-(MD, r"""Along that chain the largest loss for skin tone is {glue:text}`loss_race` (a drop of
-{glue:text}`loss_race_drop` in transfer; the edit read {glue:text}`loss_race_matched`); for gender it is
-{glue:text}`loss_gender` ({glue:text}`loss_gender_drop`) and for age {glue:text}`loss_age`
-({glue:text}`loss_age_drop`).
+(MD, r"""Two different things cap the three attributes. By the intervals, the SAE itself loses transfer for:
+{glue:text}`sae_loses` — the donor's reconstruction and the all-latent transplant move each attribute about as often
+as h does. The ranked latents at the values a natural sample has carry significantly less for:
+{glue:text}`ranked_lose`; edits make up the difference by pushing those latents further than any sample has them.
+For gender and age that works: at no more leakage than h's transplant the edits reach {glue:text}`e_gender_share`
+and {glue:text}`e_age_share` of the ceiling, and age edits even pass the window's ceiling at higher leakage
+({glue:text}`e_age_best` at leakage {glue:text}`e_age_best_leak`, against the transplant's {glue:text}`d_age_ceil` at
+{glue:text}`c_age_leak`). For skin tone the cap comes first: over the edit window h's own transplant moves tone in
+only {glue:text}`d_race_ceil` of pairs, while the most complete patch of the same window reaches
+{glue:text}`best_t_race_win`; the edits reach {glue:text}`e_race_share` of h's ceiling at its leakage, and come near
+its transfer ({glue:text}`e_race_best`) only at leakage {glue:text}`e_race_best_leak`, {glue:text}`e_race_leak_ratio`
+times the transplant's.
 
 ## What it means for the paper's premise
 
 DiffLens edits the bottleneck because it takes h to be where the model decides its semantic attributes. On this
 model, with ground truth, h alone is as good as the most complete patch for: {glue:text}`premise_holds`; it is not
 for: {glue:text}`premise_fails`. Where it is not, part of the attribute travels through the skip tensors, which an
-edit of h never touches: no choice of features or strength can make an h-only edit move it more often than h's own
-transplant does. Where the features fall short of h's transplant, the chain above says which step loses it."""),
+edit of h never touches. An edit can still move such an attribute more often than h's transplant does — by writing
+into h more than any natural sample carries, as the age edits do — but it pays for it in leakage. For skin tone the
+patch that adds only the first up block's 8×8 skip tensors to h (`up_blocks.0`) transfers {glue:text}`up0_race_all`
+over every step: that site, not h alone, is where an edit of skin tone would have the room it lacks in h."""),
 ]
 OUT = Path(__file__).resolve().parent.parent / "06_where_attributes_live.ipynb"
 
