@@ -3,7 +3,8 @@
 Introduced in the chapter "Where each attribute lives". The causal question it answers: if the activations at a
 site (the bottleneck ``h``, a down block's output, the skip tensors an up block receives, …) over some sampling
 steps were those of another sample's clean run, does the recipient's image take the donor's attribute? It is the
-ceiling of any edit at that site and window: an edit can at best write there what the donor had.
+reference for an edit at that site and window: the effect of writing there what a natural sample of the other class
+has (an edit that writes more than any sample has can exceed it, at a price in leakage).
 
 * :func:`record` — a clean run of the donors, keeping the activations at ``sites`` for the steps of ``window``;
 * :func:`run_patched` — the recipients' run in which, at each step of the window, every site's output is replaced

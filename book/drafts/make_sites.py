@@ -17,8 +17,9 @@ Two explanations predict that picture: skin tone is not *in* h, so no edit of h 
 the features and edits fall short. This chapter tells them apart with **activation patching**: run a recipient's
 sampling trajectory, but at some site of the U-Net and over some sampling steps give it another sample's (the
 donor's) clean activations, and let the world's judge read whether the recipient now has the donor's class. A patch
-writes everything the donor had at that site, so its transfer rate is the **ceiling** of any edit there: an edit can
-at best write what the donor had.
+writes everything a natural sample of the other class (the donor) had at that site, so its transfer rate is the
+reference for an edit there — the **ceiling** of an edit that writes what a natural sample has; an edit that writes
+more than any sample has can exceed it, at a price in leakage.
 
 Here the world knows every factor, so the map has ground truth: where each attribute is carried, when in sampling,
 and how much of that ceiling the SAE and its ranked features reach."""),
@@ -69,7 +70,7 @@ The sites are the outputs of the down blocks (the main path; each block's skip t
 bottleneck `mid_block` (DiffLens' h), the first two up blocks' outputs, the skip tensors each up block receives, the
 8×8 and 16×16 skips together, all skips, and h with all skips. Main-path sites are **nested**: patching a down block's output makes everything
 computed from it the donor's too, so `down_blocks.2` (the mid block's input) gives exactly the `mid_block` patch, and
-an up block's output carries h plus the skips of the up blocks before it. Three patches are **confounded** (marked † below): those that replace the 32×32 skip tensors the last up block
+an up block's output carries h plus the skip tensors of that up block and those before it. Three patches are **confounded** (marked † below): those that replace the 32×32 skip tensors the last up block
 receives (`skips → up_blocks.2`, `all skips`, h with all skips). Those tensors — the output of the first
 convolution and of the first resnet — carry the noisy input x_t itself; the donor's make the UNet predict the
 donor's noise, which the sampler then removes from the recipient's x_t, and the images end as noise (a roughness of
@@ -137,16 +138,34 @@ for a in world.SOCIAL:
 # the built-in check: down_blocks.2 (the mid block's input) and mid_block must give the same images' classes
 same = [bool(torch.equal(cells[("down_blocks.2", w)][a], cells[("mid_block", w)][a]))
         for w in S.MAP_WINDOWS for a in world.ATTRIBUTES]
+from helpers import metrics
+for a in world.SOCIAL:
+    sel = pool["drawn_for"].long() == world.SOCIAL.index(a)
+    y = pool[f"cls.{a}"].long()
+    dcls = y[don][sel]
+    th = cells[("mid_block", "0–24")][a][sel] == dcls
+    tu = cells[("up_blocks.0", "0–24")][a][sel] == dcls
+    m = metrics.mcnemar(tu, th)
+    glue(f"mc_{a}", tables.num(m["only_a"]), display=False)
+    glue(f"mcr_{a}", tables.num(m["only_b"]), display=False)
+    glue(f"mcp_{a}", tables.num(m["p"]), display=False)
+    u8 = tab[(tab.site == "up_blocks.0") & (tab.window == "8–24") & (tab.attribute == a)].iloc[0]
+    glue(f"up0_{a}_win", tables.num(u8.transfer), display=False)
 glue("nested_check", "identical" if all(same) else f"not identical ({sum(same)}/{len(same)} attribute readings)",
      display=False)
 pd.DataFrame(verdicts).T""", ["remove-cell"]),
 (MD, r"""Because the main-path sites are nested, the most complete patch that is not confounded carries everything
 a smaller one does; the question a site map answers is how close h *alone* comes to it. Over every step, h transfers
 gender in {glue:text}`h_gender_all` of pairs, age in {glue:text}`h_age_all` and skin tone in {glue:text}`h_race_all`
-(over the edit window: {glue:text}`h_gender_win`, {glue:text}`h_age_win`, {glue:text}`h_race_win`). The most
-complete patches reach {glue:text}`best_t_gender_all`, {glue:text}`best_t_age_all` and {glue:text}`best_t_race_all`.
-By the intervals, h {glue:text}`hbest_gender_all` as good as the best site for gender, {glue:text}`hbest_age_all`
-for age and {glue:text}`hbest_race_all` for skin tone. Giving the up path, besides h, only the two 8×8 skip tensors
+(over the edit window: {glue:text}`h_gender_win`, {glue:text}`h_age_win`, {glue:text}`h_race_win`). The best
+non-confounded sites reach {glue:text}`best_t_gender_all`, {glue:text}`best_t_age_all` and
+{glue:text}`best_t_race_all`. By the intervals, h {glue:text}`hbest_gender_all` as good as the best site for gender,
+{glue:text}`hbest_age_all` for age and {glue:text}`hbest_race_all` for skin tone. Patches that make a 16×16 skip tensor
+the donor's but keep the recipient's 32×32 ones (`down_blocks.0`, `up_blocks.1`) leave mottled, blended backdrops, so
+the cleanest comparison is with `up_blocks.0` (h plus the 8×8 skips, clean images): on the same pairs, h misses the
+donor's class where `up_blocks.0` takes it in {glue:text}`mc_gender` pairs for gender, {glue:text}`mc_age` for age
+and {glue:text}`mc_race` for skin tone (the reverse: {glue:text}`mcr_gender`, {glue:text}`mcr_age`,
+{glue:text}`mcr_race`; McNemar p = {glue:text}`mcp_gender`, {glue:text}`mcp_age`, {glue:text}`mcp_race`). Giving the up path, besides h, only the two 8×8 skip tensors
 its first block receives (the `up_blocks.0` patch) moves skin tone in {glue:text}`up0_race_all` of pairs
 (gender {glue:text}`up0_gender_all`, age {glue:text}`up0_age_all`); the 8×8 and 16×16 skip tensors alone, with the
 recipient's own h, move gender in {glue:text}`skips_gender_all`, age in {glue:text}`skips_age_all` and skin tone in
@@ -198,10 +217,10 @@ for w in ("0–7", "8–24", "0–24"):
 (MD, r"""The first eight steps alone (0–7) carry gender {glue:text}`early_vs_late_gender` than the edit window (8–24)
 does ({glue:text}`w_gender_0_7` against {glue:text}`w_gender_8_24`), age {glue:text}`early_vs_late_age`
 ({glue:text}`w_age_0_7` against {glue:text}`w_age_8_24`) and skin tone {glue:text}`early_vs_late_race`
-({glue:text}`w_race_0_7` against {glue:text}`w_race_8_24`). The backdrop, by contrast, is settled in the first
-steps: h patched over steps 0–7 moves it in {glue:text}`bg_0_7` of the pairs where it differs, over 8–24 in
-{glue:text}`bg_8_24` — an edit confined to the edit window cannot change it, which is one reason edits there leave
-it alone."""),
+({glue:text}`w_race_0_7` against {glue:text}`w_race_8_24`). The backdrop, by contrast, is settled *in h* in the
+first steps: h patched over steps 0–7 moves it in {glue:text}`bg_0_7` of the pairs where it differs, over 8–24 in
+{glue:text}`bg_8_24` — an edit of h confined to the edit window cannot change it (other sites still carry it late: see
+{numref}`fig-site-map`)."""),
 (MD, r"""## The ceiling against the features and the edits
 
 A patch of h over the edit window is the ceiling for any edit of h there. Between that ceiling and what DiffLens'
@@ -259,18 +278,19 @@ for a in world.SOCIAL:
         r = dv(a, p)
         glue(f"d_{a}_{key}", tables.num(r.transfer) if r is not None else "—", display=False)
     rows = summ[summ.attribute == a]
-    best = rows.sort_values("edit best transfer", ascending=False).iloc[0]
+    best = rows.sort_values(["edit best transfer", "its leakage"], ascending=[False, True], kind="stable").iloc[0]
     glue(f"e_{a}_best", tables.num(best["edit best transfer"]), display=False)
     glue(f"e_{a}_method", best["method"], display=False)
     m = rows["share of ceiling"].dropna()
     glue(f"e_{a}_share", tables.num(m.max(), percent=True) if len(m) else "— (every setting leaks more than the "
          "ceiling)", display=False)
+    glue(f"e_{a}_share_method", rows.loc[m.idxmax(), "method"] if len(m) else "—", display=False)
     glue(f"k_{a}", tables.num(identify.K[a]), display=False)""", ["remove-cell"]),
 (MD, r"""For skin tone, the ceiling over the edit window is {glue:text}`d_race_ceil`; the donor's SAE reconstruction
-transfers {glue:text}`d_race_sae`, all latents {glue:text}`d_race_all`, the top 4k ranked latents
-{glue:text}`d_race_k4` and the top k = {glue:text}`k_race` per class {glue:text}`d_race_k`. DiffLens' best edit
+transfers {glue:text}`d_race_sae`, all latents {glue:text}`d_race_all`, the top 64 ranked latents per class
+(4k is capped at the 64 stored: 2k for skin tone) {glue:text}`d_race_k4` and the top k = {glue:text}`k_race` per class {glue:text}`d_race_k`. DiffLens' best edit
 reaches {glue:text}`e_race_best` ({glue:text}`e_race_method`, at any leakage) and, at no more leakage than the
-ceiling, {glue:text}`e_race_share` of it. For gender the same chain reads {glue:text}`d_gender_ceil` →
+ceiling, {glue:text}`e_race_share` of it ({glue:text}`e_race_share_method`). For gender the same chain reads {glue:text}`d_gender_ceil` →
 {glue:text}`d_gender_sae` → {glue:text}`d_gender_all` → {glue:text}`d_gender_k4` → {glue:text}`d_gender_k`, edits
 {glue:text}`e_gender_best` ({glue:text}`e_gender_share` of the ceiling at matched leakage); for age
 {glue:text}`d_age_ceil` → {glue:text}`d_age_sae` → {glue:text}`d_age_all` → {glue:text}`d_age_k4` →
@@ -280,7 +300,8 @@ glue("sae_loses", ", ".join(a for a in world.SOCIAL if sv[a]["SAE loses"]) or "n
 glue("ranked_lose", ", ".join(a for a in world.SOCIAL if sv[a]["ranked latents lose"]) or "none of them",
      display=False)
 for a in world.SOCIAL:
-    r = summ[summ.attribute == a].sort_values("edit best transfer", ascending=False).iloc[0]
+    r = summ[summ.attribute == a].sort_values(["edit best transfer", "its leakage"], ascending=[False, True],
+                                              kind="stable").iloc[0]
     glue(f"e_{a}_best_leak", tables.num(r["its leakage"]), display=False)
     glue(f"c_{a}_leak", tables.num(r["ceiling leakage"]), display=False)
     glue(f"e_{a}_leak_ratio", tables.num(r["its leakage"] / r["ceiling leakage"]), display=False)
@@ -291,11 +312,12 @@ glue("premise_fails", ", ".join(a for a in world.SOCIAL if a not in premise) or 
 (MD, r"""Two different things cap the three attributes. By the intervals, the SAE itself loses transfer for:
 {glue:text}`sae_loses` — the donor's reconstruction and the all-latent transplant move each attribute about as often
 as h does. The ranked latents at the values a natural sample has carry significantly less for:
-{glue:text}`ranked_lose`; edits make up the difference by pushing those latents further than any sample has them.
+{glue:text}`ranked_lose`; edits make up the difference, presumably by pushing those latents further than any sample has them (their β
+scales the latents' typical values).
 For gender and age that works: at no more leakage than h's transplant the edits reach {glue:text}`e_gender_share`
 and {glue:text}`e_age_share` of the ceiling, and age edits even pass the window's ceiling at higher leakage
 ({glue:text}`e_age_best` at leakage {glue:text}`e_age_best_leak`, against the transplant's {glue:text}`d_age_ceil` at
-{glue:text}`c_age_leak`). For skin tone the cap comes first: over the edit window h's own transplant moves tone in
+{glue:text}`c_age_leak`). For skin tone both limits apply, and h's own ceiling is the larger: over the edit window h's own transplant moves tone in
 only {glue:text}`d_race_ceil` of pairs, while the most complete patch of the same window reaches
 {glue:text}`best_t_race_win`; the edits reach {glue:text}`e_race_share` of h's ceiling at its leakage, and come near
 its transfer ({glue:text}`e_race_best`) only at leakage {glue:text}`e_race_best_leak`, {glue:text}`e_race_leak_ratio`
@@ -304,12 +326,13 @@ times the transplant's.
 ## What it means for the paper's premise
 
 DiffLens edits the bottleneck because it takes h to be where the model decides its semantic attributes. On this
-model, with ground truth, h alone is as good as the most complete patch for: {glue:text}`premise_holds`; it is not
-for: {glue:text}`premise_fails`. Where it is not, part of the attribute travels through the skip tensors, which an
+model, with ground truth, h alone is as good as the best site for: {glue:text}`premise_holds`; it is not
+for: {glue:text}`premise_fails` — narrowly for age (over every step h {glue:text}`h_age_all`, `up_blocks.0`
+{glue:text}`up0_age_all`), widely for skin tone (h {glue:text}`h_race_all`, `up_blocks.0` {glue:text}`up0_race_all`). Where it is not, part of the attribute travels through the skip tensors, which an
 edit of h never touches. An edit can still move such an attribute more often than h's transplant does — by writing
 into h more than any natural sample carries, as the age edits do — but it pays for it in leakage. For skin tone the
 patch that adds only the first up block's 8×8 skip tensors to h (`up_blocks.0`) transfers {glue:text}`up0_race_all`
-over every step: that site, not h alone, is where an edit of skin tone would have the room it lacks in h."""),
+over every step and {glue:text}`up0_race_win` over the edit window (h: {glue:text}`h_race_win`): that site, not h alone, is where an edit of skin tone would have the room it lacks in h."""),
 ]
 OUT = Path(__file__).resolve().parent.parent / "06_where_attributes_live.ipynb"
 
