@@ -132,9 +132,13 @@ def check_quiet(nb, name: str) -> None:
 
 
 def check_glue(nb, name: str) -> None:
-    """Every {glue} a chapter's prose pastes is glued by one of its cells."""
-    glued = {o.metadata["scrapbook"]["name"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
-             if "scrapbook" in o.get("metadata", {})}
+    """Every {glue} a chapter's prose pastes is glued by one of its cells, and no key is glued twice (the static
+    build warns on a duplicate, and -W makes that an error)."""
+    keys = [o.metadata["scrapbook"]["name"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if "scrapbook" in o.get("metadata", {})]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    assert not twice, f"{name}: glue keys glued more than once: {twice}"
+    glued = set(keys)
     wanted = {m.split(":")[0] for c in nb.cells if c.cell_type == "markdown"
               for m in re.findall(r"\{glue(?::\w+)?\}`([^`]+)`", c.source)}
     assert wanted <= glued, f"{name}: prose pastes glue keys no cell glues: {sorted(wanted - glued)}"

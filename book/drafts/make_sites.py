@@ -149,8 +149,6 @@ for a in world.SOCIAL:
     glue(f"mc_{a}", tables.num(m["only_a"]), display=False)
     glue(f"mcr_{a}", tables.num(m["only_b"]), display=False)
     glue(f"mcp_{a}", tables.num(m["p"]), display=False)
-    u8 = tab[(tab.site == "up_blocks.0") & (tab.window == "8–24") & (tab.attribute == a)].iloc[0]
-    glue(f"up0_{a}_win", tables.num(u8.transfer), display=False)
 glue("nested_check", "identical" if all(same) else f"not identical ({sum(same)}/{len(same)} attribute readings)",
      display=False)
 pd.DataFrame(verdicts).T""", ["remove-cell"]),
