@@ -5,7 +5,7 @@ Resumable: rerun after an interruption and finished cells are skipped.
     python scripts/sites.py latents    # h patched with what the SAE / its ranked latents carry of the donor's h
     python scripts/sites.py edits      # DiffLens' edits on the same pairs (the ceiling-vs-edit comparison)
 
-Costs on 2 cores: see helpers/chapters/sites.py and data/sites/log.json.
+Costs on 2 cores: see helpers/chapters/sites.py (each cell's header records its seconds and UNet passes).
 """
 import argparse
 

@@ -33,8 +33,10 @@ clean state entering ``s`` (:func:`helpers.patching.run_patched`), so it costs `
 attribute for one chunk of :data:`CHUNK` pairs, and for chunk 0 the first :data:`SHOW` images. Resumable and
 atomic; donors are recorded again per chunk (their activations are not stored: ≈ 1.4 GB per chunk in RAM).
 
-Cost on 2 cores (measured, ``log.json``): the pool pass ≈ 0.26 s per sample; a configuration ≈ 0.26 s per pair
-per 25 patched steps.
+Cost (measured; every cell's header records its ``seconds`` and UNet ``passes``): the pool pass ≈ 9 min on 2 cores;
+a configuration over every step ≈ 22 s per chunk of 64 pairs at one thread (≈ 2.2 min for all 384 pairs), a window
+starting at step ``s`` a fraction ``(25 − s)/25`` of that; the 30 configurations ≈ 1 h at one thread, the latent
+transplants ≈ 4 min and the edits ≈ 15 min at two threads.
 """
 from __future__ import annotations
 
