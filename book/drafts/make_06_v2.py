@@ -5,9 +5,7 @@ book/07_benchmark.ipynb. The validation part (frontiers) executes today. Run: py
 """
 from pathlib import Path
 
-import nbformat
-
-MD, CODE = "markdown", "code"
+from nbwrite import CODE, MD, write
 CELLS = [
 (MD, r"""# 7. Benchmark: DiffLens against five baselines, on equal terms
 
@@ -243,21 +241,8 @@ OUT = Path(__file__).with_name("07_benchmark_v2.ipynb")
 
 
 def main():
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
-    nb.metadata["language_info"] = {"name": "python"}
-    for c in CELLS:
-        kind, src, *rest = c
-        cell = nbformat.v4.new_markdown_cell(src) if kind == MD else nbformat.v4.new_code_cell(src)
-        if rest and rest[0]:
-            cell.metadata["tags"] = list(rest[0])
-        if len(rest) > 1:
-            cell.metadata["mystnb"] = {"figure": rest[1]}
-        nb.cells.append(cell)
-    nb.metadata["book"] = {"typed_numbers": {"0.95": "a keep point of the table, a setting",
-                                             "0.90": "a keep point of the table, a setting"}}
-    nbformat.write(nb, OUT)
-    print("wrote", OUT)
+    write(CELLS, OUT, typed_numbers={"0.95": "a keep point of the table, a setting",
+                                         "0.90": "a keep point of the table, a setting"})
 
 
 if __name__ == "__main__":

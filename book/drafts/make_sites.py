@@ -4,9 +4,7 @@ Run: python book/drafts/make_sites.py (then execute the notebook, or `make book`
 """
 from pathlib import Path
 
-import nbformat
-
-MD, CODE = "markdown", "code"
+from nbwrite import CODE, MD, write
 CELLS = [
 (MD, r"""# 6. Where each attribute lives
 
@@ -336,20 +334,7 @@ OUT = Path(__file__).resolve().parent.parent / "06_where_attributes_live.ipynb"
 
 
 def main():
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
-    nb.metadata["language_info"] = {"name": "python"}
-    for c in CELLS:
-        kind, src, *rest = c
-        cell = nbformat.v4.new_markdown_cell(src) if kind == MD else nbformat.v4.new_code_cell(src)
-        if rest and rest[0]:
-            cell.metadata["tags"] = list(rest[0])
-        if len(rest) > 1 and rest[1]:
-            cell.metadata["mystnb"] = {"figure": rest[1]}
-        nb.cells.append(cell)
-    nb.metadata["book"] = {"typed_numbers": {"95%": "the confidence level of every interval, a setting"}}
-    nbformat.write(nb, OUT)
-    print("wrote", OUT)
+    write(CELLS, OUT, typed_numbers={"95%": "the confidence level of every interval, a setting"})
 
 
 if __name__ == "__main__":
