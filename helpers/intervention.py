@@ -359,10 +359,15 @@ class Intervention:
             self.plans.append(plan)
         self.active = [p for p in self.plans if not p.edit.is_noop()]
 
-    def _decide(self, p: _Plan, ids: torch.Tensor, h: torch.Tensor, step: int) -> None:
+    def _decide(self, p: _Plan, ids: torch.Tensor, h: torch.Tensor, step: int, site: str | None = None) -> None:
         """Policy "minimal": read the batch's own classes with the probe from h at this step, then ask only the
         over-represented classes' surplus (counts for this batch) to change."""
         probe = p.edit.probe
+        site = site or self.sae.cfg.site
+        if site != probe.cfg.site:
+            raise ValueError(f"Edit policy 'minimal': the probe was trained on activations at {probe.cfg.site!r} but "
+                             f"the edit is at {site!r}; use the probe trained at the edit's site, or pass the classes "
+                             "read elsewhere as Edit.assigned")
         if h.shape[1] != probe.cfg.width:
             raise ValueError(f"Edit policy 'minimal': the probe reads {probe.cfg.width}-channel h, h here has "
                              f"{h.shape[1]}; use the probe trained at this hook site")
@@ -433,7 +438,7 @@ class Intervention:
         def apply(h, info):
             for p in self.active:
                 if p.read_step is not None and info.step == p.read_step and not bool(p.decided[ids].all()):
-                    self._decide(p, ids, h, info.step)
+                    self._decide(p, ids, h, info.step, site)
             plans = [p for p in self.active if p.steps is None or info.step in p.steps]
             if not plans:
                 return None

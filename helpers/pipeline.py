@@ -103,7 +103,8 @@ def train_probe(summary: harvest.Summary, attributes: dict[str, Sequence[str]], 
     if missing:
         raise ValueError(f"train_probe: the harvest's judge did not read {missing}; it read {list(labels)}")
     probe = P.train_probe(summary.pooled[:n_train], {a: labels[a][:n_train] for a in attributes},
-                          attributes=dict(attributes), epochs=epochs, progress=progress)
+                          attributes=dict(attributes), epochs=epochs, progress=progress,
+                          site=summary.settings.get("site", hooks.DEFAULT_SITE))
     acc = None
     if n_train < len(summary.pooled):
         acc = P.accuracy(probe, summary.pooled[n_train:], {a: labels[a][n_train:] for a in attributes})

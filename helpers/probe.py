@@ -25,6 +25,7 @@ class ProbeConfig:
     n_steps: int  # sampling steps (one head per step)
     width: int  # channels of h
     attributes: dict[str, tuple[str, ...]]  # attribute -> its class names (one head each)
+    site: str = "mid_block"  # the hook site whose activations it reads (helpers.hooks.sites)
 
 
 def schema(attributes) -> dict[str, tuple[str, ...]]:
@@ -97,14 +98,16 @@ class HProbe(nn.Module):
 
 
 def train_probe(pooled: torch.Tensor, labels: dict[str, torch.Tensor], attributes: dict[str, tuple[str, ...]],
-                epochs: int = 300, lr: float = 0.05, weight_decay: float = 1e-3, progress: bool = False) -> HProbe:
+                epochs: int = 300, lr: float = 0.05, weight_decay: float = 1e-3, progress: bool = False,
+                site: str = "mid_block") -> HProbe:
     """Fit every head at once on pooled h ``(n, steps, C)`` and judged ``labels`` (full batch, Adam).
 
-    ``attributes`` is ``{name: class names}`` (a judge's ``.attributes``, or a subset of it)."""
+    ``attributes`` is ``{name: class names}`` (a judge's ``.attributes``, or a subset of it); ``site`` is where
+    ``pooled`` was captured (the probe refuses to read activations from another site during an edit)."""
     if pooled.ndim != 3:
         raise ValueError(f"train_probe: pooled must be (samples, steps, channels), got {tuple(pooled.shape)}")
     n, s, c = pooled.shape
-    probe = HProbe(ProbeConfig(n_steps=s, width=c, attributes=attributes))
+    probe = HProbe(ProbeConfig(n_steps=s, width=c, attributes=attributes, site=site))
     x = pooled.float()
     with torch.no_grad():
         probe.mean.copy_(x.mean(0))

@@ -4,6 +4,8 @@ Resumable: rerun after an interruption and finished cells are skipped.
     python scripts/sites.py patch      # the pool, its pairs, every (site group, window) patch
     python scripts/sites.py latents    # h patched with what the SAE / its ranked latents carry of the donor's h
     python scripts/sites.py edits      # DiffLens' edits on the same pairs (the ceiling-vs-edit comparison)
+    python scripts/sites.py lens       # chapters 3–4's SAE, probe and IG ranking at up_blocks.0 (data/sites/lens/)
+    python scripts/sites.py lens-validate | lens-freeze | lens-test   # chapter 7's protocol for its DiffLens rows
 
 Costs on 2 cores: see helpers/chapters/sites.py (each cell's header records its seconds and UNet passes).
 """
@@ -15,10 +17,25 @@ from helpers.chapters import sites
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["patch", "latents", "edits"])
+    ap.add_argument("stage", choices=["patch", "latents", "edits", "lens", "lens-validate",
+                                           "lens-freeze", "lens-test"])
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.stage.startswith("lens"):
+        from helpers.chapters import benchmark
+
+        if a.stage == "lens":
+            sites.lens()
+        else:
+            b = sites.lens_bench()
+            if a.stage == "lens-validate":
+                benchmark.validate(b, sites.LENS_ATTRIBUTES, only=sites.lens_rows())
+            elif a.stage == "lens-freeze":
+                benchmark.freeze(b, sites.LENS_ATTRIBUTES, only=sites.lens_rows())
+            else:
+                benchmark.test(b, "test", sites.LENS_ATTRIBUTES)
+        raise SystemExit(0)
     s = sites.Sites()
     if a.stage == "patch":
         s.run()

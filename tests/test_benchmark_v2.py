@@ -115,6 +115,49 @@ def test_a_minimal_cell_equals_the_in_pass_run(bench):
     del e
 
 
+def test_a_lens_bench_edits_with_its_own_sae_at_its_site_and_reuses_the_original(bench, tmp_path):
+    """Chapter 6's lens: the same rows, policies and Original pass, but DiffLens edits with another SAE at its own
+    hook site — the cell equals a full pass edited there, and no Original is rerun."""
+    from helpers import io, pipeline
+    from helpers import sae as S
+
+    torch.manual_seed(0)
+    sae = S.TopKSAE(S.SAEConfig(d_in=128, expansion=2, k=4, site="up_blocks.0"))
+    S.save_sae(sae, tmp_path / "sae.safetensors")
+    k = bench.k["gender"]
+    classes = world.ATTRIBUTES["gender"]
+    t = {}
+    for c in range(len(classes)):
+        t[f"{c}.features"] = torch.arange(c * k, (c + 1) * k)
+        t[f"{c}.map"] = torch.rand(k, 16 * 16)
+        t[f"{c}.active"] = torch.rand(k)
+    io.save_tensors(tmp_path / "footprints_gender.safetensors", t,
+                    meta={"attribute": "gender", "k_max": 64, "classes": list(classes), "site": "up_blocks.0"})
+    lb = BM.Bench(out=tmp_path / "lens-bench", states_dir=bench.states_dir, n=bench.n, batch_size=4, progress=False,
+                  shared=bench.out, lens=(tmp_path / "sae.safetensors", tmp_path, bench.k))
+    assert lb.sae.cfg.site == "up_blocks.0" and lb.probe.cfg.site == "mid_block"  # who is read: the bottleneck
+    row = BM.Row("DiffLens swap", "minimal", 8)
+    lb.cell("val", "gender", row, 4.0)
+    assert not list((tmp_path / "lens-bench").glob("original_*"))  # the Original is the shared one
+    got, _ = BM.load_cell(BM.cell_path(lb.out, "val", "gender", row, 4.0))
+    bench.cell("val", "gender", row, 4.0)
+    ref, _ = BM.load_cell(BM.cell_path(bench.out, "val", "gender", row, 4.0))
+    assert torch.equal(got["asked"], ref["asked"])  # who gets edited does not change
+    edit = pipeline.edit_for(tmp_path, "gender", 4.0, k, target=bench.target("gender"), swap=True,
+                             steps=range(8, BM.STEPS))
+    edit = replace(edit, assigned=got["asked"].long())
+    noise = BM.models.make_noise(8, bench.model.sample_size, BM.SEEDS["val"])
+    imgs, _ = I.sample_edited(bench.model, lb.sae, [edit], noise=noise, steps=BM.STEPS, batch_size=4)
+    probs = bench.judge.predict(imgs)
+    for a in world.ATTRIBUTES:
+        assert torch.equal(probs[a].argmax(-1).to(torch.uint8), got[f"cls.{a}"]), a
+    edited = got["asked"] >= 0
+    orig = bench.original("val")["t"]["images"]
+    mine = (imgs * 255).round().to(torch.uint8)
+    assert edited.any() and not torch.equal(mine[edited], orig[edited])  # the edit at up_blocks.0 acted
+    assert torch.equal(mine[~edited], orig[~edited])  # and the rest are the Original's
+
+
 def test_test_cells_refuse_to_run_before_the_grids_are_frozen(bench):
     with pytest.raises(RuntimeError, match="frozen"):
         bench.cell("test", "gender", BM.Row("DiffLens", "iid", 8), 4.0)

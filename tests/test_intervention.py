@@ -270,6 +270,11 @@ def test_minimal_policy_reads_own_class_with_the_probe_and_moves_only_the_surplu
         intervention.Intervention(sae, [dataclasses.replace(e, read_step=3)], 4)
     with pytest.raises(ValueError, match="needs an h-probe"):
         intervention.Intervention(sae, [dataclasses.replace(e, probe=None)], 4)
+    # a probe of the same width trained at another site would read the wrong activations without a word: refused
+    elsewhere = P.HProbe(dataclasses.replace(probe.cfg, site="up_blocks.0"))
+    elsewhere.load_state_dict(probe.state_dict())
+    with pytest.raises(ValueError, match="trained on activations at 'up_blocks.0'"):
+        intervention.sample_edited(model, sae, [dataclasses.replace(e, probe=elsewhere)], 6, steps=STEPS, seed=11)
 
 
 def test_per_class_beta_makes_a_majority_draw_a_noop(setup):

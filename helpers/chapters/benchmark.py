@@ -196,7 +196,12 @@ class Bench:
     """The model, SAE, probe, judges and fitted baselines of the benchmark, and the cells it runs."""
 
     def __init__(self, out=OUT, progress: bool = True, fit: dict | None = None, fitted_dir=FITTED,
-                 states_dir=STATES, n: dict | None = None, batch_size: int = BATCH):
+                 states_dir=STATES, n: dict | None = None, batch_size: int = BATCH, lens=None, shared=None):
+        """``lens`` (optional): ``(sae_path, features_dir, k)`` — DiffLens rows edit with that SAE (at its own hook
+        site) and the ranked features in ``features_dir`` instead of chapters 3–4's bottleneck ones; who gets edited
+        (the policies, read by chapter 4's bottleneck probe) is unchanged. ``shared``: the folder whose Original
+        passes and FID references this bench reuses (default ``out``), so a second bench on the same seeds costs
+        only its edited samples."""
         from .. import harvest as H
         from .. import judge as J
         from .. import probe as P
@@ -204,6 +209,7 @@ class Bench:
         from . import dissect, identify
 
         self.out, self.fitted_dir, self.states_dir = Path(out), Path(fitted_dir), Path(states_dir)
+        self.shared = Path(shared) if shared is not None else self.out
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
         self.progress, self.fit_settings, self.n, self.batch = progress, fit or FIT, dict(n or N), batch_size
         self.model = models.load_model("embedded")
@@ -214,6 +220,10 @@ class Bench:
         self.probe, _ = P.load_probe(identify.OUT / "probe.safetensors")
         self.summary = H.load_summary(dissect.OUT / "summary.safetensors")
         self.features_dir, self.k = identify.OUT, dict(identify.K)
+        if lens is not None:
+            sae_path, self.features_dir, k = lens
+            self.sae, _ = S.load_sae(sae_path)
+            self.features_dir, self.k = Path(self.features_dir), dict(k)
         self.fitted: dict = {}
         self._orig: dict = {}
         self.log_path = self.out / "log.json"
@@ -304,7 +314,7 @@ class Bench:
         if split in self._orig:
             return self._orig[split]
         n, seed = self.n[split], SEEDS[split]
-        path = self.out / f"original_{split}.safetensors"
+        path = self.shared / f"original_{split}.safetensors"
         spath = self.states_dir / f"states_{split}_{seed}_{n}.safetensors"
         if path.is_file() and spath.is_file():
             t, m = io.load_tensors(path)
@@ -353,7 +363,7 @@ class Bench:
         from .benchmark_v1 import target_spec
 
         name = f"reference_{n}" + (f"_{attribute}-uniform" if attribute else "")
-        path = self.out / f"{name}.safetensors"
+        path = self.shared / f"{name}.safetensors"
         if path.is_file():
             return io.load_tensors(path)[0]["reference"].float()
         spec = target_spec(attribute) if attribute else world.default_spec()
@@ -582,15 +592,16 @@ def choose_window(cands: list[tuple[int, dict]]) -> int:
     return min(w for w, _ in cands)
 
 
-def freeze(bench: Bench, attributes=world.SOCIAL) -> dict:
+def freeze(bench: Bench, attributes=world.SOCIAL, only: list[Row] | None = None) -> dict:
     """Settings matched to each keep point per row (interpolated on the row's own validation frontier); per method
     × policy the step window to test (:func:`choose_window`); and the best DiffLens row per attribute (lowest
-    validation FD at keep 0.95 among the chosen rows). Written to the log before any test cell runs."""
+    validation FD at keep 0.95 among the chosen rows). Written to the log before any test cell runs. ``only``: the
+    rows this bench validated (default every row)."""
     out = {}
     for a in attributes:
         out[a] = {"rows": {}, "best DiffLens": None}
         recs = {}
-        for row in rows():
+        for row in only or rows():
             fr = frontier(bench, a, row)
             if not fr:
                 raise RuntimeError(f"freeze: no validation cells for {a} / {row.label}; run validate first")

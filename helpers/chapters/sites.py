@@ -556,3 +556,84 @@ def sae_verdicts(dec) -> dict[str, dict[str, bool]]:
         out[a] = {"SAE loses": sep("h donor (ceiling)", "all latents"),
                   "ranked latents lose": sep("h donor (ceiling)", "top k latents")}
     return out
+
+
+# ----------------------------------------------------------------------------- a lens where tone lives
+
+LENS_SITE = "up_blocks.0"  # the first up block's output: h plus the 8×8 skips, 128 channels at 16×16
+LENS_OUT = OUT / "lens"  # its SAE, probe, rankings and footprints (chapters 3–4's recipe at this site)
+LENS_BENCH = OUT / "bench"  # chapter 7's protocol with DiffLens rows that edit at the lens' site
+LENS_ATTRIBUTES = ("race",)  # the attribute the bottleneck carries least (the map); gender/age: see the chapter
+
+
+def lens(site: str = LENS_SITE, out=None, progress: bool = True) -> dict:
+    """Chapters 3–4's recipe at ``site``: harvest the same 1,000 samples (seed, steps and split as chapter 2) with the
+    activations captured there, train a TopK SAE with chapter 3's settings (8× expansion, k scaled to the width,
+    the same optimizer steps), the per-step probe on the site's pooled activations, and rank the SAE latents of each
+    social attribute's classes by IG through that probe at chapter 4's steps, with their footprints. Writes
+    ``sae.safetensors``, ``probe.safetensors``, ``rank_latents_<a>``, ``footprints_<a>`` and ``log.json`` to ``out``;
+    a finished stage is not redone. Cost on 2 cores: see ``log.json`` (harvest ≈ 5 min, SAE ≈ 5 min, IG ≈ 7 min)."""
+    import json
+    import resource
+    from dataclasses import asdict
+
+    from .. import harvest as H
+    from .. import probe as P
+    from .. import sae as S
+    from . import identify
+
+    out = Path(out or LENS_OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    logp = out / "log.json"
+    log = json.loads(logp.read_text()) if logp.is_file() else {"site": site}
+    hs = H.HarvestSettings(site=site)
+    t0 = time.time()
+    folder = H.cached("embedded", hs, progress=progress)
+    log.setdefault("harvest_seconds", time.time() - t0)
+    summary = H.load_summary(folder)
+    n_train = pipeline.n_train(hs.n)
+    if not (out / "sae.safetensors").is_file():
+        t0 = time.time()
+        sae, hist, ev, n_rows = pipeline.train_sae(folder, n_train, desc=f"sae @ {site}", progress=progress)
+        log["sae_seconds"], log["sae_held_out"], log["sae_train_rows"] = time.time() - t0, ev, n_rows
+        log["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        S.save_sae(sae, out / "sae.safetensors", meta={"history": hist, "held_out": ev, "train_rows": n_rows,
+                                                     "harvest": folder.name, "harvest_settings": asdict(hs),
+                                                     "train": asdict(S.SAETrainConfig())})
+        io.write_json(logp, log)
+    sae, _ = S.load_sae(out / "sae.safetensors")
+    if not (out / "probe.safetensors").is_file():
+        t0 = time.time()
+        probe, acc = pipeline.train_probe(summary, {a: world.ATTRIBUTES[a] for a in world.SOCIAL}, n_train)
+        P.save_probe(probe, out / "probe.safetensors", meta={"held_out_accuracy": acc.to_dict(orient="list"),
+                                                              "train_samples": n_train, "harvest": folder.name,
+                                                              "site": site})
+        log["probe_seconds"] = time.time() - t0
+        io.write_json(logp, log)
+    probe, _ = P.load_probe(out / "probe.safetensors")
+    if not all((out / f"footprints_{a}.safetensors").is_file() for a in world.SOCIAL):
+        t0 = time.time()
+        pipeline.rank_and_footprints(sae, probe, folder, summary.labels(), list(world.SOCIAL), identify.IG_STEPS,
+                                     n_train, out, progress=progress)
+        log["ig_seconds"] = time.time() - t0
+        io.write_json(logp, log)
+    return log
+
+
+def lens_rows() -> list:
+    """Chapter 7's DiffLens family (every DiffLens row it validated), edited at the lens' site instead."""
+    from . import benchmark
+
+    rows = [r for r in benchmark.rows() if benchmark.METHODS[r.method].kind == "difflens"]
+    return sorted(rows, key=lambda r: r.policy != "minimal")  # chapter 7's winning policy first (order only)
+
+
+def lens_bench(out=None, lens_dir=None, progress: bool = True):
+    """Chapter 7's bench with its DiffLens rows editing at the lens' site (the lens' SAE and ranked features, the same
+    k per attribute as chapter 4); who gets edited, the seeds, the Original passes and every metric are chapter 7's
+    (its Original passes are reused, not rerun)."""
+    from . import benchmark, identify
+
+    lens_dir = Path(lens_dir or LENS_OUT)
+    return benchmark.Bench(out=out or LENS_BENCH, progress=progress, shared=benchmark.OUT,
+                           lens=(lens_dir / "sae.safetensors", lens_dir, identify.K))
