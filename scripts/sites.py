@@ -6,6 +6,7 @@ Resumable: rerun after an interruption and finished cells are skipped.
     python scripts/sites.py edits      # DiffLens' edits on the same pairs (the ceiling-vs-edit comparison)
     python scripts/sites.py lens       # chapters 3–4's SAE, probe and IG ranking at up_blocks.0 (data/sites/lens/)
     python scripts/sites.py lens-validate | lens-freeze | lens-test   # chapter 7's protocol for its DiffLens rows
+    python scripts/sites.py lens-latents | lens-edits   # the ceiling-vs-edit chain at up_blocks.0 (after validate)
 
 Costs on 2 cores: see helpers/chapters/sites.py (each cell's header records its seconds and UNet passes).
 """
@@ -18,7 +19,7 @@ from helpers.chapters import sites
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["patch", "latents", "edits", "lens", "lens-validate",
-                                           "lens-freeze", "lens-test"])
+                                           "lens-freeze", "lens-test", "lens-latents", "lens-edits"])
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -27,6 +28,12 @@ if __name__ == "__main__":
 
         if a.stage == "lens":
             sites.lens()
+        elif a.stage in ("lens-latents", "lens-edits"):
+            s = sites.Sites()
+            if a.stage == "lens-latents":
+                s.latents(site=sites.LENS_SITE, attributes=sites.LENS_ATTRIBUTES)
+            else:
+                s.edits(site=sites.LENS_SITE, attributes=sites.LENS_ATTRIBUTES)
         else:
             b = sites.lens_bench()
             if a.stage == "lens-validate":

@@ -99,6 +99,36 @@ def test_ceiling_vs_edit_takes_the_best_transfer_within_the_ceilings_leakage(fab
     assert list(curve.setting) == [1.0, 2.0]
 
 
+def test_the_lens_ceiling_and_edits_are_read_from_their_own_site_and_folder(fabricated):
+    """With ``site``, the ceiling is that site's patch and the edits are the lens' (``lens/edits``); the bottleneck's
+    edits are not mixed in."""
+    out, cls, pr = fabricated
+    sel = pr["drawn_for"].long() == 0
+    rec, don = pr["recipient"].long()[sel], pr["donor"].long()[sel]
+    t = {f"cls.{a}": cls[f"cls.{a}"][rec].clone() for a in world.ATTRIBUTES}
+    t["cls.gender"][:1] = cls["cls.gender"][don[:1]]
+    io.save_tensors(out / "lens" / "edits" / "gender_DiffLens_3.safetensors", t,
+                    meta={"method": "DiffLens", "setting": 3.0})
+    io.save_tensors(out / "edits" / "gender_DiffLens_9.safetensors", t, meta={"method": "DiffLens", "setting": 9.0})
+    summ, curve = S.ceiling_vs_edit(out, site="mid_block")
+    assert list(curve.setting) == [9.0]
+    assert S.ceiling_vs_edit(out, site=S.LENS_SITE)[0].empty  # no patch at the lens' site: no ceiling to hold it to
+    down = {f"cls.{a}": cls[f"cls.{a}"] for a in world.ATTRIBUTES}  # the lens' site given perfect transfer
+    rec_all, don_all = pr["recipient"].long(), pr["donor"].long()
+    for c in range(2):
+        idx = slice(6 * c, 6 * c + 6)
+        io.save_tensors(out / "cells" / f"{S.slug(S.LENS_SITE, '8–24')}_c{c}.safetensors",
+                        {f"cls.{a}": down[f"cls.{a}"][don_all[idx]] for a in world.ATTRIBUTES})
+    import unittest.mock as um
+    with um.patch.object(S, "configs", lambda: [("mid_block", "8–24"), ("down_blocks.0", "8–24"),
+                                                (S.LENS_SITE, "8–24")]):
+        summ, curve = S.ceiling_vs_edit(out, site=S.LENS_SITE)
+    r = summ[summ.attribute == "gender"].iloc[0]
+    assert list(curve.setting) == [3.0] and r["ceiling transfer"] == 1.0 and r["edit best transfer"] == 0.25
+    with pytest.raises(ValueError, match="no SAE at 'up_blocks.1'"):
+        S.Sites.__new__(S.Sites).lens_of("up_blocks.1")
+
+
 def test_latent_mixes_are_identities_when_the_donor_is_the_recipient_and_move_only_their_latents():
     from helpers import sae as SA
     from helpers.chapters import dissect

@@ -196,15 +196,34 @@ class Sites:
             del acts
 
     # -- how much of the ceiling the SAE and its ranked latents can carry --
-    def latent_mix(self, attribute: str, variant: str):
-        """``mix(h, h_donor, site)`` of a latent variant (see :meth:`latents`)."""
-        from .. import pipeline as Pl
+    def lens_of(self, site: str = "mid_block") -> tuple:
+        """``(sae, features_dir, folder)`` of the SAE read at ``site``: chapters 3–4's at the bottleneck, the lens
+        (:func:`lens`) at :data:`LENS_SITE`; ``folder`` is where this site's latent and edit cells go."""
         from .. import sae as S
         from . import dissect, identify
 
-        if not hasattr(self, "_sae"):
-            self._sae, _ = S.load_sae(dissect.OUT / "sae.safetensors")
-        sae = self._sae
+        out = Path(getattr(self, "out", OUT))
+        if site == "mid_block":
+            sae_path, feats, folder = dissect.OUT / "sae.safetensors", identify.OUT, out
+        elif site == LENS_SITE:
+            sae_path, feats, folder = out / "lens" / "sae.safetensors", out / "lens", out / "lens"
+        else:
+            raise ValueError(f"Sites: no SAE at {site!r}; the bottleneck ('mid_block') or the lens ({LENS_SITE!r})")
+        if not hasattr(self, "_saes"):
+            self._saes = {}
+        if site not in self._saes:
+            if not Path(sae_path).is_file():
+                raise FileNotFoundError(f"Sites: no SAE at {sae_path}; run `python scripts/sites.py lens` first")
+            self._saes[site] = S.load_sae(sae_path)[0]
+        return self._saes[site], feats, folder
+
+    def latent_mix(self, attribute: str, variant: str, site: str = "mid_block"):
+        """``mix(h, h_donor, site)`` of a latent variant (see :meth:`latents`) with the SAE read at ``site``."""
+        from .. import pipeline as Pl
+        from .. import sae as S
+        from . import identify
+
+        sae, feats_dir, _ = self.lens_of(site)
         if variant == "SAE(h donor)":
             return lambda h, d, site: sae.reconstruct(d.float()).to(h.dtype)
         if variant == "all latents":
@@ -214,7 +233,7 @@ class Sites:
         if variant not in LATENT_VARIANTS:
             raise ValueError(f"latent_mix: unknown variant {variant!r}; one of {LATENT_VARIANTS}")
         feats = sorted({f for c in range(len(world.ATTRIBUTES[attribute]))
-                        for f in Pl.features(identify.OUT, attribute, c, k)[0]})
+                        for f in Pl.features(feats_dir, attribute, c, k)[0]})
         idx = torch.tensor(feats)
         w = sae.W_dec[idx] * sae.input_scale  # (|S|, C)
 
@@ -225,7 +244,8 @@ class Sites:
         mix.latents = feats
         return mix
 
-    def latents(self, window: str = "8–24", variants=LATENT_VARIANTS) -> None:
+    def latents(self, window: str = "8–24", variants=LATENT_VARIANTS, site: str = "mid_block",
+                attributes=world.SOCIAL) -> None:
         """Per social attribute, on its pairs: h patched not with the donor's h but with what the SAE carries of
         it — the donor's SAE reconstruction (``SAE(h donor)``: the ceiling less the SAE's reconstruction error), the
         recipient's h moved by the difference of *all* SAE latents (``all latents``: keeps the recipient's own
@@ -233,37 +253,42 @@ class Sites:
         that chapters 4–6 edit (``top k latents``; k of :data:`helpers.chapters.identify.K`) or of the top ``4k`` (at
         most the 64 ranked per class that are stored).
         Each writes what the donor — a natural sample of the other class — has in that part of h (an edit may push
-        the same latents further than any sample has them); resumable."""
+        the same latents further than any sample has them); resumable. ``site``: the bottleneck, or the lens' site
+        with its SAE and ranked latents (cells under ``lens/latent/``)."""
         from tqdm.auto import tqdm
 
         p = self.pool()
         first, stop = WINDOWS[window]
         steps = range(first, stop)
-        (self.out / "latent").mkdir(exist_ok=True)
-        for a in world.SOCIAL:
+        folder = self.lens_of(site)[2] / "latent"
+        folder.mkdir(parents=True, exist_ok=True)
+        for a in attributes:
             sel = (p["t"]["drawn_for"].long() == world.SOCIAL.index(a)).nonzero().flatten()
             rec, don = p["t"]["recipient"].long()[sel], p["t"]["donor"].long()[sel]
-            todo = [v for v in variants if not (self.out / "latent" / f"{a}_{slug(v, window)}.safetensors").is_file()]
+            todo = [v for v in variants if not (folder / f"{a}_{slug(v, window)}.safetensors").is_file()]
             if not todo:
                 continue
-            acts = patching.record(self.model, p["states"][first][don], ["mid_block"], STEPS, window=steps,
+            acts = patching.record(self.model, p["states"][first][don], [site], STEPS, window=steps,
                                    batch_size=BATCH, start_step=first)
             for v in tqdm(todo, desc=f"{a}: latent variants", disable=not self.progress):
                 t0 = time.time()
-                mix = self.latent_mix(a, v)
+                mix = self.latent_mix(a, v, site)
                 imgs = patching.run_patched(self.model, p["states"][first][rec], acts, STEPS, window=steps,
                                             batch_size=BATCH, start_step=first, mix=mix)
                 probs = self.judge.predict(imgs)
                 t = {f"cls.{b}": probs[b].argmax(-1).to(torch.uint8) for b in world.ATTRIBUTES}
                 t["images"] = (imgs[:SHOW] * 255).round().to(torch.uint8)
-                io.save_tensors(self.out / "latent" / f"{a}_{slug(v, window)}.safetensors", t, meta={
-                    "attribute": a, "variant": v, "window": window, "latents": getattr(mix, "latents", None),
+                io.save_tensors(folder / f"{a}_{slug(v, window)}.safetensors", t, meta={
+                    "attribute": a, "variant": v, "window": window, "site": site,
+                    "latents": getattr(mix, "latents", None),
                     "seconds": time.time() - t0, "passes": len(rec) * (STEPS - first)})
 
     # -- what DiffLens' feature edits reach on the same pairs --
-    def edits(self, methods=EDIT_METHODS) -> None:
-        """DiffLens' bottleneck edits on each social attribute's pairs, every recipient asked for its donor's class,
-        at every setting of the row's validation frontier in chapter 7 (chosen there, not here); resumable."""
+    def edits(self, methods=EDIT_METHODS, site: str = "mid_block", attributes=world.SOCIAL) -> None:
+        """DiffLens' edits on each social attribute's pairs, every recipient asked for its donor's class, at every
+        setting of the row's validation frontier in chapter 7 (chosen there, not here); resumable. ``site``: the
+        bottleneck's edits, or the lens' (its frontier from the lens bench's validation; cells under
+        ``lens/edits/``)."""
         import json
 
         from tqdm.auto import tqdm
@@ -271,21 +296,24 @@ class Sites:
         from . import benchmark
 
         p = self.pool()
-        log = json.loads((benchmark.OUT / "log.json").read_text())
+        bench_out = benchmark.OUT if site == "mid_block" else LENS_BENCH
+        log = json.loads((bench_out / "log.json").read_text())
         bench = None
-        (self.out / "edits").mkdir(exist_ok=True)
-        for a in world.SOCIAL:
+        folder = self.lens_of(site)[2] / "edits"
+        folder.mkdir(parents=True, exist_ok=True)
+        for a in attributes:
             sel = (p["t"]["drawn_for"].long() == world.SOCIAL.index(a)).nonzero().flatten()
             rec, don = p["t"]["recipient"].long()[sel], p["t"]["donor"].long()[sel]
             asked = p["t"][f"cls.{a}"].long()[don]
             for method in methods:
                 row = benchmark.Row(method, "minimal", EDIT_WINDOW)
                 for s in tqdm(log["val"][a][row.label]["settings"], desc=f"{a}: {method}", disable=not self.progress):
-                    path = self.out / "edits" / f"{a}_{row.slug}_{benchmark.fmt(s)}.safetensors"
+                    path = folder / f"{a}_{row.slug}_{benchmark.fmt(s)}.safetensors"
                     if path.is_file():
                         continue
                     if bench is None:
-                        bench = benchmark.Bench(progress=False)
+                        bench = benchmark.Bench(progress=False) if site == "mid_block" else \
+                            lens_bench(lens_dir=self.out / "lens", progress=False)
                     t0 = time.time()
                     run = bench.edit_runner(a, row, s, asked)
                     imgs = run(torch.arange(len(rec)), p["states"][EDIT_WINDOW][rec], EDIT_WINDOW)
@@ -293,6 +321,7 @@ class Sites:
                     t = {f"cls.{b}": probs[b].argmax(-1).to(torch.uint8) for b in world.ATTRIBUTES}
                     t["images"] = (imgs[:SHOW] * 255).round().to(torch.uint8)
                     io.save_tensors(path, t, meta={"attribute": a, "method": method, "row": row.label, "setting": s,
+                                                   "site": site,
                                                    "window": EDIT_WINDOW, "seconds": time.time() - t0,
                                                    "passes": len(rec) * (STEPS - EDIT_WINDOW)})
 
@@ -409,21 +438,23 @@ def _leakage(pool, sel, patched: dict[str, torch.Tensor], attribute: str) -> tup
     return changed, total
 
 
-def ceiling_vs_edit(out=None, window: str = "8–24") -> tuple["pd.DataFrame", "pd.DataFrame"]:
-    """Per social attribute: the ceiling (h patched from the donor over ``window``: transfer rate and leakage, with
-    Wilson CIs) and each edit method's curve over its settings on the same recipients (transfer, leakage). The
+def ceiling_vs_edit(out=None, window: str = "8–24", site: str = "mid_block") -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    """Per social attribute: the ceiling (``site`` patched from the donor over ``window``: transfer rate and leakage,
+    with Wilson CIs) and each edit method's curve over its settings on the same recipients (transfer, leakage). The
     summary gives each method's best transfer among its settings that leak no more than the ceiling (``None`` when
-    every setting leaks more), as a share of the ceiling, and its best transfer at any leakage."""
+    every setting leaks more), as a share of the ceiling, and its best transfer at any leakage. ``site``: the
+    bottleneck's edits, or the lens' (:data:`LENS_SITE`)."""
     import pandas as pd
 
     out = Path(out or OUT)
     pool, cells = load(out)
+    edits_dir = out / "edits" if site == "mid_block" else out / "lens" / "edits"
     curve, summary = [], []
     for a in world.SOCIAL:
         sel = pool["drawn_for"].long() == world.SOCIAL.index(a)
         y = pool[f"cls.{a}"].long()
         donor_cls = y[pool["donor"].long()[sel]]
-        key = ("mid_block", window)
+        key = (site, window)
         if key not in cells:
             continue
         patched = {b: v[sel] for b, v in cells[key].items()}
@@ -432,7 +463,7 @@ def ceiling_vs_edit(out=None, window: str = "8–24") -> tuple["pd.DataFrame", "
         lc, lt = _leakage(pool, sel, patched, a)
         ceil = {"attribute": a, "ceiling transfer": k / n, "ceiling lo": wilson(k, n)[0],
                 "ceiling hi": wilson(k, n)[1], "ceiling leakage": lc / lt, "n": n}
-        for p in sorted((out / "edits").glob(f"{a}_*.safetensors")):
+        for p in sorted(edits_dir.glob(f"{a}_*.safetensors")):
             t, m = io.load_tensors(p)
             ke = int((t[f"cls.{a}"].long() == donor_cls).sum())
             le, lt2 = _leakage(pool, sel, {b: t[f"cls.{b}"].long() for b in world.ATTRIBUTES}, a)
@@ -452,24 +483,25 @@ def ceiling_vs_edit(out=None, window: str = "8–24") -> tuple["pd.DataFrame", "
     return pd.DataFrame(summary), curve.sort_values(["attribute", "method", "setting"]) if len(curve) else curve
 
 
-def decomposition(out=None, window: str = "8–24") -> "pd.DataFrame":
-    """Per social attribute, on its pairs: transfer (Wilson CI) and leakage of the full h transplant (the ceiling)
-    and of each latent variant (:meth:`Sites.latents`) — where along ceiling → SAE → all latents → ranked latents the
-    transfer is lost."""
+def decomposition(out=None, window: str = "8–24", site: str = "mid_block") -> "pd.DataFrame":
+    """Per social attribute, on its pairs: transfer (Wilson CI) and leakage of the full transplant at ``site`` (the
+    ceiling) and of each latent variant (:meth:`Sites.latents`) — where along ceiling → SAE → all latents → ranked
+    latents the transfer is lost. ``site``: the bottleneck or the lens' (:data:`LENS_SITE`)."""
     import pandas as pd
 
     out = Path(out or OUT)
     pool, cells = load(out)
+    latent_dir = out / "latent" if site == "mid_block" else out / "lens" / "latent"
     rows = []
     for a in world.SOCIAL:
         sel = pool["drawn_for"].long() == world.SOCIAL.index(a)
         donor_cls = pool[f"cls.{a}"].long()[pool["donor"].long()[sel]]
         n = len(donor_cls)
         found = []
-        if ("mid_block", window) in cells:
-            found.append(("h donor (ceiling)", {b: v[sel] for b, v in cells[("mid_block", window)].items()}, None))
+        if (site, window) in cells:
+            found.append(("h donor (ceiling)", {b: v[sel] for b, v in cells[(site, window)].items()}, None))
         for v in LATENT_VARIANTS:
-            path = out / "latent" / f"{a}_{slug(v, window)}.safetensors"
+            path = latent_dir / f"{a}_{slug(v, window)}.safetensors"
             if path.is_file():
                 t, m = io.load_tensors(path)
                 found.append((v, {b: t[f"cls.{b}"].long() for b in world.ATTRIBUTES}, m.get("latents")))
