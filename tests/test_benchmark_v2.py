@@ -156,6 +156,12 @@ def test_a_lens_bench_edits_with_its_own_sae_at_its_site_and_reuses_the_original
     mine = (imgs * 255).round().to(torch.uint8)
     assert edited.any() and not torch.equal(mine[edited], orig[edited])  # the edit at up_blocks.0 acted
     assert torch.equal(mine[~edited], orig[~edited])  # and the rest are the Original's
+    # paired statistics across the two benches (same noise, the shared Original)
+    d = BM.paired(lb.out, "val", "gender", (row, 4.0), (row, 4.0), n_boot=50, out_b=bench.out, shared=bench.out)
+    others = [x for x in world.ATTRIBUTES if x != "gender"]
+    orig_t = bench.original("val")["t"]
+    ka, kb = BM._kept(orig_t, got, others), BM._kept(orig_t, ref, others)
+    assert d["keep all"]["diff"] == pytest.approx(float(ka.float().mean() - kb.float().mean()))
 
 
 def test_test_cells_refuse_to_run_before_the_grids_are_frozen(bench):

@@ -200,3 +200,11 @@ def test_roughness_separates_portraits_from_noise():
     imgs = imgs.float() / 255 if imgs.dtype == torch.uint8 else imgs
     noise = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert S.roughness(imgs) < 0.1 < 0.3 < S.roughness(noise)
+
+
+def test_fd_verdict_reads_halving_and_the_paired_ci():
+    v = S.fd_verdict(0.30, 0.14, {"diff": -0.16, "lo": -0.2, "hi": -0.1})
+    assert v["halved"] and v["lower"] and not v["higher"] and v["ratio"] == pytest.approx(0.14 / 0.30)
+    v = S.fd_verdict(0.30, 0.2, {"diff": -0.1, "lo": -0.2, "hi": 0.01})
+    assert not v["halved"] and not v["lower"] and not v["higher"]
+    assert S.fd_verdict(0.3, 0.4, {"diff": 0.1, "lo": 0.05, "hi": 0.15})["higher"]

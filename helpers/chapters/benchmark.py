@@ -739,12 +739,15 @@ def table(out=OUT, split: str = "test", attributes=world.SOCIAL):
     return pd.DataFrame(recs)
 
 
-def paired(out, split: str, attribute: str, a: tuple[Row, float], b: tuple[Row, float], n_boot: int = 2000) -> dict:
+def paired(out, split: str, attribute: str, a: tuple[Row, float], b: tuple[Row, float], n_boot: int = 2000,
+           out_b=None, shared=None) -> dict:
     """Row ``a`` minus row ``b`` on the same noise: FD and overall keep with paired bootstrap CIs, and McNemar's
-    test on the per-sample keep outcomes."""
+    test on the per-sample keep outcomes. ``out_b``: where ``b``'s cells are when another bench ran it (default
+    ``out``); ``shared``: the folder holding the Original passes both share (default ``out``)."""
     found = cells(out, split, attribute)
-    orig = io.load_tensors(Path(out) / f"original_{split}.safetensors")[0]
-    ca, cb = find(found, attribute, *a), find(found, attribute, *b)
+    orig = io.load_tensors(Path(shared or out) / f"original_{split}.safetensors")[0]
+    ca = find(found, attribute, *a)
+    cb = find(found if out_b is None else cells(out_b, split, attribute), attribute, *b)
     k = len(world.ATTRIBUTES[attribute])
     others = [x for x in world.SOCIAL if x != attribute] + list(world.NUISANCE)
     ka, kb = _kept(orig, ca["t"], others), _kept(orig, cb["t"], others)

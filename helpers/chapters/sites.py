@@ -669,3 +669,38 @@ def lens_bench(out=None, lens_dir=None, progress: bool = True):
     lens_dir = Path(lens_dir or LENS_OUT)
     return benchmark.Bench(out=out or LENS_BENCH, progress=progress, shared=benchmark.OUT,
                            lens=(lens_dir / "sae.safetensors", lens_dir, identify.K))
+
+
+def lens_vs_h(split: str = "test", attribute: str = "race", bench_out=None, lens_bench_out=None,
+              n_boot: int = 2000) -> dict:
+    """Chapter 7's best bottleneck DiffLens row against the lens bench's best row (each declared on validation by
+    :func:`helpers.chapters.benchmark.freeze`), at their settings matched to keep 0.95, on ``split``'s seed: each
+    one's FD (CI), keep and share edited, the paired bootstrap difference lens − h of FD and keep, and
+    :func:`fd_verdict`."""
+    import json
+
+    from . import benchmark as BM
+
+    bench_out, lens_bench_out = Path(bench_out or BM.OUT), Path(lens_bench_out or LENS_BENCH)
+    out = {}
+    for name, folder in (("h", bench_out), ("lens", lens_bench_out)):
+        best = json.loads((folder / "log.json").read_text())["frozen"]["choices"][attribute]["best DiffLens"]
+        if best is None:
+            raise ValueError(f"lens_vs_h: no DiffLens row of {folder} reached keep 0.95 on validation for {attribute}")
+        row = BM.Row(*best["row"])
+        m = BM.find(BM.cells(folder, split, attribute), attribute, row, best["setting"])["meta"]["metrics"]
+        out[name] = {"row": row, "label": best["label"], "setting": best["setting"], "val FD": best["val FD"],
+                     **{k: m[k] for k in ("FD", "FD lo", "FD hi", "keep all", "keep all lo", "keep all hi",
+                                          "share edited", "FD original")}}
+    p = BM.paired(lens_bench_out, split, attribute, (out["lens"]["row"], out["lens"]["setting"]),
+                  (out["h"]["row"], out["h"]["setting"]), n_boot=n_boot, out_b=bench_out, shared=bench_out)
+    out["FD diff"], out["keep diff"] = p["FD"], p["keep all"]
+    out["verdict"] = fd_verdict(out["h"]["FD"], out["lens"]["FD"], p["FD"])
+    return out
+
+
+def fd_verdict(fd_h: float, fd_lens: float, diff: dict) -> dict:
+    """The issue's goal for race: the lens' FD at keep ≥ 0.95 at most half the bottleneck's (point estimates), and
+    whether the paired difference lens − h is below zero with its CI (``diff``: ``{"diff", "lo", "hi"}``)."""
+    return {"halved": bool(fd_lens <= fd_h / 2), "ratio": fd_lens / fd_h if fd_h else float("nan"),
+            "lower": bool(diff["hi"] < 0), "higher": bool(diff["lo"] > 0)}
