@@ -330,11 +330,137 @@ into h more than any natural sample carries, as the age edits do — but it pays
 patch that adds only the first up block's 8×8 skip tensors to h (`up_blocks.0`) transfers {glue:text}`up0_race_all`
 over every step and {glue:text}`up0_race_win` over the edit window (h: {glue:text}`h_race_win`): that site, not h alone, is where an edit of skin tone would have the room it lacks in h."""),
 ]
+LENS = [
+(MD, r"""## A lens where skin tone lives
+
+So this chapter repeats chapters 3 and 4 at `up_blocks.0`: the same 1,000 harvest samples (seed, steps and
+training split of {doc}`chapter 2 <02_polysemanticity>`) with the activations captured at the first up block's
+output — 128 channels at 16×16, four times h's positions — a TopK SAE with {doc}`chapter 3 <03_sae>`'s settings
+(8× expansion, k scaled to the width, the same optimizer steps; at four times the rows, that is a quarter of h's
+epochs), the per-step probe on the pooled activations, and integrated gradients through that probe to rank each
+class's latents (the same steps, 48 samples per class, the same k per class as chapter 4). Then the same questions
+as above, at the new site: how much of its own ceiling do its latents and edits reach on the same pairs, and what
+does chapter 7's protocol say of race FD?"""),
+(CODE, r"""import json as _json
+from helpers import probe as PR
+from helpers import sae as SA
+from helpers.chapters import dissect
+
+lens_log = _json.loads((S.LENS_OUT / "log.json").read_text())
+_, sae_h_meta = SA.load_sae(dissect.OUT / "sae.safetensors")
+_, sae_l_meta = SA.load_sae(S.LENS_OUT / "sae.safetensors")
+_, pr_h_meta = PR.load_probe(identify.OUT / "probe.safetensors")
+_, pr_l_meta = PR.load_probe(S.LENS_OUT / "probe.safetensors")
+lens_tab = pd.DataFrame({
+    site: {"positions × channels": f"{pos} × 128", "SAE held-out FVU": sm["held_out"]["fvu"],
+           "SAE dead latents": sm["held_out"]["dead_share"],
+           **{f"probe accuracy, {a} (step 8 / 24)": f"{tables.num(pm['held_out_accuracy'][a][8])} / "
+              f"{tables.num(pm['held_out_accuracy'][a][24])}" for a in world.SOCIAL}}
+    for site, pos, sm, pm in (("mid_block (h)", 64, sae_h_meta, pr_h_meta),
+                              (S.LENS_SITE, 256, sae_l_meta, pr_l_meta))})
+for k, (sm, pm) in {"h": (sae_h_meta, pr_h_meta), "l": (sae_l_meta, pr_l_meta)}.items():
+    glue(f"fvu_{k}", tables.num(sm["held_out"]["fvu"]), display=False)
+    glue(f"race_acc8_{k}", tables.num(pm["held_out_accuracy"]["race"][8]), display=False)
+cost = {k: lens_log.get(k, float("nan")) / 60 for k in ("harvest_seconds", "sae_seconds", "ig_seconds")}
+glue("lens_cost", tables.num(sum(cost.values())), display=False)
+tables.frame(lens_tab, legend="The bottleneck's SAE and probe (chapters 3–4) and the lens' at up_blocks.0, each on "
+             "its harvest's held-out samples. FVU: the share of the activations' variance the SAE does not "
+             "reconstruct.")""", ["remove-input"]),
+(CODE, r"""dec_l = S.decomposition(site=S.LENS_SITE)
+dec_l = dec_l[dec_l.attribute.isin(S.LENS_ATTRIBUTES)]
+summ_l, curve_l = S.ceiling_vs_edit(site=S.LENS_SITE)
+summ_l = summ_l[summ_l.attribute.isin(S.LENS_ATTRIBUTES)]
+both = pd.concat([dec[dec.attribute.isin(S.LENS_ATTRIBUTES)].assign(site="mid_block (h)"),
+                  dec_l.assign(site=S.LENS_SITE)])
+both["patch"] = both["patch"].str.replace("h donor (ceiling)", "donor's activations (ceiling)", regex=False)
+both["transfer"] = [tables.ci(r.transfer, r.lo, r.hi) for r in both.itertuples()]
+tables.frame(both.set_index(["attribute", "site", "patch"])[["latents", "transfer", "leakage"]],
+             legend="The chain of the table above, at h and at the lens' site, steps 8–24, on skin tone's pairs: "
+                    "each site's own transplant (its ceiling), its SAE's reconstruction of the donor, all latents, "
+                    "the top 4k and top k ranked latents.")""", ["remove-input"]),
+(CODE, r"""fig, ax = plt.subplots(figsize=(6.5, 4))
+for site, cv, dc, col in (("h", curve[curve.attribute == "race"], dec[dec.attribute == "race"], "C0"),
+                          (S.LENS_SITE, curve_l, dec_l, "C3")):
+    for (m, g), ls in zip(cv.groupby("method"), ("-", "--")):
+        ax.plot(g.leakage, g.transfer, "o" + ls, color=col, alpha=0.8, label=f"{m} at {site}")
+    c = dc[dc.patch == "h donor (ceiling)"].iloc[0]
+    ax.plot(c.leakage, c.transfer, "*", ms=14, color=col, label=f"{site} transplant (ceiling)")
+ax.set_xlabel("leakage"); ax.set_ylabel("skin tone: transfer to the donor's class"); ax.set_ylim(0, 1.02)
+ax.legend(fontsize=7)
+plt.tight_layout()""", ["hide-input"],
+ {"name": "fig-lens-ceiling", "caption": "Skin tone, steps 8–24, on its pairs: DiffLens' edits over their validation "
+  "settings at h (blue) and at up_blocks.0 with the lens' SAE (red), each against its own site's transplant (★)."}),
+(CODE, r"""def _ch(d, p):
+    r = d[(d.attribute == "race") & (d.patch == p)]
+    return float(r.transfer.iloc[0]) if len(r) else float("nan")
+
+for key, p in (("ceil", "h donor (ceiling)"), ("sae", "SAE(h donor)"), ("all", "all latents"),
+               ("k4", "top 4k latents"), ("k", "top k latents")):
+    glue(f"l_race_{key}", tables.num(_ch(dec_l, p)), display=False)
+sl = summ_l[summ_l.attribute == "race"]
+m = sl["share of ceiling"].dropna()
+glue("l_race_share", tables.num(m.max(), percent=True) if len(m) else "— (every setting leaks more than the ceiling)",
+     display=False)
+glue("l_race_best", tables.num(sl["edit best transfer"].max()), display=False)
+glue("l_race_best_leak", tables.num(sl.loc[sl["edit best transfer"].idxmax(), "its leakage"]), display=False)
+glue("l_race_ceil_leak", tables.num(sl["ceiling leakage"].iloc[0]), display=False)
+h_at = summ[(summ.attribute == "race")]
+glue("l_race_vs_h", "more" if sl["edit best transfer"].max() > h_at["edit best transfer"].max() else "no more",
+     display=False)""", ["remove-cell"]),
+(MD, r"""At the lens' site the transplant over the edit window moves skin tone in {glue:text}`l_race_ceil` of pairs
+(h: {glue:text}`d_race_ceil`); the lens' SAE reconstruction of the donor transfers {glue:text}`l_race_sae`, all its
+latents {glue:text}`l_race_all`, its top 4k ranked latents {glue:text}`l_race_k4` and its top k
+{glue:text}`l_race_k`. Its edits reach {glue:text}`l_race_best` at best (at leakage {glue:text}`l_race_best_leak`,
+against the transplant's {glue:text}`l_race_ceil_leak`) — {glue:text}`l_race_vs_h` than h's edits — and at no more
+leakage than the transplant, {glue:text}`l_race_share` of the site's ceiling. The lens' SAE reconstructs its site
+with a held-out FVU of {glue:text}`fvu_l` (h's: {glue:text}`fvu_h`); its probe reads skin tone at step 8 with
+held-out accuracy {glue:text}`race_acc8_l` (h's probe: {glue:text}`race_acc8_h`). Building the lens took
+{glue:text}`lens_cost` minutes on 2 cores (harvest, SAE, IG)."""),
+(MD, r"""### Chapter 7's protocol at the lens
+
+Every DiffLens row of {doc}`chapter 7 <07_benchmark>` (plain and swap edits, both assignment policies, both step
+windows, and the released configuration) runs again with the lens' SAE and ranked features at `up_blocks.0`: the
+same validation seed and grid-extension rule, the same frozen-then-tested order, the same test seed and the same
+Original pass, and the same samples asked to change (the policies read each sample's class with chapter 4's
+bottleneck probe, so *who* is edited is identical and only *where and how* differs). One difference: these rows were
+validated and frozen after chapter 7's own freeze (its log and the lens bench's log record both times); no chapter
+7 test cell was read for any choice here. The comparison is each family's best row (declared on validation) at its
+setting matched to keep 0.95, on the same 2,000 test samples."""),
+(CODE, r"""lv = S.lens_vs_h("test", "race")
+vt = pd.DataFrame({k: {"row": lv[k]["label"], "setting": tables.num(lv[k]["setting"]),
+                       "val FD": tables.num(lv[k]["val FD"]),
+                       "test FD": tables.ci(lv[k]["FD"], lv[k]["FD lo"], lv[k]["FD hi"]),
+                       "keep all": tables.ci(lv[k]["keep all"], lv[k]["keep all lo"], lv[k]["keep all hi"]),
+                       "share edited": tables.num(lv[k]["share edited"])}
+                   for k in ("h", "lens")}).T
+vt.index = ["chapter 7's best (h)", f"lens ({S.LENS_SITE})"]
+d = lv["FD diff"]
+glue("lv_h_fd", tables.num(lv["h"]["FD"]), display=False)
+glue("lv_l_fd", tables.num(lv["lens"]["FD"]), display=False)
+glue("lv_orig_fd", tables.num(lv["h"]["FD original"]), display=False)
+glue("lv_diff", tables.ci(d["diff"], d["lo"], d["hi"]), display=False)
+glue("lv_ratio", tables.num(lv["verdict"]["ratio"]), display=False)
+glue("lv_halved", "is" if lv["verdict"]["halved"] else "is not", display=False)
+glue("lv_sig", "lower than h's, with a paired interval that excludes zero" if lv["verdict"]["lower"] else
+     "higher than h's, with a paired interval that excludes zero" if lv["verdict"]["higher"] else
+     "not distinguishable from h's (the paired interval spans zero)", display=False)
+glue("lv_h_row", lv["h"]["label"], display=False)
+glue("lv_l_row", lv["lens"]["label"], display=False)
+tables.frame(vt, legend="Skin tone on chapter 7's test seed (n = 2,000): each family's best DiffLens row, "
+             "declared on validation, at its setting matched to keep 0.95. FD with its bootstrap CI.")""",
+ ["remove-input"]),
+(MD, r"""On the test seed, chapter 7's best bottleneck row ({glue:text}`lv_h_row`) leaves race FD at
+{glue:text}`lv_h_fd` (the Original: {glue:text}`lv_orig_fd`); the lens' best row ({glue:text}`lv_l_row`) reaches
+{glue:text}`lv_l_fd`, a ratio of {glue:text}`lv_ratio` — the goal of halving it {glue:text}`lv_halved` met. The
+paired difference (lens − h) is {glue:text}`lv_diff`: {glue:text}`lv_sig`."""),
+]
 OUT = Path(__file__).resolve().parent.parent / "06_where_attributes_live.ipynb"
 
 
 def main():
-    write(CELLS, OUT, typed_numbers={"95%": "the confidence level of every interval, a setting"})
+    write(CELLS + LENS, OUT, typed_numbers={"95%": "the confidence level of every interval, a setting",
+                                      "8×": "the SAE's expansion (chapter 3's setting)",
+                                      "0.95": "the keep-rate chapter 7's comparison is matched at, a setting"})
 
 
 if __name__ == "__main__":
