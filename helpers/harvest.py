@@ -240,6 +240,23 @@ def load_rows(folder, steps=None, max_rows: int | None = None, seed: int = 0) ->
     return out
 
 
+def _cache_folder(model_name, settings: HarvestSettings, judge_path, root=None) -> tuple[Path, dict]:
+    model_dir = models.EMBEDDED_DIR if model_name == "embedded" else Path(model_name)
+    key_settings = {"settings": asdict(settings), "model": cache.fingerprint(model_dir) if model_dir.exists()
+                    else str(model_name), "judge": cache.fingerprint(judge_path)}
+    return cache.folder_for("harvest", key_settings, root), key_settings
+
+
+def is_cached(model_name: str = "embedded", settings: HarvestSettings | None = None, judge_path=None,
+              root=None) -> bool:
+    """Whether :func:`cached` would find a finished harvest for these settings (without making one)."""
+    from . import judge as J
+
+    folder, _ = _cache_folder(model_name, settings or HarvestSettings(),
+                              J.JUDGE_PATH if judge_path is None else judge_path, root)
+    return (folder / "summary.safetensors").is_file()
+
+
 def cached(model_name: str = "embedded", settings: HarvestSettings | None = None, recompute: bool = False,
            judge_path=None, root=None, progress: bool = True) -> Path:
     """The harvest folder for ``model_name`` and ``settings``, made on first use (or when ``recompute``).
@@ -251,10 +268,7 @@ def cached(model_name: str = "embedded", settings: HarvestSettings | None = None
 
     settings = settings or HarvestSettings()
     judge_path = J.JUDGE_PATH if judge_path is None else judge_path
-    model_dir = models.EMBEDDED_DIR if model_name == "embedded" else Path(model_name)
-    key_settings = {"settings": asdict(settings), "model": cache.fingerprint(model_dir) if model_dir.exists()
-                    else str(model_name), "judge": cache.fingerprint(judge_path)}
-    folder = cache.folder_for("harvest", key_settings, root)
+    folder, key_settings = _cache_folder(model_name, settings, judge_path, root)
     if recompute or not (folder / "summary.safetensors").is_file():
         model = models.load_model(model_name)
         run(model, settings, folder, judge=J.load_judge(judge_path), progress=progress,
