@@ -426,6 +426,27 @@ bottleneck probe, so *who* is edited is identical and only *where and how* diffe
 validated and frozen after chapter 7's own freeze (its log and the lens bench's log record both times); no chapter
 7 test cell was read for any choice here. The comparison is each family's best row (declared on validation) at its
 setting matched to keep 0.95, on the same 2,000 test samples."""),
+(CODE, r"""from helpers.chapters import benchmark as BM
+
+fr = pd.concat([BM.frontier_frame(BM.OUT, ["race"]).assign(site="h"),
+                BM.frontier_frame(S.LENS_BENCH, ["race"]).assign(site=S.LENS_SITE)])
+fr = fr[fr.method.isin([m for m, x in BM.METHODS.items() if x.kind == "difflens"])]
+fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+for ax, pol in zip(axes, ("minimal", "iid")):
+    sub = fr[fr.policy.isin([pol, "released"] if pol == "iid" else [pol])]
+    colour = {r: f"C{i}" for i, r in enumerate(sorted(sub.row.unique()))}
+    for (site, row), g in sub.groupby(["site", "row"]):
+        ax.plot(g["keep all"], g["FD"], "o-" if site == "h" else "s--", ms=4, alpha=0.8, color=colour[row],
+                label=f"{row} @ {site}")
+    ax.axvline(BM.KEEP_POINTS[0], color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("keep (other attributes unchanged)"); ax.set_title(f"policy {pol}" + (" and released" if pol == "iid" else ""))
+    ax.invert_xaxis(); ax.legend(fontsize=6)
+axes[0].set_ylabel("race FD (validation)")
+plt.tight_layout()""", ["hide-input"],
+ {"name": "fig-lens-frontiers", "caption": "Validation frontiers of race (n = 256, chapter 7's validation seed): every "
+  "DiffLens row editing h (circles, solid) and the same row editing up_blocks.0 with the lens (squares, dashed, same "
+  "colour); the "
+  "dotted line is keep 0.95, where the test comparison is made."}),
 (CODE, r"""lv = S.lens_vs_h("test", "race")
 vt = pd.DataFrame({k: {"row": lv[k]["label"], "setting": tables.num(lv[k]["setting"]),
                        "val FD": tables.num(lv[k]["val FD"]),
@@ -446,13 +467,22 @@ glue("lv_sig", "lower than h's, with a paired interval that excludes zero" if lv
      "not distinguishable from h's (the paired interval spans zero)", display=False)
 glue("lv_h_row", lv["h"]["label"], display=False)
 glue("lv_l_row", lv["lens"]["label"], display=False)
-tables.frame(vt, legend="Skin tone on chapter 7's test seed (n = 2,000): each family's best DiffLens row, "
-             "declared on validation, at its setting matched to keep 0.95. FD with its bootstrap CI.")""",
+display(tables.frame(vt, legend="Skin tone on chapter 7's test seed (n = 2,000): each family's best DiffLens row, "
+                     "declared on validation, at its setting matched to keep 0.95. FD with its bootstrap CI."))
+fl = pd.DataFrame({vt.index[i]: lv[k]["flips among edited"] for i, k in enumerate(("h", "lens"))}).T
+worst = {k: max(lv[k]["flips among edited"].items(), key=lambda x: x[1]) for k in ("h", "lens")}
+for k, (b, v) in worst.items():
+    glue(f"lv_{k[0]}_worst", b, display=False)
+    glue(f"lv_{k[0]}_worst_v", tables.num(v, percent=True), display=False)
+tables.frame(fl, percent=list(fl.columns), legend="Among the samples each row edited: the share whose judged class "
+             "of each other attribute changed (what the keep-rate pays for).")""",
  ["remove-input"]),
 (MD, r"""On the test seed, chapter 7's best bottleneck row ({glue:text}`lv_h_row`) leaves race FD at
 {glue:text}`lv_h_fd` (the Original: {glue:text}`lv_orig_fd`); the lens' best row ({glue:text}`lv_l_row`) reaches
 {glue:text}`lv_l_fd`, a ratio of {glue:text}`lv_ratio` — the goal of halving it {glue:text}`lv_halved` met. The
-paired difference (lens − h) is {glue:text}`lv_diff`: {glue:text}`lv_sig`."""),
+paired difference (lens − h) is {glue:text}`lv_diff`: {glue:text}`lv_sig`. What the edits break most among the
+samples they edit: {glue:text}`lv_h_worst` for h ({glue:text}`lv_h_worst_v`), {glue:text}`lv_l_worst` for the
+lens ({glue:text}`lv_l_worst_v`)."""),
 ]
 OUT = Path(__file__).resolve().parent.parent / "06_where_attributes_live.ipynb"
 

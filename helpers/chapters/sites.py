@@ -676,8 +676,8 @@ def lens_vs_h(split: str = "test", attribute: str = "race", bench_out=None, lens
               n_boot: int = 2000) -> dict:
     """Chapter 7's best bottleneck DiffLens row against the lens bench's best row (each declared on validation by
     :func:`helpers.chapters.benchmark.freeze`), at their settings matched to keep 0.95, on ``split``'s seed: each
-    one's FD (CI), keep and share edited, the paired bootstrap difference lens − h of FD and keep, and
-    :func:`fd_verdict`."""
+    one's FD (CI), keep, share edited and, among its edited samples, how often each other attribute's class flipped;
+    the paired bootstrap difference lens − h of FD and keep, and :func:`fd_verdict`."""
     import json
 
     from . import benchmark as BM
@@ -689,8 +689,14 @@ def lens_vs_h(split: str = "test", attribute: str = "race", bench_out=None, lens
         if best is None:
             raise ValueError(f"lens_vs_h: no DiffLens row of {folder} reached keep 0.95 on validation for {attribute}")
         row = BM.Row(*best["row"])
-        m = BM.find(BM.cells(folder, split, attribute), attribute, row, best["setting"])["meta"]["metrics"]
+        c = BM.find(BM.cells(folder, split, attribute), attribute, row, best["setting"])
+        m = c["meta"]["metrics"]
+        orig = io.load_tensors(bench_out / f"original_{split}.safetensors")[0]
+        edited = c["t"]["asked"] >= 0
+        flips = {b: float((orig[f"cls.{b}"] != c["t"][f"cls.{b}"])[edited].float().mean())
+                 for b in world.ATTRIBUTES if b != attribute}
         out[name] = {"row": row, "label": best["label"], "setting": best["setting"], "val FD": best["val FD"],
+                     "flips among edited": flips,
                      **{k: m[k] for k in ("FD", "FD lo", "FD hi", "keep all", "keep all lo", "keep all hi",
                                           "share edited", "FD original")}}
     p = BM.paired(lens_bench_out, split, attribute, (out["lens"]["row"], out["lens"]["setting"]),
