@@ -399,23 +399,40 @@ for key, p in (("ceil", "h donor (ceiling)"), ("sae", "SAE(h donor)"), ("all", "
     glue(f"l_race_{key}", tables.num(_ch(dec_l, p)), display=False)
 sl = summ_l[summ_l.attribute == "race"]
 m = sl["share of ceiling"].dropna()
-glue("l_race_share", tables.num(m.max(), percent=True) if len(m) else "— (every setting leaks more than the ceiling)",
-     display=False)
+glue("l_race_share", f"{tables.num(m.max(), percent=True)} of the site's ceiling" if len(m) else
+     "none, every setting leaks more than the transplant", display=False)
 glue("l_race_best", tables.num(sl["edit best transfer"].max()), display=False)
 glue("l_race_best_leak", tables.num(sl.loc[sl["edit best transfer"].idxmax(), "its leakage"]), display=False)
 glue("l_race_ceil_leak", tables.num(sl["ceiling leakage"].iloc[0]), display=False)
 h_at = summ[(summ.attribute == "race")]
 glue("l_race_vs_h", "more" if sl["edit best transfer"].max() > h_at["edit best transfer"].max() else "no more",
-     display=False)""", ["remove-cell"]),
+     display=False)
+sv_l = S.sae_verdicts(dec_l)["race"]
+glue("l_sae_loses", "loses" if sv_l["SAE loses"] else "does not lose", display=False)
+glue("l_ranked_lose", "lose" if sv_l["ranked latents lose"] else "do not lose", display=False)
+ls_l = S.losses(dec_l, summ_l, "race")
+glue("l_largest", ls_l["largest"], display=False)
+glue("l_largest_drop", tables.num(ls_l["largest drop"]), display=False)
+low = curve_l.loc[curve_l.leakage.idxmin()]
+glue("l_low_transfer", tables.num(low.transfer), display=False)
+glue("l_low_leak", tables.num(low.leakage), display=False)
+glue("l_low_method", f"{low.method} at β {tables.num(low.setting)}", display=False)""", ["remove-cell"]),
 (MD, r"""At the lens' site the transplant over the edit window moves skin tone in {glue:text}`l_race_ceil` of pairs
 (h: {glue:text}`d_race_ceil`); the lens' SAE reconstruction of the donor transfers {glue:text}`l_race_sae`, all its
 latents {glue:text}`l_race_all`, its top 4k ranked latents {glue:text}`l_race_k4` and its top k
 {glue:text}`l_race_k`. Its edits reach {glue:text}`l_race_best` at best (at leakage {glue:text}`l_race_best_leak`,
 against the transplant's {glue:text}`l_race_ceil_leak`) — {glue:text}`l_race_vs_h` than h's edits — and at no more
-leakage than the transplant, {glue:text}`l_race_share` of the site's ceiling. The lens' SAE reconstructs its site
+leakage than the transplant: {glue:text}`l_race_share`; its least leaky setting
+({glue:text}`l_low_method`) transfers {glue:text}`l_low_transfer` at leakage {glue:text}`l_low_leak`. By the
+intervals, the lens' SAE {glue:text}`l_sae_loses` transfer against its site's transplant, and its ranked latents at
+the values natural samples have {glue:text}`l_ranked_lose` it; the largest drop along the chain is
+{glue:text}`l_largest` ({glue:text}`l_largest_drop`). What caps skin tone at the lens is therefore not the SAE but
+the ranked latents and the edit: a class's few top latents, pushed further than any sample has them, move tone in at
+most {glue:text}`l_race_best` of the pairs, and only at a leakage many times the transplant's. The lens' SAE
+reconstructs its site
 with a held-out FVU of {glue:text}`fvu_l` (h's: {glue:text}`fvu_h`); its probe reads skin tone at step 8 with
 held-out accuracy {glue:text}`race_acc8_l` (h's probe: {glue:text}`race_acc8_h`). Building the lens took
-{glue:text}`lens_cost` minutes on 2 cores (harvest, SAE, IG)."""),
+{glue:text}`lens_cost` minutes (the harvest at one thread beside another run; the SAE and IG on 2 cores)."""),
 (MD, r"""### Chapter 7's protocol at the lens
 
 Every DiffLens row of {doc}`chapter 7 <07_benchmark>` (plain and swap edits, both assignment policies, both step
@@ -462,15 +479,23 @@ glue("lv_orig_fd", tables.num(lv["h"]["FD original"]), display=False)
 glue("lv_diff", tables.ci(d["diff"], d["lo"], d["hi"]), display=False)
 glue("lv_ratio", tables.num(lv["verdict"]["ratio"]), display=False)
 glue("lv_halved", "is" if lv["verdict"]["halved"] else "is not", display=False)
-glue("lv_sig", "lower than h's, with a paired interval that excludes zero" if lv["verdict"]["lower"] else
-     "higher than h's, with a paired interval that excludes zero" if lv["verdict"]["higher"] else
-     "not distinguishable from h's (the paired interval spans zero)", display=False)
+glue("lv_sig", "the lens row is lower, with a paired interval that excludes zero" if lv["verdict"]["lower"] else
+     "the lens row is higher, with a paired interval that excludes zero" if lv["verdict"]["higher"] else
+     "the two are not distinguishable (the paired interval spans zero)", display=False)
+for k, f in (("h", fr[fr.site == "h"]), ("l", fr[fr.site == S.LENS_SITE])):
+    best = f.loc[f["FD"].idxmin()]
+    glue(f"fr_{k}_min_fd", tables.num(best["FD"]), display=False)
+    glue(f"fr_{k}_min_keep", tables.num(best["keep all"]), display=False)
+    glue(f"fr_{k}_min_row", best["row"], display=False)
 glue("lv_h_row", lv["h"]["label"], display=False)
 glue("lv_l_row", lv["lens"]["label"], display=False)
 display(tables.frame(vt, legend="Skin tone on chapter 7's test seed (n = 2,000): each family's best DiffLens row, "
                      "declared on validation, at its setting matched to keep 0.95. FD with its bootstrap CI."))
 fl = pd.DataFrame({vt.index[i]: lv[k]["flips among edited"] for i, k in enumerate(("h", "lens"))}).T
 worst = {k: max(lv[k]["flips among edited"].items(), key=lambda x: x[1]) for k in ("h", "lens")}
+for k in ("h", "lens"):
+    glue(f"lv_{k[0]}_reached", tables.num(lv[k]["reached among edited"], percent=True), display=False)
+    glue(f"lv_{k[0]}_changed", tables.num(lv[k]["changed among edited"], percent=True), display=False)
 for k, (b, v) in worst.items():
     glue(f"lv_{k[0]}_worst", b, display=False)
     glue(f"lv_{k[0]}_worst_v", tables.num(v, percent=True), display=False)
@@ -482,7 +507,18 @@ tables.frame(fl, percent=list(fl.columns), legend="Among the samples each row ed
 {glue:text}`lv_l_fd`, a ratio of {glue:text}`lv_ratio` — the goal of halving it {glue:text}`lv_halved` met. The
 paired difference (lens − h) is {glue:text}`lv_diff`: {glue:text}`lv_sig`. What the edits break most among the
 samples they edit: {glue:text}`lv_h_worst` for h ({glue:text}`lv_h_worst_v`), {glue:text}`lv_l_worst` for the
-lens ({glue:text}`lv_l_worst_v`)."""),
+lens ({glue:text}`lv_l_worst_v`).
+
+So the site matters — editing where the map says tone travels lowers race FD at the same keep-rate and on the same
+samples — but not by half. The keep-rate is what binds: on validation, the lens' rows reach FD
+{glue:text}`fr_l_min_fd` only at keep {glue:text}`fr_l_min_keep` ({glue:text}`fr_l_min_row`; h's rows:
+{glue:text}`fr_h_min_fd` at keep {glue:text}`fr_h_min_keep`), and at keep 0.95 only gentle edits are affordable:
+of the samples the lens' best row edits on the test seed, {glue:text}`lv_l_reached` end with the skin tone they
+were asked for and {glue:text}`lv_l_changed` leave their own at all (h's row: {glue:text}`lv_h_reached` and
+{glue:text}`lv_h_changed`) — FD falls mostly because edited samples step off the over-represented tone, not because
+they land on the one asked. A larger share of the ceiling at low leakage
+would need latents that carry tone one sample at a time (a per-sample transplant, like the patches above) rather
+than a class's typical features — which is no longer an edit that needs no reference sample."""),
 ]
 OUT = Path(__file__).resolve().parent.parent / "06_where_attributes_live.ipynb"
 

@@ -677,7 +677,9 @@ def lens_vs_h(split: str = "test", attribute: str = "race", bench_out=None, lens
               n_boot: int = 2000) -> dict:
     """Chapter 7's best bottleneck DiffLens row against the lens bench's best row (each declared on validation by
     :func:`helpers.chapters.benchmark.freeze`), at their settings matched to keep 0.95, on ``split``'s seed: each
-    one's FD (CI), keep, share edited and, among its edited samples, how often each other attribute's class flipped;
+    one's FD (CI), keep, share edited and, among its edited samples, the share that reached the class asked, the share
+    whose class changed at all, and how
+    often each other attribute's class flipped;
     the paired bootstrap difference lens − h of FD and keep, and :func:`fd_verdict`."""
     import json
 
@@ -696,8 +698,11 @@ def lens_vs_h(split: str = "test", attribute: str = "race", bench_out=None, lens
         edited = c["t"]["asked"] >= 0
         flips = {b: float((orig[f"cls.{b}"] != c["t"][f"cls.{b}"])[edited].float().mean())
                  for b in world.ATTRIBUTES if b != attribute}
+        reached = float((c["t"][f"cls.{attribute}"].long() == c["t"]["asked"].long())[edited].float().mean())
         out[name] = {"row": row, "label": best["label"], "setting": best["setting"], "val FD": best["val FD"],
-                     "flips among edited": flips,
+                     "flips among edited": flips, "reached among edited": reached,
+                     "changed among edited": float((orig[f"cls.{attribute}"] != c["t"][f"cls.{attribute}"])[edited]
+                                                   .float().mean()),
                      **{k: m[k] for k in ("FD", "FD lo", "FD hi", "keep all", "keep all lo", "keep all hi",
                                           "share edited", "FD original")}}
     p = BM.paired(lens_bench_out, split, attribute, (out["lens"]["row"], out["lens"]["setting"]),
