@@ -328,7 +328,9 @@ for: {glue:text}`premise_fails` — narrowly for age (over every step h {glue:te
 edit of h never touches. An edit can still move such an attribute more often than h's transplant does — by writing
 into h more than any natural sample carries, as the age edits do — but it pays for it in leakage. For skin tone the
 patch that adds only the first up block's 8×8 skip tensors to h (`up_blocks.0`) transfers {glue:text}`up0_race_all`
-over every step and {glue:text}`up0_race_win` over the edit window (h: {glue:text}`h_race_win`): that site, not h alone, is where an edit of skin tone would have the room it lacks in h."""),
+over every step and {glue:text}`up0_race_win` over the edit window (h: {glue:text}`h_race_win`): that site, not h
+alone, is where an edit of skin tone has room it lacks in h. The next section asks how much of that room DiffLens'
+edits there can use."""),
 ]
 LENS = [
 (MD, r"""## A lens where skin tone lives
@@ -372,7 +374,8 @@ summ_l, curve_l = S.ceiling_vs_edit(site=S.LENS_SITE)
 summ_l = summ_l[summ_l.attribute.isin(S.LENS_ATTRIBUTES)]
 both = pd.concat([dec[dec.attribute.isin(S.LENS_ATTRIBUTES)].assign(site="mid_block (h)"),
                   dec_l.assign(site=S.LENS_SITE)])
-both["patch"] = both["patch"].str.replace("h donor (ceiling)", "donor's activations (ceiling)", regex=False)
+both["patch"] = both["patch"].replace({"h donor (ceiling)": "donor's activations (ceiling)",
+                                       "SAE(h donor)": "the site's SAE reconstruction of the donor"})
 both["transfer"] = [tables.ci(r.transfer, r.lo, r.hi) for r in both.itertuples()]
 tables.frame(both.set_index(["attribute", "site", "patch"])[["latents", "transfer", "leakage"]],
              legend="The chain of the table above, at h and at the lens' site, steps 8–24, on skin tone's pairs: "
@@ -405,14 +408,31 @@ glue("l_race_best", tables.num(sl["edit best transfer"].max()), display=False)
 glue("l_race_best_leak", tables.num(sl.loc[sl["edit best transfer"].idxmax(), "its leakage"]), display=False)
 glue("l_race_ceil_leak", tables.num(sl["ceiling leakage"].iloc[0]), display=False)
 h_at = summ[(summ.attribute == "race")]
-glue("l_race_vs_h", "more" if sl["edit best transfer"].max() > h_at["edit best transfer"].max() else "no more",
-     display=False)
+from helpers import metrics as _M
+lab_l, took_l = S.best_edit_outcome("race", S.LENS_SITE)
+lab_h, took_h = S.best_edit_outcome("race", "mid_block")
+mc = _M.mcnemar(took_l, took_h)
+glue("l_race_vs_h", ("more often than" if mc["only_a"] > mc["only_b"] else "less often than") if mc["p"] < 0.05
+     else "about as often as", display=False)
+glue("l_mc", f"{lab_l} against h's {lab_h}: {mc['only_a']} pairs only the lens edit moves, {mc['only_b']} only h's, "
+     f"McNemar p = {tables.num(mc['p'])}", display=False)
 sv_l = S.sae_verdicts(dec_l)["race"]
 glue("l_sae_loses", "loses" if sv_l["SAE loses"] else "does not lose", display=False)
 glue("l_ranked_lose", "lose" if sv_l["ranked latents lose"] else "do not lose", display=False)
 ls_l = S.losses(dec_l, summ_l, "race")
 glue("l_largest", ls_l["largest"], display=False)
 glue("l_largest_drop", tables.num(ls_l["largest drop"]), display=False)
+ratio = sl.loc[sl["edit best transfer"].idxmax(), "its leakage"] / sl["ceiling leakage"].iloc[0]
+if not sv_l["SAE loses"] and sv_l["ranked latents lose"]:
+    cap = (f"So what caps skin tone at the lens is not its SAE but the ranked latents and the edit: the top "
+           f"{identify.K['race']} latents per class, at the β values chapter 7's validation explored, move tone in at "
+           f"most {tables.num(sl['edit best transfer'].max())} of the pairs, at {tables.num(ratio)} times the "
+           "transplant's leakage.")
+elif sv_l["SAE loses"]:
+    cap = "So the lens' SAE itself already loses part of what its site carries of skin tone."
+else:
+    cap = "Neither the lens' SAE nor its ranked latents lose transfer by the intervals; the edit's form is what remains."
+glue("l_cap", cap, display=False)
 low = curve_l.loc[curve_l.leakage.idxmin()]
 glue("l_low_transfer", tables.num(low.transfer), display=False)
 glue("l_low_leak", tables.num(low.leakage), display=False)
@@ -421,15 +441,13 @@ glue("l_low_method", f"{low.method} at β {tables.num(low.setting)}", display=Fa
 (h: {glue:text}`d_race_ceil`); the lens' SAE reconstruction of the donor transfers {glue:text}`l_race_sae`, all its
 latents {glue:text}`l_race_all`, its top 4k ranked latents {glue:text}`l_race_k4` and its top k
 {glue:text}`l_race_k`. Its edits reach {glue:text}`l_race_best` at best (at leakage {glue:text}`l_race_best_leak`,
-against the transplant's {glue:text}`l_race_ceil_leak`) — {glue:text}`l_race_vs_h` than h's edits — and at no more
+against the transplant's {glue:text}`l_race_ceil_leak`), moving tone {glue:text}`l_race_vs_h` h's best edit does on
+the same pairs ({glue:text}`l_mc`); and at no more
 leakage than the transplant: {glue:text}`l_race_share`; its least leaky setting
 ({glue:text}`l_low_method`) transfers {glue:text}`l_low_transfer` at leakage {glue:text}`l_low_leak`. By the
 intervals, the lens' SAE {glue:text}`l_sae_loses` transfer against its site's transplant, and its ranked latents at
 the values natural samples have {glue:text}`l_ranked_lose` it; the largest drop along the chain is
-{glue:text}`l_largest` ({glue:text}`l_largest_drop`). What caps skin tone at the lens is therefore not the SAE but
-the ranked latents and the edit: a class's few top latents, pushed further than any sample has them, move tone in at
-most {glue:text}`l_race_best` of the pairs, and only at a leakage many times the transplant's. The lens' SAE
-reconstructs its site
+{glue:text}`l_largest` ({glue:text}`l_largest_drop`). {glue:text}`l_cap` The lens' SAE reconstructs its site
 with a held-out FVU of {glue:text}`fvu_l` (h's: {glue:text}`fvu_h`); its probe reads skin tone at step 8 with
 held-out accuracy {glue:text}`race_acc8_l` (h's probe: {glue:text}`race_acc8_h`). Building the lens took
 {glue:text}`lens_cost` minutes (the harvest at one thread beside another run; the SAE and IG on 2 cores)."""),
@@ -469,7 +487,7 @@ vt = pd.DataFrame({k: {"row": lv[k]["label"], "setting": tables.num(lv[k]["setti
                        "val FD": tables.num(lv[k]["val FD"]),
                        "test FD": tables.ci(lv[k]["FD"], lv[k]["FD lo"], lv[k]["FD hi"]),
                        "keep all": tables.ci(lv[k]["keep all"], lv[k]["keep all lo"], lv[k]["keep all hi"]),
-                       "share edited": tables.num(lv[k]["share edited"])}
+                       "samples edited": tables.num(lv[k]["share of samples edited"], percent=True)}
                    for k in ("h", "lens")}).T
 vt.index = ["chapter 7's best (h)", f"lens ({S.LENS_SITE})"]
 d = lv["FD diff"]
@@ -488,6 +506,11 @@ for k, f in (("h", fr[fr.site == "h"]), ("l", fr[fr.site == S.LENS_SITE])):
     glue(f"fr_{k}_min_keep", tables.num(best["keep all"]), display=False)
     glue(f"fr_{k}_min_row", best["row"], display=False)
 glue("lv_h_row", lv["h"]["label"], display=False)
+glue("lv_summary", ("So editing at the lens — its site, its SAE and its ranking together — lowers race FD on the same "
+                    "samples at the same keep-rate on this test seed" if lv["verdict"]["lower"] else
+                    "So editing at the lens — its site, its SAE and its ranking together — does not lower race FD "
+                    "measurably on this test seed") + (", and by half." if lv["verdict"]["halved"] else
+                                                      ", but not by half."), display=False)
 glue("lv_l_row", lv["lens"]["label"], display=False)
 display(tables.frame(vt, legend="Skin tone on chapter 7's test seed (n = 2,000): each family's best DiffLens row, "
                      "declared on validation, at its setting matched to keep 0.95. FD with its bootstrap CI."))
@@ -509,16 +532,16 @@ paired difference (lens − h) is {glue:text}`lv_diff`: {glue:text}`lv_sig`. Wha
 samples they edit: {glue:text}`lv_h_worst` for h ({glue:text}`lv_h_worst_v`), {glue:text}`lv_l_worst` for the
 lens ({glue:text}`lv_l_worst_v`).
 
-So the site matters — editing where the map says tone travels lowers race FD at the same keep-rate and on the same
-samples — but not by half. The keep-rate is what binds: on validation, the lens' rows reach FD
+{glue:text}`lv_summary` The keep-rate is what binds: on validation, the lens' rows reach FD
 {glue:text}`fr_l_min_fd` only at keep {glue:text}`fr_l_min_keep` ({glue:text}`fr_l_min_row`; h's rows:
 {glue:text}`fr_h_min_fd` at keep {glue:text}`fr_h_min_keep`), and at keep 0.95 only gentle edits are affordable:
 of the samples the lens' best row edits on the test seed, {glue:text}`lv_l_reached` end with the skin tone they
 were asked for and {glue:text}`lv_l_changed` leave their own at all (h's row: {glue:text}`lv_h_reached` and
 {glue:text}`lv_h_changed`) — FD falls mostly because edited samples step off the over-represented tone, not because
-they land on the one asked. A larger share of the ceiling at low leakage
-would need latents that carry tone one sample at a time (a per-sample transplant, like the patches above) rather
-than a class's typical features — which is no longer an edit that needs no reference sample."""),
+they land on the one asked. We conjecture that a larger share of the ceiling at low leakage needs latents that carry
+tone one sample at a time rather than a class's typical features: the per-pair transplant of all the lens' latents
+reaches {glue:text}`l_race_all` at the transplant's own leakage. That would be an edit with a reference sample, which
+DiffLens is not; this chapter does not test it."""),
 ]
 OUT = Path(__file__).resolve().parent.parent / "06_where_attributes_live.ipynb"
 

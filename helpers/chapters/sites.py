@@ -677,7 +677,7 @@ def lens_vs_h(split: str = "test", attribute: str = "race", bench_out=None, lens
               n_boot: int = 2000) -> dict:
     """Chapter 7's best bottleneck DiffLens row against the lens bench's best row (each declared on validation by
     :func:`helpers.chapters.benchmark.freeze`), at their settings matched to keep 0.95, on ``split``'s seed: each
-    one's FD (CI), keep, share edited and, among its edited samples, the share that reached the class asked, the share
+    one's FD (CI), keep, the share of samples edited and, among its edited samples, the share that reached the class asked, the share
     whose class changed at all, and how
     often each other attribute's class flipped;
     the paired bootstrap difference lens − h of FD and keep, and :func:`fd_verdict`."""
@@ -698,13 +698,15 @@ def lens_vs_h(split: str = "test", attribute: str = "race", bench_out=None, lens
         edited = c["t"]["asked"] >= 0
         flips = {b: float((orig[f"cls.{b}"] != c["t"][f"cls.{b}"])[edited].float().mean())
                  for b in world.ATTRIBUTES if b != attribute}
+        share_edited = float(edited.float().mean())
         reached = float((c["t"][f"cls.{attribute}"].long() == c["t"]["asked"].long())[edited].float().mean())
         out[name] = {"row": row, "label": best["label"], "setting": best["setting"], "val FD": best["val FD"],
                      "flips among edited": flips, "reached among edited": reached,
                      "changed among edited": float((orig[f"cls.{attribute}"] != c["t"][f"cls.{attribute}"])[edited]
                                                    .float().mean()),
+                     "share of samples edited": share_edited,
                      **{k: m[k] for k in ("FD", "FD lo", "FD hi", "keep all", "keep all lo", "keep all hi",
-                                          "share edited", "FD original")}}
+                                          "FD original")}}
     p = BM.paired(lens_bench_out, split, attribute, (out["lens"]["row"], out["lens"]["setting"]),
                   (out["h"]["row"], out["h"]["setting"]), n_boot=n_boot, out_b=bench_out, shared=bench_out)
     out["FD diff"], out["keep diff"] = p["FD"], p["keep all"]
@@ -717,3 +719,23 @@ def fd_verdict(fd_h: float, fd_lens: float, diff: dict) -> dict:
     whether the paired difference lens − h is below zero with its CI (``diff``: ``{"diff", "lo", "hi"}``)."""
     return {"halved": bool(fd_lens <= fd_h / 2), "ratio": fd_lens / fd_h if fd_h else float("nan"),
             "lower": bool(diff["hi"] < 0), "higher": bool(diff["lo"] > 0)}
+
+
+def best_edit_outcome(attribute: str, site: str = "mid_block", out=None) -> tuple[str, torch.Tensor]:
+    """The edit setting with the highest transfer on ``attribute``'s pairs at ``site`` (its edits over the validation
+    settings, :meth:`Sites.edits`) and, per pair, whether the recipient took the donor's class — for a paired
+    (McNemar) comparison of two sites' best edits on the same pairs."""
+    out = Path(out or OUT)
+    pool, _ = load(out)
+    sel = pool["drawn_for"].long() == world.SOCIAL.index(attribute)
+    donor_cls = pool[f"cls.{attribute}"].long()[pool["donor"].long()[sel]]
+    folder = out / "edits" if site == "mid_block" else out / "lens" / "edits"
+    best = None
+    for p in sorted(folder.glob(f"{attribute}_*.safetensors")):
+        t, m = io.load_tensors(p)
+        took = t[f"cls.{attribute}"].long() == donor_cls
+        if best is None or took.float().mean() > best[1].float().mean():
+            best = (f"{m['method']} at β {m['setting']:g}", took)
+    if best is None:
+        raise FileNotFoundError(f"best_edit_outcome: no edit cells for {attribute} in {folder}")
+    return best
