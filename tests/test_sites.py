@@ -208,3 +208,18 @@ def test_fd_verdict_reads_halving_and_the_paired_ci():
     v = S.fd_verdict(0.30, 0.2, {"diff": -0.1, "lo": -0.2, "hi": 0.01})
     assert not v["halved"] and not v["lower"] and not v["higher"]
     assert S.fd_verdict(0.3, 0.4, {"diff": 0.1, "lo": 0.05, "hi": 0.15})["higher"]
+
+
+def test_best_edit_outcome_picks_the_setting_with_most_transfer_per_pair(fabricated):
+    out, cls, pr = fabricated
+    sel = pr["drawn_for"].long() == 0
+    rec, don = pr["recipient"].long()[sel], pr["donor"].long()[sel]
+    for setting, took in ((1.0, 1), (2.0, 3)):
+        t = {f"cls.{a}": cls[f"cls.{a}"][rec].clone() for a in world.ATTRIBUTES}
+        t["cls.gender"][:took] = cls["cls.gender"][don[:took]]
+        io.save_tensors(out / "edits" / f"gender_DiffLens_{setting}.safetensors", t,
+                        meta={"method": "DiffLens", "setting": setting})
+    label, took = S.best_edit_outcome("gender", out=out)
+    assert label == "DiffLens at β 2" and took.tolist() == [True, True, True, False]
+    with pytest.raises(FileNotFoundError, match="no edit cells"):
+        S.best_edit_outcome("age", out=out)
