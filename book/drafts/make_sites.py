@@ -522,15 +522,26 @@ for k in ("h", "lens"):
 for k, (b, v) in worst.items():
     glue(f"lv_{k[0]}_worst", b, display=False)
     glue(f"lv_{k[0]}_worst_v", tables.num(v, percent=True), display=False)
-tables.frame(fl, percent=list(fl.columns), legend="Among the samples each row edited: the share whose judged class "
-             "of each other attribute changed (what the keep-rate pays for).")""",
+display(tables.frame(fl, percent=list(fl.columns), legend="Among the samples each row edited: the share whose judged "
+                     "class of each other attribute changed (what the keep-rate pays for)."))
+lk = {k: BM.leakage(folder, "test", "race", lv[k]["row"], lv[k]["setting"], shared=BM.OUT).set_index("attribute")
+      for k, folder in (("h", BM.OUT), ("lens", S.LENS_BENCH))}
+for k in lk:
+    glue(f"lv_{k[0]}_worst_null", tables.num(lk[k].loc[worst[k][0], "flips (null edit)"], percent=True),
+         display=False)
+tables.frame(pd.concat({vt.index[i]: lk[k] for i, k in enumerate(("h", "lens"))}).drop(columns="edited samples"),
+             percent=["flips (edit)", "flips (null edit)", "above the floor"],
+             legend="The same flips under each row's size-matched null edit (the same samples and steps, the same "
+                    "‖Δh‖ per sample, a random direction): the leakage an edit of that size gives whatever it means, "
+                    "and the real edit's excess over it.")""",
  ["remove-input"]),
 (MD, r"""On the test seed, chapter 7's best bottleneck row ({glue:text}`lv_h_row`) leaves race FD at
 {glue:text}`lv_h_fd` (the Original: {glue:text}`lv_orig_fd`); the lens' best row ({glue:text}`lv_l_row`) reaches
 {glue:text}`lv_l_fd`, a ratio of {glue:text}`lv_ratio` — the goal of halving it {glue:text}`lv_halved` met. The
 paired difference (lens − h) is {glue:text}`lv_diff`: {glue:text}`lv_sig`. What the edits break most among the
-samples they edit: {glue:text}`lv_h_worst` for h ({glue:text}`lv_h_worst_v`), {glue:text}`lv_l_worst` for the
-lens ({glue:text}`lv_l_worst_v`).
+samples they edit: {glue:text}`lv_h_worst` for h ({glue:text}`lv_h_worst_v`; a random edit of the same size:
+{glue:text}`lv_h_worst_null`), {glue:text}`lv_l_worst` for the lens ({glue:text}`lv_l_worst_v`; null edit
+{glue:text}`lv_l_worst_null`).
 
 {glue:text}`lv_summary` The keep-rate is what binds: on validation, the lens' rows reach FD
 {glue:text}`fr_l_min_fd` only at keep {glue:text}`fr_l_min_keep` ({glue:text}`fr_l_min_row`; h's rows:

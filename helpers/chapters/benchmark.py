@@ -757,14 +757,15 @@ def paired(out, split: str, attribute: str, a: tuple[Row, float], b: tuple[Row, 
     return {"FD": fd, "keep all": keep, "mcnemar keep": metrics.mcnemar(ka, kb)}
 
 
-def leakage(out, split: str, attribute: str, row: Row, setting: float) -> "pd.DataFrame":
+def leakage(out, split: str, attribute: str, row: Row, setting: float, shared=None) -> "pd.DataFrame":
     """Among the samples a row edited: how often each other attribute's judged class flipped, under the real
     edit and under its size-matched null edit (same samples, steps and ‖Δh‖, random direction), and the
-    difference — the leakage above the floor an edit of that size gives whatever it means."""
+    difference — the leakage above the floor an edit of that size gives whatever it means. ``shared``: the folder
+    holding the Original pass (default ``out``)."""
     import pandas as pd
 
     found = cells(out, split, attribute)
-    orig = io.load_tensors(Path(out) / f"original_{split}.safetensors")[0]
+    orig = io.load_tensors(Path(shared or out) / f"original_{split}.safetensors")[0]
     real, null = find(found, attribute, row, setting), find(found, attribute, row, setting, null=True)
     edited = real["t"]["asked"] >= 0
     recs = []
