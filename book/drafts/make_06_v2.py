@@ -168,6 +168,22 @@ for a in world.SOCIAL:
     ours["Original"][a] = o[0]["meta"]["metrics"]["FD original"] if o else np.nan
 both = pd.concat({"paper (P2, CelebA-HQ)": paper, "this book (embedded model)": pd.DataFrame(ours).T})
 tables.frame(both, legend="FD against the uniform distribution.")"""),
+(CODE, r"""from helpers.chapters import sites as SI
+
+lv = SI.lens_vs_h("test", "race")
+glue("lens_race_h", tables.ci(lv["h"]["FD"], lv["h"]["FD lo"], lv["h"]["FD hi"]), display=False)
+glue("lens_race_l", tables.ci(lv["lens"]["FD"], lv["lens"]["FD lo"], lv["lens"]["FD hi"]), display=False)
+glue("lens_race_diff", tables.ci(lv["FD diff"]["diff"], lv["FD diff"]["lo"], lv["FD diff"]["hi"]), display=False)
+glue("lens_race_halved", "halves it" if lv["verdict"]["halved"] else "does not halve it", display=False)
+glue("lens_race_dir", "lower (the interval excludes zero)" if lv["verdict"]["lower"] else
+     "higher (the interval excludes zero)" if lv["verdict"]["higher"] else "no measurable change", display=False)""",
+ ["remove-cell"]),
+(MD, r"""Skin tone is every row's weakest attribute here, as in the paper. {doc}`Chapter 6 <06_where_attributes_live>`
+finds why: the bottleneck carries tone in well under half of the pairs an activation patch could move, the first up
+block's output in most of them. Run through this chapter's protocol with an SAE at that site (the same rows, seeds,
+policies and samples edited), the best DiffLens row's race FD at keep 0.95 moves from {glue:text}`lens_race_h` to
+{glue:text}`lens_race_l` (paired difference {glue:text}`lens_race_diff`: {glue:text}`lens_race_dir`); it
+{glue:text}`lens_race_halved`."""),
 (MD, r"""## The goals, checked
 
 The issue that specified this benchmark set goals before any test cell existed; `benchmark.goals` checks each on
