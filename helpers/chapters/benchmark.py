@@ -221,9 +221,9 @@ class Bench:
         self.summary = H.load_summary(dissect.OUT / "summary.safetensors")
         self.features_dir, self.k = identify.OUT, dict(identify.K)
         if lens is not None:
-            sae_path, self.features_dir, k = lens
+            sae_path, features_dir, k = lens
             self.sae, _ = S.load_sae(sae_path)
-            self.features_dir, self.k = Path(self.features_dir), dict(k)
+            self.features_dir, self.k = Path(features_dir), dict(k)
         self.fitted: dict = {}
         self._orig: dict = {}
         self.log_path = self.out / "log.json"

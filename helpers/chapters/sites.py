@@ -92,6 +92,16 @@ LATENT_VARIANTS = ("SAE(h donor)", "all latents", "top 4k latents", "top k laten
 EDIT_WINDOW = 8  # chapter 7's edit window (steps 8–24); the ceiling it is held against is h patched there  # every site is patched over these; h (and all skips) over the finer ones too
 
 
+def site_dir(out, site: str) -> Path:
+    """Where the latent and edit cells of the SAE read at ``site`` live: ``out`` for the bottleneck's, ``out/lens``
+    for the lens' (:data:`LENS_SITE`, whose SAE and rankings are there too)."""
+    if site == "mid_block":
+        return Path(out)
+    if site == LENS_SITE:
+        return Path(out) / "lens"
+    raise ValueError(f"Sites: no SAE at {site!r}; the bottleneck ('mid_block') or the lens ({LENS_SITE!r})")
+
+
 def configs() -> list[tuple[str, str]]:
     """(site group, window) of every patch, the map's order."""
     out = [(g, w) for w in MAP_WINDOWS for g in GROUPS]
@@ -202,13 +212,11 @@ class Sites:
         from .. import sae as S
         from . import dissect, identify
 
-        out = Path(getattr(self, "out", OUT))
+        folder = site_dir(getattr(self, "out", OUT), site)
         if site == "mid_block":
-            sae_path, feats, folder = dissect.OUT / "sae.safetensors", identify.OUT, out
-        elif site == LENS_SITE:
-            sae_path, feats, folder = out / "lens" / "sae.safetensors", out / "lens", out / "lens"
+            sae_path, feats = dissect.OUT / "sae.safetensors", identify.OUT
         else:
-            raise ValueError(f"Sites: no SAE at {site!r}; the bottleneck ('mid_block') or the lens ({LENS_SITE!r})")
+            sae_path, feats = folder / "sae.safetensors", folder
         if not hasattr(self, "_saes"):
             self._saes = {}
         if site not in self._saes:
@@ -296,7 +304,7 @@ class Sites:
         from . import benchmark
 
         p = self.pool()
-        bench_out = benchmark.OUT if site == "mid_block" else LENS_BENCH
+        bench_out = benchmark.OUT if site == "mid_block" else Path(self.out) / "bench"
         log = json.loads((bench_out / "log.json").read_text())
         bench = None
         folder = self.lens_of(site)[2] / "edits"
@@ -313,7 +321,7 @@ class Sites:
                         continue
                     if bench is None:
                         bench = benchmark.Bench(progress=False) if site == "mid_block" else \
-                            lens_bench(lens_dir=self.out / "lens", progress=False)
+                            lens_bench(out=bench_out, lens_dir=site_dir(self.out, site), progress=False)
                     t0 = time.time()
                     run = bench.edit_runner(a, row, s, asked)
                     imgs = run(torch.arange(len(rec)), p["states"][EDIT_WINDOW][rec], EDIT_WINDOW)
@@ -448,7 +456,7 @@ def ceiling_vs_edit(out=None, window: str = "8–24", site: str = "mid_block") -
 
     out = Path(out or OUT)
     pool, cells = load(out)
-    edits_dir = out / "edits" if site == "mid_block" else out / "lens" / "edits"
+    edits_dir = site_dir(out, site) / "edits"
     curve, summary = [], []
     for a in world.SOCIAL:
         sel = pool["drawn_for"].long() == world.SOCIAL.index(a)
@@ -491,7 +499,7 @@ def decomposition(out=None, window: str = "8–24", site: str = "mid_block") -> 
 
     out = Path(out or OUT)
     pool, cells = load(out)
-    latent_dir = out / "latent" if site == "mid_block" else out / "lens" / "latent"
+    latent_dir = site_dir(out, site) / "latent"
     rows = []
     for a in world.SOCIAL:
         sel = pool["drawn_for"].long() == world.SOCIAL.index(a)
@@ -677,15 +685,15 @@ def lens_vs_h(split: str = "test", attribute: str = "race", bench_out=None, lens
               n_boot: int = 2000) -> dict:
     """Chapter 7's best bottleneck DiffLens row against the lens bench's best row (each declared on validation by
     :func:`helpers.chapters.benchmark.freeze`), at their settings matched to keep 0.95, on ``split``'s seed: each
-    one's FD (CI), keep, the share of samples edited and, among its edited samples, the share that reached the class asked, the share
-    whose class changed at all, and how
-    often each other attribute's class flipped;
-    the paired bootstrap difference lens − h of FD and keep, and :func:`fd_verdict`."""
+    one's FD (CI), keep, the share of samples edited and, among its edited samples, the share that reached the class
+    asked, the share whose class changed at all, and how often each other attribute's class flipped; the paired
+    bootstrap difference lens − h of FD and keep, and :func:`fd_verdict`."""
     import json
 
     from . import benchmark as BM
 
     bench_out, lens_bench_out = Path(bench_out or BM.OUT), Path(lens_bench_out or LENS_BENCH)
+    orig = io.load_tensors(bench_out / f"original_{split}.safetensors")[0]
     out = {}
     for name, folder in (("h", bench_out), ("lens", lens_bench_out)):
         best = json.loads((folder / "log.json").read_text())["frozen"]["choices"][attribute]["best DiffLens"]
@@ -694,7 +702,6 @@ def lens_vs_h(split: str = "test", attribute: str = "race", bench_out=None, lens
         row = BM.Row(*best["row"])
         c = BM.find(BM.cells(folder, split, attribute), attribute, row, best["setting"])
         m = c["meta"]["metrics"]
-        orig = io.load_tensors(bench_out / f"original_{split}.safetensors")[0]
         edited = c["t"]["asked"] >= 0
         flips = {b: float((orig[f"cls.{b}"] != c["t"][f"cls.{b}"])[edited].float().mean())
                  for b in world.ATTRIBUTES if b != attribute}
@@ -729,7 +736,7 @@ def best_edit_outcome(attribute: str, site: str = "mid_block", out=None) -> tupl
     pool, _ = load(out)
     sel = pool["drawn_for"].long() == world.SOCIAL.index(attribute)
     donor_cls = pool[f"cls.{attribute}"].long()[pool["donor"].long()[sel]]
-    folder = out / "edits" if site == "mid_block" else out / "lens" / "edits"
+    folder = site_dir(out, site) / "edits"
     best = None
     for p in sorted(folder.glob(f"{attribute}_*.safetensors")):
         t, m = io.load_tensors(p)
