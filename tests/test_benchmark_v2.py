@@ -222,7 +222,7 @@ def test_goals_and_paired_comparisons_read_the_frozen_best_row(bench):
     m_best = bench.cell("val", "gender", best, 4.0)
     bench.cell("val", "gender", other, 1.0)
     rec = lambda row, s: {"row": [row.method, row.policy, row.window], "tested": True,  # noqa: E731
-                          "0.95": {"setting": s, "why": ""}, "0.9": {"setting": s, "why": ""}}
+                          "0.95": {"setting": s, "why": "", "val FD": 0.1}, "0.9": {"setting": s, "why": "", "val FD": 0.1}}
     log = json.loads((bench.out / "log.json").read_text()) if (bench.out / "log.json").is_file() else {}
     saved = dict(log)
     log["frozen"] = {"choices": {"gender": {"rows": {best.label: rec(best, 4.0), other.label: rec(other, 1.0)},
@@ -243,5 +243,62 @@ def test_goals_and_paired_comparisons_read_the_frozen_best_row(bench):
         r = d.iloc[0]
         assert r["FD lo"] <= r["FD diff"] <= r["FD hi"]
         assert r["FD winner"] in (best.label, other.label, "neither (CI spans 0)")
+        assert r["outcome"] == BM.outcome(r["FD lo"], r["FD hi"], r["keep lo"], r["keep hi"])
+        assert d.attrs["best"] == best.label and r["kind"] == "baseline"
+        h = BM.headline(bench.out, "val").loc["gender"]
+        orig_t = bench.original("val")["t"]
+        assert h["FD original"] == pytest.approx(BM._fd(orig_t["cls.gender"], 2))
+        assert h["DiffLens row"] == best.label and h["DiffLens FD"] == m_best["FD"]
+        assert h["baseline row"] == other.label
     finally:
         (bench.out / "log.json").write_text(json.dumps(saved))
+
+
+def _choice(entries):
+    """A frozen choice of one attribute from ``(row, tested, val FD at 0.95 or None)``."""
+    return {"rows": {r.label: {"row": [r.method, r.policy, r.window], "tested": t,
+                               "0.95": {"setting": None if fd is None else 1.0, "val FD": fd, "why": ""},
+                               "0.9": {"setting": 2.0, "val FD": 0.0, "why": ""}} for r, t, fd in entries}}
+
+
+def test_best_rows_follow_freezes_rule_within_a_policy_and_among_baselines():
+    ch = _choice([(BM.Row("DiffLens swap", "minimal", 8), True, 0.10),
+                  (BM.Row("DiffLens swap", "minimal", 0), False, 0.01),  # untested window: never chosen
+                  (BM.Row("DiffLens", "iid", 8), True, 0.20),
+                  (BM.Row("DiffLens swap", "iid", 8), True, None),  # never reached keep 0.95
+                  (BM.Row("DiffLens (released)", "released", 0), True, 0.30),
+                  (BM.Row("Latent Direction", "minimal", 8), True, 0.05),
+                  (BM.Row("H-Distribution", "—", 0), True, 0.07)])
+    assert BM.best_difflens(ch)["label"] == "DiffLens swap [minimal, steps 8–24]"
+    assert BM.best_difflens(ch, "iid")["label"] == "DiffLens [iid, steps 8–24]"
+    assert BM.best_difflens(ch, "released")["val FD"] == 0.30
+    assert BM.best_difflens(ch, "oracle") is None
+    assert BM.best_baseline(ch)["label"] == "Latent Direction [minimal, steps 8–24]"
+    assert BM.best_baseline(ch, 0.9)["label"] == "Latent Direction [minimal, steps 8–24]"  # first of the ties
+
+
+def test_outcome_needs_an_interval_that_excludes_zero():
+    assert BM.outcome(-0.05, -0.01, -0.01, 0.01) == "row better"        # lower FD, same keep
+    assert BM.outcome(-0.01, 0.01, 0.01, 0.03) == "row better"          # same FD, keeps more
+    assert BM.outcome(0.01, 0.05, -0.01, 0.01) == "DiffLens better"
+    assert BM.outcome(-0.01, 0.01, -0.03, -0.01) == "DiffLens better"
+    assert BM.outcome(-0.05, -0.01, -0.03, -0.01) == "trade-off"
+    assert BM.outcome(-0.01, 0.01, -0.01, 0.01) == "no difference"
+    assert BM.outcome(0.0, 0.02, -0.01, 0.01) == "no difference"         # an interval touching 0 decides nothing
+
+
+def test_finding1_is_judged_on_baselines_only():
+    import pandas as pd
+
+    def frame(*rows):
+        return pd.DataFrame([{"row": r, "kind": k, "outcome": o} for r, k, o in rows])
+
+    beaten = ("A", "baseline", "DiffLens better")
+    assert BM.finding1(frame(beaten, ("B", "baseline", BM.UNREACHED), ("D", "DiffLens", "row better")))["verdict"] \
+        == "holds"
+    f = BM.finding1(frame(beaten, ("B", "baseline", "row better")))
+    assert f["verdict"] == "fails" and f["row better"] == ["B"]
+    assert BM.finding1(frame(beaten, ("B", "baseline", "trade-off")))["verdict"] == "partly"
+    assert BM.finding1(frame(beaten, ("B", "baseline", "no difference")))["verdict"] == "partly"
+    assert BM.finding1(frame(beaten, ("B", "baseline", "test cell not run yet")))["verdict"] == "undecided"
+    assert BM.finding1(frame(("D", "DiffLens", "DiffLens better")))["verdict"] == "undecided"
