@@ -302,3 +302,10 @@ def test_finding1_is_judged_on_baselines_only():
     assert BM.finding1(frame(beaten, ("B", "baseline", "no difference")))["verdict"] == "partly"
     assert BM.finding1(frame(beaten, ("B", "baseline", "test cell not run yet")))["verdict"] == "undecided"
     assert BM.finding1(frame(("D", "DiffLens", "DiffLens better")))["verdict"] == "undecided"
+
+
+def test_pass_seconds_is_the_median_rate_per_method():
+    cell = lambda m, s, p: {"meta": {"method": m, "seconds": s, "passes": p}}  # noqa: E731
+    r = BM.pass_seconds([cell("A", 10.0, 100), cell("A", 90.0, 100), cell("A", 20.0, 100), cell("B", 5.0, 10),
+                         cell("C", 1.0, 0)])
+    assert r == {"A": pytest.approx(0.2), "B": pytest.approx(0.5)}  # a cell that ran no pass has no rate
