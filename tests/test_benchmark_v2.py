@@ -243,7 +243,9 @@ def test_goals_and_paired_comparisons_read_the_frozen_best_row(bench):
         r = d.iloc[0]
         assert r["FD lo"] <= r["FD diff"] <= r["FD hi"]
         assert r["FD winner"] in (best.label, other.label, "neither (CI spans 0)")
-        assert r["outcome"] == BM.outcome(r["FD lo"], r["FD hi"], r["keep lo"], r["keep hi"])
+        assert r["outcome"] in ("row better", "DiffLens better", "trade-off", "no difference")
+        pb = BM.paired(bench.out, "val", "gender", (other, 1.0), (best, 4.0), n_boot=50)
+        assert bool(r["row lowers FD"]) == (pb["FD a − Original"]["hi"] < 0)
         assert d.attrs["best"] == best.label and r["kind"] == "baseline"
         h = BM.headline(bench.out, "val").loc["gender"]
         orig_t = bench.original("val")["t"]
@@ -277,14 +279,31 @@ def test_best_rows_follow_freezes_rule_within_a_policy_and_among_baselines():
     assert BM.best_baseline(ch, 0.9)["label"] == "Latent Direction [minimal, steps 8–24]"  # first of the ties
 
 
-def test_outcome_needs_an_interval_that_excludes_zero():
-    assert BM.outcome(-0.05, -0.01, -0.01, 0.01) == "row better"        # lower FD, same keep
-    assert BM.outcome(-0.01, 0.01, 0.01, 0.03) == "row better"          # same FD, keeps more
-    assert BM.outcome(0.01, 0.05, -0.01, 0.01) == "DiffLens better"
-    assert BM.outcome(-0.01, 0.01, -0.03, -0.01) == "DiffLens better"
-    assert BM.outcome(-0.05, -0.01, -0.03, -0.01) == "trade-off"
-    assert BM.outcome(-0.01, 0.01, -0.01, 0.01) == "no difference"
-    assert BM.outcome(0.0, 0.02, -0.01, 0.01) == "no difference"         # an interval touching 0 decides nothing
+def test_outcome_compares_at_the_same_keep_rate_by_diluting_the_side_that_keeps_less():
+    # arguments: row − best at the matched keep-rate (lo, hi), row − best as run (lo, hi), does the row keep more
+    assert BM.outcome(0.1, 0.2, 0.2, 0.3, True) == "DiffLens better"     # diluted best still beats the row
+    assert BM.outcome(-0.2, -0.1, 0.05, 0.1, True) == "trade-off"        # row wins at its keep, best goes lower
+    assert BM.outcome(-0.2, -0.1, -0.01, 0.01, True) == "row better"
+    assert BM.outcome(-0.01, 0.01, 0.05, 0.1, True) == "DiffLens better"  # tie where both run, best goes lower
+    assert BM.outcome(-0.01, 0.01, -0.01, 0.01, True) == "no difference"
+    assert BM.outcome(0.0, 0.02, 0.0, 0.02, True) == "no difference"     # an interval touching 0 decides nothing
+    assert BM.outcome(-0.2, -0.1, -0.3, -0.2, False) == "row better"     # the row keeps less and still wins
+    assert BM.outcome(0.1, 0.2, -0.2, -0.1, False) == "trade-off"
+
+
+def test_dilution_mixes_the_original_and_the_edit_to_the_asked_keep_rate():
+    k = 2
+    orig = torch.zeros(100, dtype=torch.long)                 # all class 0: FD of a 2-class all-one-class = 0.707
+    edit = torch.cat([torch.ones(50), torch.zeros(50)]).long()
+    kept = torch.cat([torch.zeros(50), torch.ones(50)]).bool()  # keeps 0.5
+    assert BM.diluted_fd(orig, edit, kept, 0.5, k) == pytest.approx(0.0)              # its own keep: as run
+    assert BM.diluted_fd(orig, edit, kept, 1.0, k) == pytest.approx(2 ** -0.5)        # keep 1: the Original
+    assert BM.diluted_fd(orig, edit, kept, 0.75, k) == pytest.approx(0.5 * 2 ** -0.5)  # half-way: the mixture
+    # a row that edits nothing against one that balances: no difference where both run, the edit goes lower
+    same = torch.ones(100).bool()
+    m = BM.matched_keep_fd(orig, orig, same, edit, kept, k, n_boot=50)
+    assert m["a keeps more"] and m["diff"] == pytest.approx(0.0)
+    assert BM.matched_keep_fd(orig, edit, kept, edit, kept, k, n_boot=50)["hi"] == pytest.approx(0.0)
 
 
 def test_finding1_is_judged_on_baselines_only():
@@ -294,14 +313,17 @@ def test_finding1_is_judged_on_baselines_only():
         return pd.DataFrame([{"row": r, "kind": k, "outcome": o} for r, k, o in rows])
 
     beaten = ("A", "baseline", "DiffLens better")
-    assert BM.finding1(frame(beaten, ("B", "baseline", BM.UNREACHED), ("D", "DiffLens", "row better")))["verdict"] \
-        == "holds"
+    f = BM.finding1(frame(beaten, ("B", "baseline", BM.UNREACHED), ("D", "DiffLens", "row better")))
+    assert f["verdict"] == "holds" and f["compared"] == 1 and f[BM.UNREACHED] == ["B"]
     f = BM.finding1(frame(beaten, ("B", "baseline", "row better")))
     assert f["verdict"] == "fails" and f["row better"] == ["B"]
     assert BM.finding1(frame(beaten, ("B", "baseline", "trade-off")))["verdict"] == "partly"
     assert BM.finding1(frame(beaten, ("B", "baseline", "no difference")))["verdict"] == "partly"
     assert BM.finding1(frame(beaten, ("B", "baseline", "test cell not run yet")))["verdict"] == "undecided"
-    assert BM.finding1(frame(("D", "DiffLens", "DiffLens better")))["verdict"] == "undecided"
+    assert BM.finding1(frame(beaten, ("B", "baseline", BM.UNFINISHED)))["verdict"] == "undecided"
+    assert BM.finding1(frame(("B", "baseline", BM.UNREACHED)))["verdict"] == "undecided"  # nothing compared
+    empty = BM.finding1(pd.DataFrame(columns=["row", "kind", "outcome"]))
+    assert empty["verdict"] == "undecided" and empty["row better"] == [] and empty[BM.UNREACHED] == []
 
 
 def test_pass_seconds_is_the_median_rate_per_method():

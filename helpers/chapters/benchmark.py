@@ -764,8 +764,8 @@ def table(out=OUT, split: str = "test", attributes=world.SOCIAL):
 
 def paired(out, split: str, attribute: str, a: tuple[Row, float], b: tuple[Row, float], n_boot: int = 2000,
            out_b=None, shared=None) -> dict:
-    """Row ``a`` minus row ``b`` on the same noise: FD and overall keep with paired bootstrap CIs, and McNemar's
-    test on the per-sample keep outcomes. ``out_b``: where ``b``'s cells are when another bench ran it (default
+    """Row ``a`` minus row ``b`` on the same noise: FD and overall keep with paired bootstrap CIs, McNemar's
+    test on the per-sample keep outcomes, and each row's FD minus the Original's (paired, same noise). ``out_b``: where ``b``'s cells are when another bench ran it (default
     ``out``); ``shared``: the folder holding the Original passes both share (default ``out``)."""
     found = cells(out, split, attribute)
     orig = io.load_tensors(Path(shared or out) / f"original_{split}.safetensors")[0]
@@ -777,7 +777,43 @@ def paired(out, split: str, attribute: str, a: tuple[Row, float], b: tuple[Row, 
     xa, xb = ca["t"][f"cls.{attribute}"].long(), cb["t"][f"cls.{attribute}"].long()
     fd = metrics.paired_difference(xa, xb, lambda c: _fd(c, k), n_boot=n_boot)
     keep = metrics.paired_difference(ka.float(), kb.float(), lambda v: float(v.mean()), n_boot=n_boot)
-    return {"FD": fd, "keep all": keep, "mcnemar keep": metrics.mcnemar(ka, kb)}
+    xo = orig[f"cls.{attribute}"].long()
+    return {"FD": fd, "keep all": keep, "mcnemar keep": metrics.mcnemar(ka, kb),
+            "FD at matched keep": matched_keep_fd(xo, xa, ka, xb, kb, k, n_boot=n_boot),
+            "FD a − Original": metrics.paired_difference(xa, xo, lambda c: _fd(c, k), n_boot=n_boot),
+            "FD b − Original": metrics.paired_difference(xb, xo, lambda c: _fd(c, k), n_boot=n_boot)}
+
+
+def diluted_fd(x_orig: torch.Tensor, x: torch.Tensor, kept: torch.Tensor, keep: float, k: int) -> float:
+    """FD of a row *diluted* to the keep-rate ``keep``: its edit applied to a random share ``p`` of the samples
+    and the Original kept for the rest, with ``p`` such that the expected keep-rate is ``keep`` (any method can
+    be run this way). The class distribution is the mixture ``(1 − p)·Original + p·row``, so the FD is exact
+    in expectation, and never above the chord from the Original to the row (the norm is convex)."""
+    own = float(kept.float().mean())
+    p = 1.0 if own >= 1.0 else min(1.0, max(0.0, (1.0 - keep) / (1.0 - own)))
+    share = lambda c: torch.bincount(c.long(), minlength=k).double() / len(c)  # noqa: E731
+    mix = (1 - p) * share(x_orig) + p * share(x)
+    return float(torch.linalg.vector_norm(mix - 1.0 / k))  # FD against the uniform target, as _fd
+
+
+def matched_keep_fd(x_orig, xa, ka, xb, kb, k: int, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """FD of row a minus FD of row b at the same keep-rate — the higher of the two, the row that keeps less
+    :func:`diluted_fd` to it — with a paired bootstrap CI (the same resampled samples for both rows, the
+    dilution recomputed on each resample). ``{"diff", "lo", "hi", "n", "a keeps more"}``."""
+    import numpy as np
+
+    def stat(idx):
+        sa, sb = float(ka[idx].float().mean()), float(kb[idx].float().mean())
+        target = max(sa, sb)
+        fa = diluted_fd(x_orig[idx], xa[idx], ka[idx], target, k)
+        fb = diluted_fd(x_orig[idx], xb[idx], kb[idx], target, k)
+        return fa - fb
+
+    n = len(xa)
+    g = torch.Generator().manual_seed(seed)
+    d = np.asarray([stat(torch.randint(n, (n,), generator=g)) for _ in range(n_boot)])
+    return {"diff": stat(torch.arange(n)), "lo": float(np.quantile(d, 0.025)), "hi": float(np.quantile(d, 0.975)),
+            "n": n, "a keeps more": bool(ka.float().mean() >= kb.float().mean())}
 
 
 def leakage(out, split: str, attribute: str, row: Row, setting: float, shared=None) -> "pd.DataFrame":
@@ -882,16 +918,16 @@ def goals(out=OUT, split: str = "test", attributes=world.SOCIAL) -> "pd.DataFram
     return pd.DataFrame(recs)
 
 
-def best_difflens(choice: dict, policy: str | None = None) -> dict | None:
+def best_difflens(choice: dict, policy: str | None = None, keep_point: float = KEEP_POINTS[0]) -> dict | None:
     """The best DiffLens row of one attribute's frozen choices (``log["frozen"]["choices"][attribute]``) by
-    :func:`freeze`'s rule — among the tested DiffLens rows with a keep-0.95 setting, the lowest validation FD
-    there — restricted to ``policy`` when given (``None``: every policy, which is the row :func:`freeze`
+    :func:`freeze`'s rule — among the tested DiffLens rows with a setting at ``keep_point``, the lowest
+    validation FD there — restricted to ``policy`` when given (``None`` at keep 0.95: the row :func:`freeze`
     declared). Reads validation numbers only, so a per-policy best is as blind to the test seeds as the
     declared one. ``{"row", "label", "setting", "val FD"}`` or ``None``."""
     best = None
     for label, rec in choice["rows"].items():
         row = Row(*rec["row"])
-        r95 = rec[str(KEEP_POINTS[0])]
+        r95 = rec[str(keep_point)]
         if not rec["tested"] or METHODS[row.method].kind != "difflens" or r95["setting"] is None:
             continue
         if policy is not None and row.policy != policy:
@@ -917,40 +953,54 @@ def best_baseline(choice: dict, keep_point: float = KEEP_POINTS[0]) -> dict | No
     return best
 
 
-def outcome(fd_lo: float, fd_hi: float, keep_lo: float, keep_hi: float) -> str:
-    """A row against the best DiffLens row from the paired 95% intervals of ``row − best`` on FD (lower is
-    better) and on overall keep (higher is better); a side is better only where its interval excludes 0:
-    ``"row better"`` (better on one, not worse on the other), ``"DiffLens better"``, ``"trade-off"`` (each
-    better on one) or ``"no difference"``."""
-    row_wins = (fd_hi < 0) + (keep_lo > 0)
-    best_wins = (fd_lo > 0) + (keep_hi < 0)
-    if row_wins and best_wins:
-        return "trade-off"
-    if row_wins:
-        return "row better"
-    if best_wins:
-        return "DiffLens better"
-    return "no difference"
+def outcome(matched_lo: float, matched_hi: float, fd_lo: float, fd_hi: float, row_keeps_more: bool) -> str:
+    """A row against the best DiffLens row, from paired 95% intervals of ``row − best``: ``matched`` — FD at the
+    same keep-rate, the higher of the two, the side that keeps less diluted to it (:func:`matched_keep_fd`) —
+    and ``fd`` — FD as run. A side is better only where an interval excludes 0:
+
+    * the side that keeps less wins outright if, diluted to the other's keep-rate, it still has the lower FD;
+    * the side that keeps more wins at its own keep-rate; if the other reaches a lower FD as run (at its lower
+      keep-rate), that is a ``"trade-off"``, otherwise it wins outright;
+    * neither wins at the matched keep-rate: the side that keeps less wins if it reaches a lower FD as run,
+      else ``"no difference"``.
+
+    Returns ``"row better"``, ``"DiffLens better"``, ``"trade-off"`` or ``"no difference"``. Diluting (editing a
+    random share of the samples) is open to every method, so a row that keeps more samples unchanged only because
+    it edits less does not count as a trade-off."""
+    low, high = ("best", "row") if row_keeps_more else ("row", "best")
+    at_matched = "row" if matched_hi < 0 else "best" if matched_lo > 0 else None
+    low_reaches_lower = (fd_hi < 0) if low == "row" else (fd_lo > 0)
+    if at_matched == low:
+        winner = low
+    elif at_matched == high:
+        winner = "trade-off" if low_reaches_lower else high
+    else:
+        winner = low if low_reaches_lower else None
+    return {"row": "row better", "best": "DiffLens better", "trade-off": "trade-off", None: "no difference"}[winner]
 
 
-UNREACHED = "never reached this keep-rate on validation"
+UNREACHED = "never reached this keep-rate on validation"  # its smallest setting already keeps less
+UNFINISHED = "grid unfinished at this keep-rate"  # the extension limit or a non-monotone frontier: undecided
 
 
 def against_best(out=OUT, split: str = "test", attribute: str = "gender", keep_point: float = KEEP_POINTS[0],
                  policy: str = "minimal", n_boot: int = 2000) -> "pd.DataFrame":
     """Every tested row of ``policy`` (and the distribution-level rows) minus the best DiffLens row *of the same
     policy* (:func:`best_difflens`) at the same matched keep point, on the same noise and draws: FD and overall
-    keep differences with paired bootstrap CIs, McNemar's p on per-sample keep, who wins on FD (the CI excludes
-    0) and the :func:`outcome` on FD and keep together. A row with no setting at the keep point has the outcome
-    :data:`UNREACHED`. ``attrs`` of the frame: the best row compared against."""
+    keep differences with paired bootstrap CIs, the FD difference at the same keep-rate (:func:`matched_keep_fd`),
+    McNemar's p on per-sample keep, whether the row lowers FD below the Original's at all (paired CI), who wins on
+    FD as run (the CI excludes 0) and the :func:`outcome`. A row with no setting at the keep point has the outcome
+    :data:`UNREACHED` (its smallest setting keeps less) or :data:`UNFINISHED`. ``attrs["best"]``: the best row
+    compared against (``None``, and an empty frame, when the policy has no DiffLens row at the keep point)."""
     import pandas as pd
 
     log = json.loads((Path(out) / "log.json").read_text())
     ch = log["frozen"]["choices"][attribute]
-    best = best_difflens(ch, policy)
-    if best is None:
-        raise RuntimeError(f"against_best: no DiffLens row of policy {policy!r} reached keep {KEEP_POINTS[0]} "
-                           f"for {attribute}")
+    best = best_difflens(ch, policy, keep_point)
+    if best is None:  # nothing to compare against: an empty frame says so
+        frame = pd.DataFrame(columns=["row", "kind", "outcome", "note"])
+        frame.attrs["best"] = None
+        return frame
     brow = Row(*best["row"])
     bset = ch["rows"][best["label"]][str(keep_point)]["setting"]
     recs = []
@@ -960,47 +1010,51 @@ def against_best(out=OUT, split: str = "test", attribute: str = "gender", keep_p
             continue
         s = rec[str(keep_point)]["setting"]
         kind = "DiffLens" if METHODS[row.method].kind == "difflens" else "baseline"
-        if s is None or bset is None:
-            recs.append({"row": label, "kind": kind, "outcome": UNREACHED if s is None else "best row has no setting",
-                         "note": rec[str(keep_point)]["why"] if s is None else ""})
+        if s is None:
+            why = rec[str(keep_point)]["why"]
+            recs.append({"row": label, "kind": kind, "note": why,
+                         "outcome": UNREACHED if why.startswith("every setting keeps less") else UNFINISHED})
             continue
         try:
             d = paired(out, split, attribute, (row, s), (brow, bset), n_boot=n_boot)
         except KeyError as e:
             recs.append({"row": label, "kind": kind, "outcome": "test cell not run yet", "note": str(e)})
             continue
-        fd, kp = d["FD"], d["keep all"]
+        fd, kp, mk = d["FD"], d["keep all"], d["FD at matched keep"]
         recs.append({"row": label, "kind": kind, "FD diff": fd["diff"], "FD lo": fd["lo"], "FD hi": fd["hi"],
                      "keep diff": kp["diff"], "keep lo": kp["lo"], "keep hi": kp["hi"],
-                     "McNemar p (keep)": d["mcnemar keep"]["p"],
+                     "FD diff at matched keep": mk["diff"], "matched lo": mk["lo"], "matched hi": mk["hi"],
+                     "McNemar p (keep)": d["mcnemar keep"]["p"], "row lowers FD": d["FD a − Original"]["hi"] < 0,
                      "FD winner": best["label"] if fd["lo"] > 0 else label if fd["hi"] < 0 else "neither (CI spans 0)",
-                     "outcome": outcome(fd["lo"], fd["hi"], kp["lo"], kp["hi"])})
+                     "outcome": outcome(mk["lo"], mk["hi"], fd["lo"], fd["hi"], mk["a keeps more"])})
     frame = pd.DataFrame(recs)
     frame.attrs["best"] = best["label"]
     return frame
 
 
+OUTCOMES = ("DiffLens better", "row better", "trade-off", "no difference")
+
+
 def finding1(d: "pd.DataFrame") -> dict:
     """The paper's Finding 1 — DiffLens beats every baseline — judged on one :func:`against_best` frame (its
-    baseline rows; DiffLens variants are not opponents): ``"holds"`` when the best DiffLens row is better than
-    every baseline (:func:`outcome`; a baseline that never reached the keep point on validation cannot run at
-    that preservation and counts as beaten), ``"fails"`` when any baseline is better, ``"undecided"`` when a
-    baseline's test cell is missing, else ``"partly"`` (ties or trade-offs, none better). Also the baseline
-    rows per outcome."""
+    baseline rows; DiffLens variants are not opponents). Baselines that cannot run at the keep point
+    (:data:`UNREACHED`) are left out of the comparison and listed. ``"holds"``: the best DiffLens row is better
+    than every compared baseline (one at least); ``"fails"``: a baseline is better; ``"undecided"``: a compared
+    baseline's test cell is missing, its grid is unfinished, or nothing is compared; else ``"partly"`` (ties or
+    trade-offs, none better). Also the baseline rows per outcome (every key always present)."""
     base = d[d["kind"] == "baseline"] if len(d) else d
-    by = {k: sorted(base.loc[base["outcome"] == k, "row"]) for k in
-          ("DiffLens better", "row better", "trade-off", "no difference", UNREACHED, "test cell not run yet")}         if len(base) else {}
-    if not len(base):
-        verdict = "undecided"
-    elif by["row better"]:
+    by = {k: sorted(base.loc[base["outcome"] == k, "row"]) if len(base) else []
+          for k in (*OUTCOMES, UNREACHED, UNFINISHED, "test cell not run yet")}
+    compared = len(base) - len(by[UNREACHED])
+    if by["row better"]:
         verdict = "fails"
-    elif by["test cell not run yet"] or set(base["outcome"]) - set(by):
+    elif compared == 0 or by[UNFINISHED] or by["test cell not run yet"]:
         verdict = "undecided"
-    elif len(by["DiffLens better"]) + len(by[UNREACHED]) == len(base):
+    elif len(by["DiffLens better"]) == compared:
         verdict = "holds"
     else:
         verdict = "partly"
-    return {"verdict": verdict, "baselines": len(base), **{k: v for k, v in by.items()}}
+    return {"verdict": verdict, "baselines": len(base), "compared": compared, **by}
 
 
 def headline(out=OUT, split: str = "test", keep_point: float = KEEP_POINTS[0]) -> "pd.DataFrame":
@@ -1016,7 +1070,7 @@ def headline(out=OUT, split: str = "test", keep_point: float = KEEP_POINTS[0]) -
     for a, ch in log["frozen"]["choices"].items():
         k = len(world.ATTRIBUTES[a])
         rec = {"attribute": a, "FD original": _fd(orig[f"cls.{a}"], k)}
-        for who, pick in (("DiffLens", best_difflens(ch)), ("baseline", best_baseline(ch, keep_point))):
+        for who, pick in (("DiffLens", best_difflens(ch, None, keep_point)), ("baseline", best_baseline(ch, keep_point))):
             rec[f"{who} row"] = pick["label"] if pick else None
             s = None if pick is None else ch["rows"][pick["label"]][str(keep_point)]["setting"]
             m = {}
