@@ -721,11 +721,11 @@ def pass_seconds(found: list[dict]) -> dict[str, float]:
 
 
 def table(out=OUT, split: str = "test", attributes=world.SOCIAL):
-    """The Finding-1 table from the frozen choices: per attribute, row and keep point, the test cell's FD (CI),
-    keep overall (CI) and among edited samples, similarity among edited, FID-target (CI), the share of samples
-    edited and the cost (UNet passes per image as a user runs the row; seconds per 1,000 images as this run spent
-    them and at the method's median rate over every validation and ``split`` cell, :func:`pass_seconds`). A row whose frontier never reached a keep point
-    says why instead."""
+    """The Finding-1 table from the frozen choices: per attribute, row and keep point, the test cell's FD, keep
+    overall, keep and similarity among the edited samples, FID-target (each with its bootstrap CI), the share of
+    samples edited and the cost (UNet passes per image as a user runs the row; seconds per 1,000 images as this
+    run spent them and at the method's median rate over every validation and ``split`` cell,
+    :func:`pass_seconds`). A row whose frontier never reached a keep point says why instead."""
     import pandas as pd
 
     path = Path(out) / "log.json"
@@ -734,7 +734,7 @@ def table(out=OUT, split: str = "test", attributes=world.SOCIAL):
         raise RuntimeError("table: the validation choices are not frozen yet (benchmark.freeze)")
     found = cells(out, split)
     rate = pass_seconds(found + cells(out, "val"))  # hundreds of cells: robust to the ones that ran beside others
-    recs = []
+    recs, orig = [], None
     for a in attributes:
         for label, rec in log["frozen"]["choices"][a]["rows"].items():
             if not rec["tested"]:
@@ -753,9 +753,19 @@ def table(out=OUT, split: str = "test", attributes=world.SOCIAL):
                     recs.append({**base, "note": "test cell not run yet"})
                     continue
                 m, meta = c["meta"]["metrics"], c["meta"]
+                edited = c["t"]["asked"] >= 0
+                if orig is None:
+                    orig = io.load_tensors(Path(out) / f"original_{split}.safetensors")[0]
+                others = [x for x in world.SOCIAL if x != a] + list(world.NUISANCE)
+                kept_e = _kept(orig, c["t"], others)[edited]
+                sim_e = c["t"]["similarity"][edited]
+                ci_k = _mean_ci(kept_e) if len(kept_e) else (math.nan, math.nan)
+                ci_s = _mean_ci(sim_e) if len(sim_e) else (math.nan, math.nan)
                 recs.append({**base, "n": meta["n"], **{k: m[k] for k in (
                     "FD", "FD lo", "FD hi", "keep all", "keep all lo", "keep all hi", "keep all among edited",
                     "similarity among edited", "FID target", "FID target lo", "FID target hi")},
+                    "keep all among edited lo": ci_k[0], "keep all among edited hi": ci_k[1],
+                    "similarity among edited lo": ci_s[0], "similarity among edited hi": ci_s[1],
                     "edited share": m["edited"] / meta["n"], "passes / image": user_passes(row),
                     "s / 1000 images (as run)": 1000 * meta["seconds"] / meta["n"],
                     "s / 1000 images (median rate)": 1000 * meta["passes"] / meta["n"] * rate.get(row.method, math.nan)})
