@@ -124,10 +124,18 @@ for a, ch in fz["choices"].items():
                           "validation FD @ 0.95": rec["0.95"].get("val FD"), "why none": rec["0.95"]["why"]})
     best = ch["best DiffLens"]
     glue(f"best_{a}", best["label"] if best else "none", display=False)
+weak = sorted({f"{label} ({a})" for a, ch in fz["choices"].items() for label, rec in ch["rows"].items()
+               if any(rec[str(kp)]["why"].startswith("every setting keeps at least") for kp in B.KEEP_POINTS)})
+glue("weak_rows", ", ".join(weak) if weak else "none", display=False)
 tables.frame(pd.DataFrame(rows_).set_index(["attribute", "row"]),
              legend=f"Frozen {fz['at']} at commit {(fz['commit'] or 'unknown')[:7]}; — : the row's frontier never "
                     "reached that keep-rate (the last column says why).")"""),
-(MD, r"""## The table
+(MD, r"""The extension rule stops a grid after three settings beyond either end; rows whose strongest setting still kept
+more than a keep point at that limit — too weak to reach it — are: {glue:text}`weak_rows`. Where such a row is one
+window of a method × policy, the other window is the one tested; where the weak window is steps 8–24, the tested
+one edits from step 0, where the h-probe that reads who to edit is less accurate (below).
+
+## The table
 
 Every tested row on the first test seed ({glue:text}`n_test` samples), at each keep point: FD with its bootstrap
 interval, keep-rate overall and among the samples actually edited (unedited samples are bit-identical to the
