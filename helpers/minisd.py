@@ -113,6 +113,10 @@ class UNetSettings:
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     seed: int = 0
+    # a UNet2DConditionModel folder whose weights start the run ("" = a fresh initialisation): continuing a shipped
+    # UNet, e.g. the H200 run's, for more steps on another machine. Its optimizer state is not shipped, so AdamW's
+    # moments and the learning-rate schedule (warm-up, then cosine over ``steps``) start afresh.
+    init_from: str = ""
 
 
 # ----------------------------------------------------------------------------- data
@@ -494,7 +498,18 @@ def train_unet(folder, run, clip_folder, vae_folder, s: UNetSettings = UNetSetti
     text = TextEncoder(clip_folder, device=device)
     vae = AutoencoderKL.from_pretrained(vae_folder).eval().requires_grad_(False).to(device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    unet = build_unet(s, text.model.config.hidden_size, RESOLUTION // factor).to(device)
+    unet = build_unet(s, text.model.config.hidden_size, RESOLUTION // factor)
+    if s.init_from and not (Path(run) / "unet.safetensors").is_file():  # a checkpoint, once there, wins
+        from diffusers import UNet2DConditionModel
+
+        start = UNet2DConditionModel.from_pretrained(s.init_from)
+        try:
+            unet.load_state_dict(start.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"minisd: init_from={s.init_from!r} is not a UNet of these settings "
+                             f"(block_out_channels={s.block_out_channels}, layers_per_block={s.layers_per_block}): "
+                             f"{str(e)[:200]}") from None
+    unet = unet.to(device)
     sched = train_scheduler()
     stage = _Stage(Path(run), "unet", unet, unet.parameters(), s, ema_decay=s.ema_decay)
 
@@ -519,12 +534,26 @@ def train_unet(folder, run, clip_folder, vae_folder, s: UNetSettings = UNetSetti
     def export(m):
         with cache.building(folder) as tmp:
             m.save_pretrained(tmp, safe_serialization=True)
-            io.write_json(tmp / "training.json", {**stage.record, "device": str(device)})
+            rec = {**stage.record, "device": str(device)}
+            if s.init_from:
+                rec["continued_from"] = _record(s.init_from, "unet")
+            io.write_json(tmp / "training.json", rec)
 
     return stage.run(loss_fn, s.steps, s.lr, s.warmup, export, data=data, workers=workers, **loop)
 
 
 # ----------------------------------------------------------------------------- 4. the pipeline folder
+
+
+def _record(folder, key: str) -> dict:
+    """A stage's training record: ``<folder>/training.json``, or — for a component of an assembled pipeline
+    folder, which keeps one record for all — ``<folder>/../training.json[key]``."""
+    own, parent = Path(folder) / "training.json", Path(folder).parent / "training.json"
+    if own.is_file():
+        return json.loads(own.read_text())
+    if parent.is_file() and key in json.loads(parent.read_text()):
+        return json.loads(parent.read_text())[key]
+    raise FileNotFoundError(f"minisd: no training record for {folder} (neither {own} nor {key!r} in {parent})")
 
 
 def assemble(folder, clip_folder, vae_folder, unet_folder) -> Path:
@@ -539,8 +568,7 @@ def assemble(folder, clip_folder, vae_folder, unet_folder) -> Path:
                                    vae=AutoencoderKL.from_pretrained(vae_folder), text_encoder=text.model,
                                    tokenizer=text.tokenizer, scheduler=sched, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    records = {k: json.loads((Path(f) / "training.json").read_text())
-               for k, f in (("clip", clip_folder), ("vae", vae_folder), ("unet", unet_folder))}
+    records = {k: _record(f, k) for k, f in (("clip", clip_folder), ("vae", vae_folder), ("unet", unet_folder))}
     for r in records.values():
         r.pop("loss_history", None)
     with cache.building(folder) as tmp:

@@ -5,6 +5,9 @@
     nohup python scripts/train_minisd.py unet --threads 2 > runs/minisd-unet.log 2>&1 &   # needs clip and vae
     nohup python scripts/train_minisd.py decoder --threads 1 > runs/minisd-dec.log 2>&1 &  # needs vae (encoder kept)
     python scripts/train_minisd.py assemble      # data/minisd/sd: the StableDiffusionPipeline folder
+    # continue the shipped UNet for more steps (fresh optimizer and schedule; the shipped encoder and decoder kept):
+    nohup python scripts/train_minisd.py unet --init-from data/minisd/sd/unet --steps 10000 --run runs/minisd-more &
+    python scripts/train_minisd.py assemble --run runs/minisd-more
     python scripts/train_minisd.py report        # CLIP zero-shot + retrieval, VAE reconstructions → data/minisd/report.json
 
 Checkpoints live in runs/minisd/<stage>.safetensors (rerun the same command to resume); the CLIP folder is
@@ -31,10 +34,13 @@ if __name__ == "__main__":
     ap.add_argument("--checkpoint-every", type=int, default=250)
     ap.add_argument("--device", default="cpu", help="decoder and unet: train there (e.g. cuda)")
     ap.add_argument("--workers", type=int, default=0, help="decoder and unet: processes rendering batches ahead")
+    ap.add_argument("--init-from", default="", help="unet: a UNet folder to continue from (e.g. data/minisd/sd/unet)")
+    ap.add_argument("--run", default=str(RUN), help="the run folder holding checkpoints and exports")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     loop = dict(max_minutes=a.max_minutes, checkpoint_every=a.checkpoint_every)
     over = {} if a.steps is None else {"steps": a.steps}
+    RUN = Path(a.run)
     if a.stage == "clip":
         r = minisd.train_clip(CLIP, RUN, minisd.ClipSettings(**over), **loop)
     elif a.stage == "vae":
@@ -43,10 +49,16 @@ if __name__ == "__main__":
         r = minisd.train_decoder(RUN / "export" / "vae-ft", RUN, RUN / "export" / "vae",
                                  minisd.DecoderSettings(**over), device=a.device, workers=a.workers, **loop)
     elif a.stage == "unet":
-        r = minisd.train_unet(RUN / "export" / "unet", RUN, CLIP, RUN / "export" / "vae", minisd.UNetSettings(**over),
+        if a.init_from:
+            over["init_from"] = a.init_from
+        # the encoder the UNet's latents come from: this run's VAE, else the shipped pipeline's (its decoder was
+        # fine-tuned, its encoder kept, so the latents are the same)
+        vae = RUN / "export" / "vae" if (RUN / "export" / "vae").is_dir() else SD / "vae"
+        r = minisd.train_unet(RUN / "export" / "unet", RUN, CLIP, vae, minisd.UNetSettings(**over),
                               device=a.device, workers=a.workers, **loop)
     elif a.stage == "assemble":
-        r = {"folder": str(minisd.assemble(SD, CLIP, RUN / "export" / "vae-ft", RUN / "export" / "unet"))}
+        vae = RUN / "export" / "vae-ft" if (RUN / "export" / "vae-ft").is_dir() else SD / "vae"
+        r = {"folder": str(minisd.assemble(SD, CLIP, vae, RUN / "export" / "unet"))}
     else:
         from helpers import judge as J
 

@@ -1,5 +1,7 @@
 """The world's Stable Diffusion (helpers.minisd): its training pieces, and the shipped folders."""
+import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -212,3 +214,27 @@ def test_runner_end_to_end_on_the_world_sd(tmp_path, capsys):
     assert "warning" not in capsys.readouterr().out  # the world judge is the right reader of the world SD
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics) == {"gender/DiffLens"}
+
+
+def test_a_unet_run_can_start_from_a_shipped_unet_and_records_its_lineage(tmp_path):
+    """init_from: a run that starts from another UNet's weights and trains one step at learning rate 0 exports
+    those weights unchanged (EMA included), and its record names the run it continued; a UNet of other settings
+    is refused with the setting named."""
+    from diffusers import UNet2DConditionModel
+
+    clip = io.DATA_DIR / "minisd" / "clip"
+    vae = tmp_path / "vae"
+    minisd.train_vae(vae, tmp_path / "v", minisd.VaeSettings(block_out_channels=(8, 16), batch=2, steps=1),
+                     progress=False)
+    s = minisd.UNetSettings(block_out_channels=(8, 16), batch=2, steps=1)
+    minisd.train_unet(tmp_path / "a", tmp_path / "ra", clip, vae, s, progress=False)
+    cont = replace(s, lr=0.0, init_from=str(tmp_path / "a"))
+    minisd.train_unet(tmp_path / "b", tmp_path / "rb", clip, vae, cont, progress=False)
+    a, b = UNet2DConditionModel.from_pretrained(tmp_path / "a"), UNet2DConditionModel.from_pretrained(tmp_path / "b")
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), k
+    rec = json.loads((tmp_path / "b" / "training.json").read_text())
+    assert rec["settings"]["init_from"] == str(tmp_path / "a") and rec["continued_from"]["steps"] == 1
+    with pytest.raises(ValueError, match="block_out_channels"):
+        minisd.train_unet(tmp_path / "c", tmp_path / "rc", clip, vae,
+                          replace(s, block_out_channels=(8, 32), init_from=str(tmp_path / "a")), progress=False)
