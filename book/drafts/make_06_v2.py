@@ -20,7 +20,7 @@ Three things make the comparison fair, and each is its own part of the table:
 * **Who gets edited is an axis, not part of a method.** A per-sample method needs to know, for each sample, which
   class to push it to. Under policy `iid` each sample draws its target class from the target distribution (the
   paper's probability mode); under `minimal` only the surplus of the over-represented classes is moved in each
-  sampling batch, each sample's own class read by the h-probe from its own h at the first edited step (no extra
+  sampling batch of {glue:text}`batch` samples (the batch a user would run), each sample's own class read by the h-probe from its own h at the first edited step (no extra
   pass). Every per-sample method runs under both.
 * **Frontiers, not single picks.** Every method's knob runs on a validation seed until its curve of FD against
   keep-rate brackets the operating points; the table reads each method at the same keep-rates (0.95 and 0.90),
@@ -71,7 +71,8 @@ second judge: one extra pass per image) and its size-matched **null edit** (a ra
 the same steps and samples) — the floor for leakage."""),
 (MD, r"""## Validation frontiers
 
-Each point is one validation cell ({glue:text}`n_val` samples, its own seed): FD against the share of samples whose
+Each point is one validation cell ({glue:text}`n_val` samples, its own seed; every cell samples
+{glue:text}`steps` DDIM steps): FD against the share of samples whose
 other attributes — the other social ones and the four nuisance ones — the judge reads unchanged ("keep all").
 Lower and further right is better; the dotted lines are the two keep points the table reads
 ({numref}`fig-frontiers`)."""),
