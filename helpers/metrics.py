@@ -42,7 +42,14 @@ def fairness_discrepancy(preds, n_classes: int, p_ref=None) -> float:
     oh = _one_hot(preds, n_classes)
     if len(oh) == 0:
         raise ValueError("FD: no predictions")
-    return float(np.linalg.norm(oh.mean(0) - _ref(p_ref, n_classes)))
+    return fd_of_shares(oh.mean(0), p_ref)
+
+
+def fd_of_shares(shares, p_ref=None) -> float:
+    """FD of a class distribution ``(n_classes,)``: its L2 distance to ``p_ref`` (default uniform) — what
+    :func:`fairness_discrepancy` computes from the predictions' mean, usable on a mixture of distributions."""
+    shares = np.asarray(shares, dtype=np.float64)
+    return float(np.linalg.norm(shares - _ref(p_ref, len(shares))))
 
 
 def fd_bootstrap(preds, n_classes: int, p_ref=None, n_boot: int = 2000, ci: float = 0.95,

@@ -279,6 +279,25 @@ def test_best_rows_follow_freezes_rule_within_a_policy_and_among_baselines():
     assert BM.best_baseline(ch, 0.9)["label"] == "Latent Direction [minimal, steps 8–24]"  # first of the ties
 
 
+def test_planned_cells_are_the_tested_rows_at_each_keep_point_then_the_best_rows_diagnostics(tmp_path):
+    import json
+
+    best, base = BM.Row("DiffLens swap", "minimal", 8), BM.Row("Latent Direction", "minimal", 8)
+    ch = _choice([(best, True, 0.10), (BM.Row("DiffLens swap", "minimal", 0), False, 0.01), (base, True, None)])
+    ch["best DiffLens"] = BM.best_difflens(ch)
+    plan = BM.planned_cells({"gender": ch}, ["gender"])["gender"]
+    assert plan == [(best, 1.0, False), (best, 2.0, False), (base, 2.0, False),  # base never reached keep 0.95
+                    (BM.Row("DiffLens swap", "oracle", 8), 1.0, False), (best, 1.0, True)]
+    assert BM.planned_cells({"gender": ch}, ["gender"], keep_points=(0.95,))["gender"] == [
+        (best, 1.0, False), (BM.Row("DiffLens swap", "oracle", 8), 1.0, False), (best, 1.0, True)]
+    (tmp_path / "log.json").write_text(json.dumps({"frozen": {"choices": {"gender": ch}}}))
+    (tmp_path / "cells").mkdir()
+    BM.cell_path(tmp_path, "test2", "gender", best, 1.0, null=True).write_bytes(b"")
+    BM.cell_path(tmp_path, "test", "gender", best, 1.0).write_bytes(b"")  # another split: not counted
+    p = BM.split_progress(tmp_path, "test2").loc["gender"]
+    assert (p["planned"], p["done"], bool(p["complete"])) == (3, 1, False)
+
+
 def test_outcome_compares_at_the_same_keep_rate_by_diluting_the_side_that_keeps_less():
     # arguments: row − best at the matched keep-rate (lo, hi), row − best as run (lo, hi), does the row keep more
     assert BM.outcome(0.1, 0.2, 0.2, 0.3, True) == "DiffLens better"     # diluted best still beats the row

@@ -491,7 +491,7 @@ class Bench:
         orig = self.original(split)
         n = self.n[split]
         others = [b for b in world.SOCIAL if b != attribute]
-        groups = {"other social": others, "nuisance": list(world.NUISANCE), "all": others + list(world.NUISANCE)}
+        groups = {"other social": others, "nuisance": list(world.NUISANCE), "all": kept_attributes(attribute)}
         oprobs = self.original_probs(split)
         ofeat = orig["t"]["features"].float()
         ev = pipeline.evaluate(oprobs, probs, attribute, keep=groups, original_features=ofeat, edited_features=feats,
@@ -615,19 +615,11 @@ def freeze(bench: Bench, attributes=world.SOCIAL, only: list[Row] | None = None)
         groups: dict[tuple[str, str], list[Row]] = {}
         for row in recs:
             groups.setdefault((row.method, row.policy), []).append(row)
-        best = None
         for (method, policy), members in groups.items():
             w = choose_window([(r.window, recs[r]) for r in members])
             for r in members:
                 out[a]["rows"][r.label] = {"row": [r.method, r.policy, r.window], "tested": r.window == w, **recs[r]}
-            chosen = next(r for r in members if r.window == w)
-            r95 = recs[chosen][str(KEEP_POINTS[0])]
-            if METHODS[method].kind == "difflens" and r95["setting"] is not None and \
-                    (best is None or r95["val FD"] < best[1]):
-                best = (chosen, r95["val FD"], r95["setting"])
-        if best is not None:
-            out[a]["best DiffLens"] = {"row": [best[0].method, best[0].policy, best[0].window], "label": best[0].label,
-                                       "setting": best[2], "val FD": best[1]}
+        out[a]["best DiffLens"] = best_difflens(out[a])
     bench.log["frozen"] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _git_commit(), "choices": out}
     bench.save_log()
     return out
@@ -640,10 +632,19 @@ def test(bench: Bench, split: str = "test", attributes=world.SOCIAL, keep_points
 
     if "frozen" not in bench.log:
         raise RuntimeError("test: freeze the validation choices first (benchmark.freeze)")
-    ch = bench.log["frozen"]["choices"]
+    for a, todo in planned_cells(bench.log["frozen"]["choices"], attributes, keep_points).items():
+        for row, s, null in tqdm(todo, desc=f"{a}: {split} cells", disable=not bench.progress):
+            bench.cell(split, a, row, s, null=null)
+
+
+def planned_cells(choices: dict, attributes=world.SOCIAL, keep_points=KEEP_POINTS) -> dict[str, list[tuple[Row, float, bool]]]:
+    """The test cells :func:`test` runs, per attribute, from the frozen ``choices``: ``(row, setting, null)`` for
+    every tested row (its chosen window) at each keep point it reaches, then the best DiffLens row's diagnostics
+    (the oracle reading; the null edit). Without duplicates, in run order."""
+    plan = {}
     for a in attributes:
         todo = []
-        for label, rec in ch[a]["rows"].items():
+        for rec in choices[a]["rows"].values():
             if not rec["tested"]:
                 continue
             row = Row(*rec["row"])
@@ -651,13 +652,26 @@ def test(bench: Bench, split: str = "test", attributes=world.SOCIAL, keep_points
                 s = rec[str(kp)]["setting"]
                 if s is not None:
                     todo.append((row, s, False))
-        best = ch[a]["best DiffLens"]
+        best = choices[a]["best DiffLens"]
         if best is not None:
             row = Row(*best["row"])
             todo.append((replace(row, policy="oracle"), best["setting"], False))
             todo.append((row, best["setting"], True))
-        for row, s, null in tqdm(dict.fromkeys(todo), desc=f"{a}: {split} cells", disable=not bench.progress):
-            bench.cell(split, a, row, s, null=null)
+        plan[a] = list(dict.fromkeys(todo))
+    return plan
+
+
+def split_progress(out=OUT, split: str = "test2", keep_points=KEEP_POINTS[:1]) -> "pd.DataFrame":
+    """Per attribute, how many of :func:`planned_cells`'s cells exist on ``split`` (the second seed runs the keep-0.95
+    settings only): ``planned``, ``done``, ``complete``."""
+    import pandas as pd
+
+    log = json.loads((Path(out) / "log.json").read_text())
+    recs = []
+    for a, todo in planned_cells(log["frozen"]["choices"], list(log["frozen"]["choices"]), keep_points).items():
+        done = sum(cell_path(out, split, a, row, s, null=null).exists() for row, s, null in todo)
+        recs.append({"attribute": a, "planned": len(todo), "done": done, "complete": done == len(todo)})
+    return pd.DataFrame(recs).set_index("attribute")
 
 
 # ----------------------------------------------------------------------------- reading the cells
@@ -694,6 +708,12 @@ def find(found: list[dict], attribute: str, row: Row, setting: float, null: bool
                 fmt(c["setting"]) == fmt(setting):
             return c
     raise KeyError(f"no cell for {attribute} / {row.label} at {fmt(setting)}{' (null edit)' if null else ''}")
+
+
+def kept_attributes(attribute: str) -> list[str]:
+    """What "kept" is judged on when ``attribute`` is edited (:data:`KEEP_KEY`): the other social attributes,
+    then the nuisance ones."""
+    return [x for x in world.SOCIAL if x != attribute] + list(world.NUISANCE)
 
 
 def _kept(orig_t: dict, cell_t: dict, attrs) -> torch.Tensor:
@@ -756,8 +776,7 @@ def table(out=OUT, split: str = "test", attributes=world.SOCIAL):
                 edited = c["t"]["asked"] >= 0
                 if orig is None:
                     orig = io.load_tensors(Path(out) / f"original_{split}.safetensors")[0]
-                others = [x for x in world.SOCIAL if x != a] + list(world.NUISANCE)
-                kept_e = _kept(orig, c["t"], others)[edited]
+                kept_e = _kept(orig, c["t"], kept_attributes(a))[edited]
                 sim_e = c["t"]["similarity"][edited]
                 ci_k = _mean_ci(kept_e) if len(kept_e) else (math.nan, math.nan)
                 ci_s = _mean_ci(sim_e) if len(sim_e) else (math.nan, math.nan)
@@ -782,7 +801,7 @@ def paired(out, split: str, attribute: str, a: tuple[Row, float], b: tuple[Row, 
     ca = find(found, attribute, *a)
     cb = find(found if out_b is None else cells(out_b, split, attribute), attribute, *b)
     k = len(world.ATTRIBUTES[attribute])
-    others = [x for x in world.SOCIAL if x != attribute] + list(world.NUISANCE)
+    others = kept_attributes(attribute)
     ka, kb = _kept(orig, ca["t"], others), _kept(orig, cb["t"], others)
     xa, xb = ca["t"][f"cls.{attribute}"].long(), cb["t"][f"cls.{attribute}"].long()
     fd = metrics.paired_difference(xa, xb, lambda c: _fd(c, k), n_boot=n_boot)
@@ -802,8 +821,7 @@ def diluted_fd(x_orig: torch.Tensor, x: torch.Tensor, kept: torch.Tensor, keep: 
     own = float(kept.float().mean())
     p = 1.0 if own >= 1.0 else min(1.0, max(0.0, (1.0 - keep) / (1.0 - own)))
     share = lambda c: torch.bincount(c.long(), minlength=k).double() / len(c)  # noqa: E731
-    mix = (1 - p) * share(x_orig) + p * share(x)
-    return float(torch.linalg.vector_norm(mix - 1.0 / k))  # FD against the uniform target, as _fd
+    return metrics.fd_of_shares(((1 - p) * share(x_orig) + p * share(x)).numpy())  # as _fd, on the mixture
 
 
 def matched_keep_fd(x_orig, xa, ka, xb, kb, k: int, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
