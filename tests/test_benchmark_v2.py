@@ -298,6 +298,19 @@ def test_planned_cells_are_the_tested_rows_at_each_keep_point_then_the_best_rows
     assert (p["planned"], p["done"], bool(p["complete"])) == (3, 1, False)
 
 
+def test_replication_pairs_rows_across_seeds_and_leaves_missing_cells_undecided():
+    import pandas as pd
+
+    t = lambda recs: pd.DataFrame([{"attribute": "gender", "keep point": kp, "row": r, "FD": f, "FD lo": lo,  # noqa: E731
+                                     "FD hi": hi} for r, kp, f, lo, hi in recs])
+    first = t([("a", 0.95, 0.10, 0.08, 0.12), ("b", 0.95, 0.30, 0.28, 0.32), ("c", 0.95, 0.2, 0.1, 0.3),
+               ("a", 0.9, 0.0, 0.0, 0.0)])
+    second = t([("a", 0.95, 0.13, 0.11, 0.15), ("b", 0.95, 0.20, 0.18, 0.22), ("c", 0.95, None, None, None)])
+    rep = BM.replication(first, second)
+    assert list(rep["intervals overlap"]) == [True, False, None]
+    assert rep.loc[("gender", "a"), "FD (seed 2)"] == 0.13 and len(rep) == 3
+
+
 def test_outcome_compares_at_the_same_keep_rate_by_diluting_the_side_that_keeps_less():
     # arguments: row − best at the matched keep-rate (lo, hi), row − best as run (lo, hi), does the row keep more
     assert BM.outcome(0.1, 0.2, 0.2, 0.3, True) == "DiffLens better"     # diluted best still beats the row

@@ -58,8 +58,8 @@ def test_typed_numbers_sees_what_it_must():
     assert typed_numbers("FD {glue:text}`fd:.3f` on an 8×8 map, $\\sqrt{\\bar\\alpha} = 0.06$, `beta=0.5`") == []
 
 
-# Chapter 7 still states its v1 benchmark's numbers in prose; it is rewritten from the v2 cells (issue 15).
-_PENDING = {"book/07_benchmark.ipynb": "rewritten from benchmark v2 (issue 15); its v1 prose types its numbers"}
+# Chapters exempt from the typed-number check, with the reason (strict xfail: an exemption cannot outlive it).
+_PENDING: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("doc", sorted(_all_markdown()), ids=str)

@@ -1,5 +1,5 @@
 """Execute a draft notebook in a fresh kernel (cwd = its folder), write /tmp/exec_<name>, print its glued values and any
-error. Run: python book/drafts/execute.py book/drafts/07_benchmark_v2.ipynb"""
+error. Run: python book/drafts/execute.py book/07_benchmark.ipynb"""
 import sys, time, json
 from pathlib import Path
 import nbformat

@@ -1,5 +1,5 @@
-"""Writes book/drafts/intro.ipynb: the landing page with the headline results glued from chapter 7's test cells
-(issue 20, item 5). It replaces book/intro.md when chapter 7's v2 rewrite lands. Run: python book/drafts/make_intro.py
+"""Writes book/intro.ipynb: the landing page, with the headline results glued from chapter 7's test cells
+(issue 20, item 5). Run: python book/drafts/make_intro.py
 """
 from pathlib import Path
 
@@ -126,7 +126,7 @@ show_images(torch.cat(imgs), nrow=8, row_labels=labels);""", ["hide-input"],
 The works the book cites are listed under {doc}`references`."""),
 (MD, WORLD),
 ]
-OUT = Path(__file__).with_name("intro.ipynb")
+OUT = Path(__file__).resolve().parent.parent / "intro.ipynb"
 
 
 def main():

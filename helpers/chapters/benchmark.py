@@ -791,6 +791,18 @@ def table(out=OUT, split: str = "test", attributes=world.SOCIAL):
     return pd.DataFrame(recs)
 
 
+def replication(first: "pd.DataFrame", second: "pd.DataFrame", keep_point: float = KEEP_POINTS[0]) -> "pd.DataFrame":
+    """Two seeds' :func:`table` frames side by side at ``keep_point``, per attribute × row: FD and its CI on each
+    seed and whether the two intervals overlap (``NaN`` where a seed has no test cell for the row)."""
+    cols = ["FD", "FD lo", "FD hi"]
+    pick = lambda t: t[t["keep point"] == keep_point].set_index(["attribute", "row"]).reindex(columns=cols)  # noqa: E731
+    rep = pick(first).join(pick(second), rsuffix=" (seed 2)")
+    both = rep["FD"].notna() & rep["FD (seed 2)"].notna()
+    overlap = (rep["FD lo"] <= rep["FD hi (seed 2)"]) & (rep["FD lo (seed 2)"] <= rep["FD hi"])
+    rep["intervals overlap"] = overlap.astype(object).where(both, None)
+    return rep
+
+
 def paired(out, split: str, attribute: str, a: tuple[Row, float], b: tuple[Row, float], n_boot: int = 2000,
            out_b=None, shared=None) -> dict:
     """Row ``a`` minus row ``b`` on the same noise: FD and overall keep with paired bootstrap CIs, McNemar's

@@ -1,7 +1,5 @@
-"""Writes book/drafts/07_benchmark_v2.ipynb: chapter 7 rebuilt on the benchmark-v2 cells (issue 15).
-
-A draft until the test cells exist (scripts/benchmark.py freeze → test → test --split test2); then it replaces
-book/07_benchmark.ipynb. The validation part (frontiers) executes today. Run: python book/drafts/make_06_v2.py
+"""Writes book/07_benchmark.ipynb: chapter 7 on the benchmark-v2 cells (issue 15), from data/benchmark/v2
+(scripts/benchmark.py validate → freeze → test → test --split test2). Run: python book/drafts/make_benchmark.py
 """
 from pathlib import Path
 
@@ -323,14 +321,16 @@ direction:"""),
 
 The keep-0.95 settings once more on a second fresh seed (n = {glue:text}`n_test`): the FDs should agree within their
 intervals."""),
-(CODE, r"""tab2 = B.table(split="test2").reindex(columns=list(tab.columns))
-rep = tab[tab["keep point"] == B.KEEP_POINTS[0]].set_index(["attribute", "row"])[["FD", "FD lo", "FD hi"]].join(
-    tab2[tab2["keep point"] == B.KEEP_POINTS[0]].set_index(["attribute", "row"])[["FD", "FD lo", "FD hi"]],
-    rsuffix=" (seed 2)")
-both = rep["FD"].notna() & rep["FD (seed 2)"].notna()
-rep["intervals overlap"] = ((rep["FD lo"] <= rep["FD hi (seed 2)"]) & (rep["FD lo (seed 2)"] <= rep["FD hi"])).where(both)
-glue("seed2_agree", int((rep["intervals overlap"] == True).sum()), display=False)  # noqa: E712
-glue("seed2_total", int(both.sum()), display=False)
+(CODE, r"""rep = B.replication(tab, B.table(split="test2"))
+both = rep["intervals overlap"].notna()
+prog = B.split_progress(B.OUT, "test2")
+done, planned, agree = int(prog["done"].sum()), int(prog["planned"].sum()), int((rep["intervals overlap"] == True).sum())  # noqa: E712
+glue("seed2_sentence", f"{agree} of {int(both.sum())} rows' FD intervals at keep 0.95 overlap the first seed's"
+     + ("" if prog["complete"].all() else f"; only {done} of the {planned} planned cells of the second seed have run "
+        "so far, and rows without one are left out") if both.any() else
+     f"no row has a cell on the second seed yet ({done} of {planned} planned cells have run)", display=False)
+display(tables.frame(prog, legend="Cells of the second test seed: the keep-0.95 settings of every tested row and "
+                                  "the best DiffLens row's diagnostics (benchmark.planned_cells)."))
 tables.frame(rep)"""),
 (MD, r"""## What the table says
 
@@ -387,8 +387,7 @@ tables.frame(pol_tab, percent=["edited"], legend="The best DiffLens row of each 
 rate of another attribute above its size-matched null edit is {glue:text}`leak_max_gender` for gender,
 {glue:text}`leak_max_age` for age and {glue:text}`leak_max_race` for race (the leakage tables above).
 
-**A second seed.** On the second test seed, {glue:text}`seed2_agree` of {glue:text}`seed2_total` rows' FD
-intervals at keep 0.95 overlap the first seed's."""),
+**A second seed.** On the second test seed, {glue:text}`seed2_sentence`."""),
 (CODE, r"""found = {a: B.cells(B.OUT, "test", a) for a in world.SOCIAL}
 orig = B.io.load_tensors(B.OUT / "original_test.safetensors")[0]
 rows_img, labels = [], []
@@ -404,7 +403,7 @@ show_images(torch.cat(rows_img), nrow=8, row_labels=labels);""", ["hide-input"],
  {"name": "fig-same-noise", "caption": "The same noises, original and under the best DiffLens row at keep 0.95, per "
   "social attribute (edited samples first)."}),
 ]
-OUT = Path(__file__).with_name("07_benchmark_v2.ipynb")
+OUT = Path(__file__).resolve().parent.parent / "07_benchmark.ipynb"
 
 
 def main():
