@@ -21,7 +21,7 @@ Three things make the comparison fair, and each is its own part of the table:
   sampling batch of {glue:text}`batch` samples (the batch a user would run), each sample's own class read by the h-probe from its own h at the first edited step (no extra
   pass). Every per-sample method runs under both.
 * **Frontiers, not single picks.** Every method's knob runs on a validation seed until its curve of FD against
-  keep-rate brackets the operating points; the table reads each method at the same keep-rates (0.95 and 0.90),
+  keep-rate brackets the operating points; the table reads each method at the same keep-rates ({glue:text}`kp_hi` and {glue:text}`kp_lo`),
   interpolated on its *own* validation frontier, then runs that setting once on fresh test seeds.
 * **Paired statistics.** Every row samples the same noise with the same class draws, so differences between rows
   are paired: bootstrap intervals of the FD and keep-rate differences to the best DiffLens row of the same policy,
@@ -47,7 +47,11 @@ if RECOMPUTE:
 log = json.loads((B.OUT / "log.json").read_text())
 front = B.frontier_frame()
 for k, v in {"n_val": B.N["val"], "n_test": B.N["test"], "batch": B.BATCH, "steps": B.STEPS}.items():
-    glue(k, tables.num(v), display=False)""", ["hide-output"]),
+    glue(k, tables.num(v), display=False)
+glue("kp_hi", tables.num(B.KEEP_POINTS[0], sig=2), display=False)  # the table's keep points and the issue's bars
+glue("kp_lo", f"{B.KEEP_POINTS[1]:.2f}", display=False)
+glue("bar_fd", f"{B.GOAL_FD:g}", display=False)
+glue("bar_cost", tables.num(B.GOAL_COST, percent=True), display=False)""", ["hide-output"]),
 (MD, r"""## The rows
 
 | row | what it edits | who is edited | deviation from its paper |
@@ -208,9 +212,9 @@ ed = bc["asked"] >= 0
 glue("race_reached", tables.num(float((bc["cls.race"][ed].long() == bc["asked"][ed].long()).float().mean()), percent=True),
      display=False)""",
  ["remove-cell"]),
-(MD, r"""At its keep-0.95 setting the best DiffLens row removes {glue:text}`reduction_gender` of the Original's FD on gender,
+(MD, r"""At its keep-{glue:text}`kp_hi` setting the best DiffLens row removes {glue:text}`reduction_gender` of the Original's FD on gender,
 {glue:text}`reduction_age` on age and {glue:text}`reduction_race` on skin tone (in the paper, on P2: {glue:text}`paper_reduction_gender`,
-{glue:text}`paper_reduction_age` and {glue:text}`paper_reduction_race`); at its keep-0.90 setting it reaches FD
+{glue:text}`paper_reduction_age` and {glue:text}`paper_reduction_race`); at its keep-{glue:text}`kp_lo` setting it reaches FD
 {glue:text}`fd90_gender`, {glue:text}`fd90_age` and {glue:text}`fd90_race`. {doc}`Chapter 6 <06_where_attributes_live>`
 finds why skin tone is hard to move from h: over the edit window, transplanting h moves tone in under half of the
 pairs the best activation patch moves, the first up block's output in most of them (its site and window maps give
@@ -218,7 +222,7 @@ the numbers). On skin tone the reduction is one move: the best row takes the sha
 {glue:text}`race_shares_orig` to {glue:text}`race_shares_best` — tone 1 to tone 2, tones 3 and 4 as they were — and
 {glue:text}`race_reached` of the samples it edited end in the class they were asked for. Run through this chapter's
 protocol with an SAE at the first up block (the same rows, seeds, policies and samples edited), the best DiffLens
-row's skin-tone FD at its keep-0.95 setting moves from {glue:text}`lens_race_h` to {glue:text}`lens_race_l`, a paired
+row's skin-tone FD at its keep-{glue:text}`kp_hi` setting moves from {glue:text}`lens_race_h` to {glue:text}`lens_race_l`, a paired
 difference of {glue:text}`lens_race_diff` ({glue:text}`lens_race_dir`), which {glue:text}`lens_race_halved`."""),
 (MD, r"""## The goals, checked
 
@@ -250,7 +254,7 @@ tables.frame(gl.set_index(["attribute", "goal"]))"""),
 (MD, r"""## Against the best DiffLens row, pair by pair
 
 Finding 1 is a claim about methods, so each baseline is compared with DiffLens *under the same policy*: with the
-best DiffLens row of that policy — chosen by the freeze rule (lowest validation FD at keep 0.95) from validation
+best DiffLens row of that policy — chosen by the freeze rule (lowest validation FD at keep {glue:text}`kp_hi`) from validation
 numbers only — and with the distribution-level rows, which need no reading of who to edit, in both comparisons.
 Under `minimal` every per-sample row reads who to edit with the same h-probe, but at its own first edited step, and
 the probe reads better later in sampling: on the test seed it agrees with the judge's reading of the finished image
@@ -346,7 +350,7 @@ direction:"""),
                                     "class of that attribute changed."))"""),
 (MD, r"""## A second test seed
 
-The keep-0.95 settings once more on a second fresh seed (n = {glue:text}`n_test`), to see whether the FDs agree
+The keep-{glue:text}`kp_hi` settings once more on a second fresh seed (n = {glue:text}`n_test`), to see whether the FDs agree
 within their intervals; the table below says how many of its cells have run."""),
 (CODE, r"""rep = B.replication(tab, B.table(split="test2"))
 both = rep["intervals overlap"].notna()
@@ -361,13 +365,13 @@ display(tables.frame(prog, legend="Cells of the second test seed: the keep-0.95 
 tables.frame(rep)"""),
 (MD, r"""## What the table says
 
-**The goals set before the test.** The best DiffLens row declared on validation reaches, at its keep-0.95 setting,
-FD {glue:text}`goal_fd_gender` on gender ({glue:text}`goal_fd_met_gender` against the bar of 0.03 on its own; the
+**The goals set before the test.** The best DiffLens row declared on validation reaches, at its keep-{glue:text}`kp_hi` setting,
+FD {glue:text}`goal_fd_gender` on gender ({glue:text}`goal_fd_met_gender` against the bar of {glue:text}`bar_fd` on its own; the
 bar together with both keep bars: {glue:text}`goal_joint_gender`) and {glue:text}`goal_fd_age` on age
 ({glue:text}`goal_fd_met_age`; with the keep bars: {glue:text}`goal_joint_age`); race, which has no bar, reaches
 {glue:text}`goal_fd_race`. Its other goals missed — keep overall, keep among the edited samples, FID-target — are:
 gender: {glue:text}`goal_missed_gender`; age: {glue:text}`goal_missed_age`; skin tone: {glue:text}`goal_missed_race`.
-{glue:text}`goal_cost_met` of {glue:text}`goal_cost_n` `minimal` test cells cost at most 35% of a full cell's UNet
+{glue:text}`goal_cost_met` of {glue:text}`goal_cost_n` `minimal` test cells cost at most {glue:text}`bar_cost` of a full cell's UNet
 passes (over: {glue:text}`goal_cost_missed`).
 
 **Finding 1, policy by policy.** Under `minimal` assignment (per-sample rows move only each batch's surplus, read
@@ -379,7 +383,7 @@ draws a class and majority samples are pushed too — it is *{glue:text}`f1_gend
 ({glue:text}`f1_gender_iid_detail`), *{glue:text}`f1_age_iid`* on age ({glue:text}`f1_age_iid_detail`) and
 *{glue:text}`f1_race_iid`* on skin tone ({glue:text}`f1_race_iid_detail`). {glue:text}`declared_beaten`.
 
-**Who is edited.** The best DiffLens row of each policy at its keep-0.95 setting on the test seed, and the `minimal` row once
+**Who is edited.** The best DiffLens row of each policy at its keep-{glue:text}`kp_hi` setting on the test seed, and the `minimal` row once
 more with an oracle reading of each sample's own class:"""),
 (CODE, r"""from dataclasses import replace
 
@@ -430,10 +434,7 @@ OUT = Path(__file__).resolve().parent.parent / "07_benchmark.ipynb"
 def main():
     # the chapter's code cells are tables, glue and plots: folded (hide-input) unless a cell says otherwise
     cells = [c if c[0] != CODE or len(c) > 2 else (*c, ["hide-input"]) for c in CELLS]
-    write(cells, OUT, typed_numbers={"0.95": "a keep point of the table, a setting",
-                                         "0.90": "a keep point of the table, a setting",
-                                         "0.03": "the FD goal's bar, set by the issue before the test",
-                                         "35%": "the cost goal's bar, set by the issue before the test"})
+    write(cells, OUT)
 
 
 if __name__ == "__main__":
