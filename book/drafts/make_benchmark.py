@@ -204,8 +204,7 @@ glue("lens_race_dir", "lower: the interval excludes zero" if lv["verdict"]["lowe
      "higher: the interval excludes zero" if lv["verdict"]["higher"] else "no measurable change", display=False)
 bz = fz["choices"]["race"]["best DiffLens"]
 bc = B.find(B.cells(B.OUT, "test", "race"), "race", B.Row(*bz["row"]), bz["setting"])["t"]
-shares = lambda c: " / ".join(tables.num(float(x)) for x in  # noqa: E731
-                              torch.bincount(c.long(), minlength=len(world.ATTRIBUTES["race"])) / len(c))
+shares = lambda c: " / ".join(tables.num(float(x)) for x in B.class_shares(c, "race"))  # noqa: E731
 glue("race_shares_orig", shares(B.io.load_tensors(B.OUT / "original_test.safetensors")[0]["cls.race"]), display=False)
 glue("race_shares_best", shares(bc["cls.race"]), display=False)
 ed = bc["asked"] >= 0

@@ -67,8 +67,7 @@ for a in world.SOCIAL:
     glue(f"h_keep_{a}", tables.num(h["DiffLens keep all"], percent=True), display=False)
 best = log["frozen"]["choices"]["race"]["best DiffLens"]
 bc = B.find(B.cells(B.OUT, "test", "race"), "race", B.Row(*best["row"]), best["setting"])["t"]
-shares = lambda c: " / ".join(tables.num(float(x)) for x in  # noqa: E731
-                              torch.bincount(c.long(), minlength=len(world.ATTRIBUTES["race"])) / len(c))
+shares = lambda c: " / ".join(tables.num(float(x)) for x in B.class_shares(c, "race"))  # noqa: E731
 glue("h_race_orig", shares(B.io.load_tensors(B.OUT / "original_test.safetensors")[0]["cls.race"]), display=False)
 glue("h_race_best", shares(bc["cls.race"]), display=False)
 glue("h_n", tables.num(B.N["test"]), display=False)

@@ -724,6 +724,11 @@ def _kept(orig_t: dict, cell_t: dict, attrs) -> torch.Tensor:
     return same
 
 
+def class_shares(cls_: torch.Tensor, attribute: str) -> torch.Tensor:
+    """The share of samples judged in each class of ``attribute`` (its classes' order), from judged class indices."""
+    return torch.bincount(cls_.long(), minlength=len(world.ATTRIBUTES[attribute])) / len(cls_)
+
+
 def _fd(cls_: torch.Tensor, k: int) -> float:
     return metrics.fairness_discrepancy(cls_.long(), k)
 
