@@ -117,6 +117,12 @@ class UNetSettings:
     # UNet, e.g. the H200 run's, for more steps on another machine. Its optimizer state is not shipped, so AdamW's
     # moments and the learning-rate schedule (warm-up, then cosine over ``steps``) start afresh.
     init_from: str = ""
+    # SD v1.5's schedule leaves signal at its last timestep (ᾱ_999 ≈ 0.0047), so training never shows the UNet pure
+    # noise while sampling starts from it. The world's latents have per-channel means far from 0 (about −0.6 / −1.3 /
+    # −1.3 / −0.6) that carry coarse content such as hair grey, so samples drift toward the mean (the young
+    # over-draw). True: betas rescaled to zero terminal SNR, v-prediction, trailing timesteps (Lin et al. 2024,
+    # "Common Diffusion Noise Schedules and Sample Steps are Flawed"); the pipeline folder's DDIM then says the same.
+    zero_snr: bool = False
 
 
 # ----------------------------------------------------------------------------- data
@@ -441,12 +447,27 @@ def train_decoder(folder, run, vae_folder, s: DecoderSettings = DecoderSettings(
 # ----------------------------------------------------------------------------- 3. UNet
 
 
-def train_scheduler():
-    """SD v1.5's training noise schedule (scaled-linear betas 0.00085 → 0.012, 1,000 steps, ε-prediction)."""
+def train_scheduler(zero_snr: bool = False):
+    """SD v1.5's training noise schedule (scaled-linear betas 0.00085 → 0.012, 1,000 steps, ε-prediction); with
+    ``zero_snr`` the betas are rescaled to zero terminal SNR and the UNet predicts v, with trailing timesteps
+    (:attr:`UNetSettings.zero_snr`)."""
     from diffusers import DDPMScheduler
 
+    extra = dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing") \
+        if zero_snr else dict(prediction_type="epsilon")
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         prediction_type="epsilon", clip_sample=False)
+                         clip_sample=False, **extra)
+
+
+def sampling_scheduler(zero_snr: bool = False):
+    """The DDIM a pipeline folder ships for a UNet trained under :func:`train_scheduler` (``zero_snr`` the same):
+    SD's own settings (no clipping, ᾱ of the step before the first is not forced to 1, ``steps_offset`` 1, which
+    trailing spacing ignores); under zero terminal SNR, trailing timesteps, so sampling starts at the pure-noise
+    step."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(train_scheduler(zero_snr).config, clip_sample=False, set_alpha_to_one=False,
+                                     steps_offset=1)
 
 
 def build_unet(s: UNetSettings, cross_attention_dim: int, sample_size: int):
@@ -510,7 +531,7 @@ def train_unet(folder, run, clip_folder, vae_folder, s: UNetSettings = UNetSetti
                              f"(block_out_channels={s.block_out_channels}, layers_per_block={s.layers_per_block}): "
                              f"{str(e)[:200]}") from None
     unet = unet.to(device)
-    sched = train_scheduler()
+    sched = train_scheduler(s.zero_snr)
     stage = _Stage(Path(run), "unet", unet, unet.parameters(), s, ema_decay=s.ema_decay)
 
     def data(step):
@@ -559,11 +580,10 @@ def _record(folder, key: str) -> dict:
 def assemble(folder, clip_folder, vae_folder, unet_folder) -> Path:
     """Write a ``StableDiffusionPipeline`` folder from the three exports (text encoder and tokenizer from the CLIP
     folder, DDIM with SD's settings, no safety checker) plus ``training.json`` with each stage's record."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
     text = TextEncoder(clip_folder)
-    sched = DDIMScheduler.from_config(train_scheduler().config, clip_sample=False, set_alpha_to_one=False,
-                                      steps_offset=1)
+    sched = sampling_scheduler(_record(unet_folder, "unet")["settings"].get("zero_snr", False))
     pipe = StableDiffusionPipeline(unet=UNet2DConditionModel.from_pretrained(unet_folder),
                                    vae=AutoencoderKL.from_pretrained(vae_folder), text_encoder=text.model,
                                    tokenizer=text.tokenizer, scheduler=sched, safety_checker=None,

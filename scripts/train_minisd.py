@@ -8,6 +8,8 @@
     # continue the shipped UNet for more steps (fresh optimizer and schedule; the shipped encoder and decoder kept):
     nohup python scripts/train_minisd.py unet --init-from data/minisd/sd/unet --steps 10000 --run runs/minisd-more &
     python scripts/train_minisd.py assemble --run runs/minisd-more
+    # the same, re-parametrised to zero terminal SNR + v-prediction (the fix for the drift toward the latents' mean):
+    nohup python scripts/train_minisd.py unet --init-from data/minisd/sd/unet --zero-snr --steps 6000 --run runs/minisd-zsnr &
     python scripts/train_minisd.py report        # CLIP zero-shot + retrieval, VAE reconstructions → data/minisd/report.json
 
 Checkpoints live in runs/minisd/<stage>.safetensors (rerun the same command to resume); the CLIP folder is
@@ -36,6 +38,8 @@ if __name__ == "__main__":
     ap.add_argument("--workers", type=int, default=0, help="decoder and unet: processes rendering batches ahead")
     ap.add_argument("--init-from", default="", help="unet: a UNet folder to continue from (e.g. data/minisd/sd/unet)")
     ap.add_argument("--run", default=str(RUN), help="the run folder holding checkpoints and exports")
+    ap.add_argument("--zero-snr", action="store_true",
+                    help="unet: zero-terminal-SNR schedule, v-prediction, trailing timesteps (UNetSettings.zero_snr)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     loop = dict(max_minutes=a.max_minutes, checkpoint_every=a.checkpoint_every)
@@ -51,6 +55,8 @@ if __name__ == "__main__":
     elif a.stage == "unet":
         if a.init_from:
             over["init_from"] = a.init_from
+        if a.zero_snr:
+            over["zero_snr"] = True
         # the encoder the UNet's latents come from: this run's VAE, else the shipped pipeline's (its decoder was
         # fine-tuned, its encoder kept, so the latents are the same)
         vae = RUN / "export" / "vae" if (RUN / "export" / "vae").is_dir() else SD / "vae"

@@ -238,3 +238,29 @@ def test_a_unet_run_can_start_from_a_shipped_unet_and_records_its_lineage(tmp_pa
     with pytest.raises(ValueError, match="block_out_channels"):
         minisd.train_unet(tmp_path / "c", tmp_path / "rc", clip, vae,
                           replace(s, block_out_channels=(8, 32), init_from=str(tmp_path / "a")), progress=False)
+
+
+def test_a_zero_snr_unet_ships_a_matching_ddim_and_samples(tmp_path):
+    """zero_snr: the training schedule reaches ᾱ = 0 at its last step and predicts v; a UNet trained so is assembled
+    with a DDIM of the same betas and prediction type that starts at that step (trailing), and the folder samples
+    finite images through diffusers. The default keeps SD v1.5's schedule (ᾱ_999 > 0, ε, leading)."""
+    from diffusers import StableDiffusionPipeline
+
+    plain, zero = minisd.train_scheduler(), minisd.train_scheduler(zero_snr=True)
+    assert plain.alphas_cumprod[-1] > 1e-3 and plain.config.prediction_type == "epsilon"
+    assert zero.alphas_cumprod[-1] < 1e-12 and zero.config.prediction_type == "v_prediction"
+    clip, vae = io.DATA_DIR / "minisd" / "clip", tmp_path / "vae"
+    minisd.train_vae(vae, tmp_path / "v", minisd.VaeSettings(block_out_channels=(8, 16), batch=2, steps=1),
+                     progress=False)
+    minisd.train_unet(tmp_path / "u", tmp_path / "ru", clip, vae,
+                      minisd.UNetSettings(block_out_channels=(8, 16), batch=2, steps=1, zero_snr=True), progress=False)
+    pipe = StableDiffusionPipeline.from_pretrained(minisd.assemble(tmp_path / "sd", clip, vae, tmp_path / "u"))
+    cfg = pipe.scheduler.config
+    assert cfg.rescale_betas_zero_snr and cfg.prediction_type == "v_prediction" and cfg.timestep_spacing == "trailing"
+    pipe.scheduler.set_timesteps(5)
+    assert int(pipe.scheduler.timesteps[0]) == 999
+    out = pipe("a portrait of a doctor", num_inference_steps=3, guidance_scale=1.0, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    shipped = StableDiffusionPipeline.from_pretrained(io.DATA_DIR / "minisd" / "sd").scheduler.config
+    assert not shipped.get("rescale_betas_zero_snr", False) and shipped.timestep_spacing == "leading"
