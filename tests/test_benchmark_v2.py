@@ -363,3 +363,21 @@ def test_pass_seconds_is_the_median_rate_per_method():
     r = BM.pass_seconds([cell("A", 10.0, 100), cell("A", 90.0, 100), cell("A", 20.0, 100), cell("B", 5.0, 10),
                          cell("C", 1.0, 0)])
     assert r == {"A": pytest.approx(0.2), "B": pytest.approx(0.5)}  # a cell that ran no pass has no rate
+
+
+def test_verdict_replication_compares_verdicts_and_lists_changed_outcomes():
+    def f(verdict, **by):
+        return {"verdict": verdict, **{k: [] for k in (*BM.OUTCOMES, BM.UNREACHED, BM.UNFINISHED,
+                                                        "test cell not run yet")}, **by}
+
+    first = {("gender", "minimal"): f("holds", **{"DiffLens better": ["A", "B"]}),
+             ("gender", "iid"): f("fails", **{"row better": ["A"], "DiffLens better": ["B"]}),
+             ("age", "minimal"): f("partly", **{"no difference": ["A"]})}
+    second = {("gender", "minimal"): f("holds", **{"DiffLens better": ["A", "B"]}),
+              ("gender", "iid"): f("partly", **{"trade-off": ["A"], "DiffLens better": ["B"]}),
+              ("age", "minimal"): f("undecided", **{"test cell not run yet": ["A"]})}
+    r = BM.verdict_replication(first, second)
+    assert list(r["same verdict"]) == [True, False, None]
+    assert r.loc[("gender", "iid"), "outcomes that changed"] == "A: row better → trade-off"
+    assert r.loc[("gender", "minimal"), "outcomes that changed"] == "none"
+    assert r.loc[("age", "minimal"), "seed 2"] == "undecided"

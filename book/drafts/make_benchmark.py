@@ -362,6 +362,21 @@ glue("seed2_sentence", f"{agree} of {int(both.sum())} rows' FD intervals at keep
 display(tables.frame(prog, legend="Cells of the second test seed: the keep-0.95 settings of every tested row and "
                                   "the best DiffLens row's diagnostics (benchmark.planned_cells)."))
 tables.frame(rep)"""),
+(MD, r"""Finding 1 once more, from the second seed's cells alone: the same paired comparisons at keep {glue:text}`kp_hi`, the
+same outcome rules, the same declared rows."""),
+(CODE, r"""verdicts2 = {(a, pol): B.finding1(B.against_best(split="test2", attribute=a, policy=pol))
+             for a in world.SOCIAL for pol in ("minimal", "iid")}
+vrep = B.verdict_replication({k: v for k, v in verdicts.items()}, verdicts2)
+decided = vrep["same verdict"].notna()
+same = int((vrep["same verdict"] == True).sum())  # noqa: E712
+differ = [f"{ {'race': 'skin tone'}.get(a, a)} · `{pol}` ({r['seed 1']} → {r['seed 2']}: {r['outcomes that changed']})"
+          for (a, pol), r in vrep[decided & (vrep["same verdict"] == False)].iterrows()]  # noqa: E712
+glue("seed2_verdicts", f"Finding 1's verdict is the same on both seeds for {same} of the {int(decided.sum())} attribute × "
+     "policy pairs decided on both" + (f"; it differs for {'; '.join(differ)}" if differ else "")
+     + (f"; {int((~decided).sum())} pairs are still undecided on the second seed (cells missing)"
+        if (~decided).any() else ""), display=False)
+tables.frame(vrep, legend="Finding 1 (benchmark.finding1) on each test seed at keep 0.95, with the baseline rows "
+             "whose outcome differs (benchmark.verdict_replication); same verdict is empty where a seed is undecided.")"""),
 (MD, r"""## What the table says
 
 **The goals set before the test.** The best DiffLens row declared on validation reaches, at its keep-{glue:text}`kp_hi` setting,
@@ -411,7 +426,7 @@ tables.frame(pol_tab, percent=["edited"], legend="The best DiffLens row of each 
 rate of another attribute above its size-matched null edit is {glue:text}`leak_max_gender` for gender,
 {glue:text}`leak_max_age` for age and {glue:text}`leak_max_race` for skin tone (the leakage tables above).
 
-**A second seed.** On the second test seed, {glue:text}`seed2_sentence`."""),
+**A second seed.** On the second test seed, {glue:text}`seed2_sentence`. {glue:text}`seed2_verdicts`."""),
 (CODE, r"""found = {a: B.cells(B.OUT, "test", a) for a in world.SOCIAL}
 orig = B.io.load_tensors(B.OUT / "original_test.safetensors")[0]
 rows_img, labels = [], []

@@ -1106,6 +1106,26 @@ def finding1(d: "pd.DataFrame") -> dict:
     return {"verdict": verdict, "baselines": len(base), "compared": compared, **by}
 
 
+def verdict_replication(first: dict, second: dict) -> "pd.DataFrame":
+    """Finding 1 on two test seeds: ``first`` and ``second`` map ``(attribute, policy)`` to :func:`finding1`'s
+    result on each seed. Per pair: both verdicts, ``same verdict`` (``None`` where either seed is ``"undecided"``)
+    and the baseline rows whose outcome differs between the seeds (``"row: first → second"``)."""
+    import pandas as pd
+
+    def outcomes(f: dict) -> dict[str, str]:
+        return {row: k for k in (*OUTCOMES, UNREACHED, UNFINISHED, "test cell not run yet") for row in f.get(k, [])}
+
+    recs = []
+    for key in first:
+        a, b = first[key], second.get(key, {"verdict": "undecided"})
+        oa, ob = outcomes(a), outcomes(b)
+        changed = [f"{r}: {oa[r]} → {ob.get(r, 'missing')}" for r in sorted(oa) if oa[r] != ob.get(r, "missing")]
+        same = None if "undecided" in (a["verdict"], b["verdict"]) else a["verdict"] == b["verdict"]
+        recs.append({"attribute": key[0], "policy": key[1], "seed 1": a["verdict"], "seed 2": b["verdict"],
+                     "same verdict": same, "outcomes that changed": "; ".join(changed) or "none"})
+    return pd.DataFrame(recs).set_index(["attribute", "policy"])
+
+
 def headline(out=OUT, split: str = "test", keep_point: float = KEEP_POINTS[0]) -> "pd.DataFrame":
     """Results at a glance, per social attribute: the Original's FD on ``split``, and the test cells of the
     best DiffLens row and the best baseline (:func:`best_baseline`; both chosen on validation, before any test
