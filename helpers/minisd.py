@@ -768,6 +768,22 @@ def share_frame(quality: dict, n: int, steps: int, seed: int, guidance=None) -> 
     return pd.DataFrame(rows, columns=["guidance", "prompt", "context", "attribute", "class", "spec", "model", "gap"])
 
 
+def mean_start_frame(diagnosis: dict) -> "pd.DataFrame":
+    """The causal test of ``scripts/diagnose_minisd.py`` (one model's ``"mean start"`` part): per prompt and social
+    attribute, the largest class-share gap to the spec when sampling starts as the pipeline does (``plain``) and
+    when the first latent carries the data's expected mean (``mean start``), the same noise otherwise; ``closer``:
+    the mean start's gap is smaller."""
+    import pandas as pd
+
+    rows = []
+    for ctx, r in diagnosis["prompts"].items():
+        for a, spec in r["spec"].items():
+            gap = {k: float(np.max(np.abs(np.asarray(r[k][a]) - np.asarray(spec)))) for k in ("plain", "mean start")}
+            rows.append({"context": ctx, "attribute": a, "gap plain": gap["plain"], "gap mean start": gap["mean start"],
+                         "closer": gap["mean start"] < gap["plain"]})
+    return pd.DataFrame(rows).set_index(["context", "attribute"])
+
+
 def bar_verdicts(quality: dict, n: int, steps: int, guidance: float, seed: int, tol: float = 0.05,
                  confident: float = 0.95) -> "pd.DataFrame":
     """One row per prompt of the quality bar (issue 18) from ``quality.json``'s parts at these settings: the largest

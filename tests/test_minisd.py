@@ -264,3 +264,13 @@ def test_a_zero_snr_unet_ships_a_matching_ddim_and_samples(tmp_path):
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
     shipped = StableDiffusionPipeline.from_pretrained(io.DATA_DIR / "minisd" / "sd").scheduler.config
     assert not shipped.get("rescale_betas_zero_snr", False) and shipped.timestep_spacing == "leading"
+
+
+def test_mean_start_frame_measures_each_start_against_the_spec():
+    d = {"prompts": {"nurse": {"spec": {"age": [0.45, 0.5, 0.05], "gender": [0.1, 0.9]},
+                               "plain": {"age": [0.56, 0.41, 0.03], "gender": [0.16, 0.84]},
+                               "mean start": {"age": [0.29, 0.63, 0.08], "gender": [0.1, 0.9]}}}}
+    f = minisd.mean_start_frame(d)
+    assert f.loc[("nurse", "age"), "gap plain"] == pytest.approx(0.11)
+    assert f.loc[("nurse", "age"), "gap mean start"] == pytest.approx(0.16)
+    assert not f.loc[("nurse", "age"), "closer"] and f.loc[("nurse", "gender"), "closer"]
