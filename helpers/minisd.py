@@ -784,6 +784,23 @@ def mean_start_frame(diagnosis: dict) -> "pd.DataFrame":
     return pd.DataFrame(rows).set_index(["context", "attribute"])
 
 
+def diagnosis_verdicts(record: dict, flip_tol: float = 0.05) -> dict:
+    """The two explanations of the age over-draw, judged on one model's record of ``scripts/diagnose_minisd.py``.
+
+    ``detail loss`` (the UNet drops the forehead line that tells an adult from a young face): ``"refuted"`` when at
+    every SDEdit strength below 1 at most ``flip_tol`` of true adults are read as young, else ``"holds"``.
+    ``mean drift`` (samples drift toward the latents' zero mean): ``"holds"`` when starting from noise that carries
+    the data's mean brings the age gap closer to the spec on most prompts, else ``"refuted"``. Also the numbers
+    each verdict reads."""
+    flips = {float(s): m[1][0] for s, m in record["sdedit"]["strengths"].items() if float(s) < 1}
+    ms = mean_start_frame(record["mean start"]).xs("age", level="attribute")
+    closer = int(ms["closer"].sum())
+    return {"detail loss": "refuted" if max(flips.values()) <= flip_tol else "holds",
+            "adult read young, largest below strength 1": max(flips.values()),
+            "mean drift": "holds" if closer > len(ms) / 2 else "refuted",
+            "prompts closer on age": closer, "prompts": len(ms)}
+
+
 def bar_verdicts(quality: dict, n: int, steps: int, guidance: float, seed: int, tol: float = 0.05,
                  confident: float = 0.95) -> "pd.DataFrame":
     """One row per prompt of the quality bar (issue 18) from ``quality.json``'s parts at these settings: the largest

@@ -274,3 +274,19 @@ def test_mean_start_frame_measures_each_start_against_the_spec():
     assert f.loc[("nurse", "age"), "gap plain"] == pytest.approx(0.11)
     assert f.loc[("nurse", "age"), "gap mean start"] == pytest.approx(0.16)
     assert not f.loc[("nurse", "age"), "closer"] and f.loc[("nurse", "gender"), "closer"]
+
+
+def test_diagnosis_verdicts_read_the_adult_flips_and_the_mean_start():
+    def rec(adult_to_young, ages_start):
+        spec = {"age": [0.16, 0.72, 0.12]}
+        prompts = {c: {"spec": spec, "plain": {"age": [0.36, 0.52, 0.12]}, "mean start": {"age": a}}
+                   for c, a in zip("abc", ages_start)}
+        eye = [[1.0, 0.0, 0.0], [adult_to_young, 1 - adult_to_young, 0.0], [0.0, 0.0, 1.0]]
+        return {"sdedit": {"strengths": {"0.4": eye, "1": [[0.0, 1.0, 0.0]] * 3}}, "mean start": {"prompts": prompts}}
+
+    near, off = [0.18, 0.70, 0.12], [0.50, 0.40, 0.10]
+    v = minisd.diagnosis_verdicts(rec(0.02, [near, near, off]))
+    assert v["detail loss"] == "refuted" and v["mean drift"] == "holds" and v["prompts closer on age"] == 2
+    v = minisd.diagnosis_verdicts(rec(0.30, [near, off, off]))   # strength 1 (a fresh sample) is not read
+    assert v["detail loss"] == "holds" and v["mean drift"] == "refuted"
+    assert v["adult read young, largest below strength 1"] == 0.30
