@@ -10,6 +10,7 @@ data/minisd/quality.json atomically; a part already there is skipped, so a kille
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,9 +29,12 @@ if __name__ == "__main__":
     ap.add_argument("--words", type=int, default=0, help="samples per named class for the text-alignment test")
     ap.add_argument("--seed", type=int, default=31_337, help="sampling seed (choose settings on another one)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sd", default=str(SD), help="the pipeline folder to judge (a candidate, before it is shipped)")
+    ap.add_argument("--out", default=str(OUT), help="where the parts are stored (keep a candidate's apart)")
     ap.add_argument("--device", default="cpu", help="where the SD samples (the judges read on the CPU)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    SD, OUT = Path(a.sd), Path(a.out)
     judge = J.load_judge()
     done = json.loads(OUT.read_text()) if OUT.is_file() else {}
     fingerprint = minisd.cache.fingerprint(SD)

@@ -38,6 +38,7 @@ if __name__ == "__main__":
     ap.add_argument("--workers", type=int, default=0, help="decoder and unet: processes rendering batches ahead")
     ap.add_argument("--init-from", default="", help="unet: a UNet folder to continue from (e.g. data/minisd/sd/unet)")
     ap.add_argument("--run", default=str(RUN), help="the run folder holding checkpoints and exports")
+    ap.add_argument("--sd", default=str(SD), help="assemble: the pipeline folder to write (default: the shipped one)")
     ap.add_argument("--zero-snr", action="store_true",
                     help="unet: zero-terminal-SNR schedule, v-prediction, trailing timesteps (UNetSettings.zero_snr)")
     a = ap.parse_args()
@@ -64,7 +65,7 @@ if __name__ == "__main__":
                               device=a.device, workers=a.workers, **loop)
     elif a.stage == "assemble":
         vae = RUN / "export" / "vae-ft" if (RUN / "export" / "vae-ft").is_dir() else SD / "vae"
-        r = {"folder": str(minisd.assemble(SD, CLIP, vae, RUN / "export" / "unet"))}
+        r = {"folder": str(minisd.assemble(Path(a.sd), CLIP, vae, RUN / "export" / "unet"))}
     else:
         from helpers import judge as J
 
