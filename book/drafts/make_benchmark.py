@@ -350,7 +350,7 @@ direction:"""),
 (MD, r"""## A second test seed
 
 The settings matched to keep {glue:text}`kp_hi` on validation, once more on a second fresh seed (n = {glue:text}`n_test`).
-Per row, the table asks whether the two seeds' 95% intervals overlap. That is a lenient test: it asks only that the
+Per row, the table asks whether the two seeds' FD intervals overlap. That is a lenient test: it asks only that the
 seeds do not clearly disagree, and a second-seed FD may fall outside the first seed's interval and still pass. The
 Original moves between seeds too: {glue:text}`seed2_original`. The table below also says how many of the second seed's
 cells have run."""),
