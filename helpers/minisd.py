@@ -792,11 +792,11 @@ def diagnosis_verdicts(record: dict, flip_tol: float = 0.05) -> dict:
     ``mean drift`` (samples drift toward the latents' zero mean): ``"holds"`` when starting from noise that carries
     the data's mean brings the age gap closer to the spec on most prompts, else ``"refuted"``. Also the numbers
     each verdict reads."""
-    flips = {float(s): m[1][0] for s, m in record["sdedit"]["strengths"].items() if float(s) < 1}
+    flip = max(m[1][0] for s, m in record["sdedit"]["strengths"].items() if float(s) < 1)  # adult → young
     ms = mean_start_frame(record["mean start"]).xs("age", level="attribute")
     closer = int(ms["closer"].sum())
-    return {"detail loss": "refuted" if max(flips.values()) <= flip_tol else "holds",
-            "adult read young, largest below strength 1": max(flips.values()),
+    return {"detail loss": "refuted" if flip <= flip_tol else "holds",
+            "adult read young, largest below strength 1": flip,
             "mean drift": "holds" if closer > len(ms) / 2 else "refuted",
             "prompts closer on age": closer, "prompts": len(ms)}
 

@@ -21,6 +21,7 @@ import json
 import torch
 
 from helpers import cache, io, judge as J, minisd, world
+from helpers.chapters.benchmark import class_shares
 
 OUT = io.DATA_DIR / "minisd" / "diagnosis.json"
 VAL_SEED = minisd.GUIDANCE_VAL["seed"]
@@ -28,8 +29,7 @@ VAL_SEED = minisd.GUIDANCE_VAL["seed"]
 
 def shares(judge, images, attrs=world.SOCIAL) -> dict:
     p = judge.predict(images.clamp(0, 1))
-    return {a: (torch.bincount(p[a].argmax(1), minlength=len(world.ATTRIBUTES[a])).double() / len(images)).tolist()
-            for a in attrs}
+    return {a: class_shares(p[a].argmax(1), a).tolist() for a in attrs}
 
 
 if __name__ == "__main__":

@@ -367,8 +367,7 @@ def test_pass_seconds_is_the_median_rate_per_method():
 
 def test_verdict_replication_compares_verdicts_and_lists_changed_outcomes():
     def f(verdict, **by):
-        return {"verdict": verdict, **{k: [] for k in (*BM.OUTCOMES, BM.UNREACHED, BM.UNFINISHED,
-                                                        "test cell not run yet")}, **by}
+        return {"verdict": verdict, **{k: [] for k in BM.OUTCOME_KEYS}, **by}
 
     first = {("gender", "minimal"): f("holds", **{"DiffLens better": ["A", "B"]}),
              ("gender", "iid"): f("fails", **{"row better": ["A"], "DiffLens better": ["B"]}),

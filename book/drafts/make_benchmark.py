@@ -324,7 +324,11 @@ def clauses(v):  # the verdict's evidence in words, empty outcomes left out
 
 for (a, pol), v in verdicts.items():
     glue(f"f1_{a}_{pol}_detail", clauses(v), display=False)
-beaten = [f"{ {'race': 'skin tone'}.get(a, a)} under `{pol}`, where {v['best']} is worse than {listing(v['siblings'])}"
+def named(a):  # the book's word for an attribute in prose
+    return {"race": "skin tone"}.get(a, a)
+
+
+beaten = [f"{named(a)} under `{pol}`, where {v['best']} is worse than {listing(v['siblings'])}"
           for (a, pol), v in verdicts.items() if v["siblings"]]
 glue("declared_beaten", "On the test seed the declared row was itself beaten by another DiffLens row of its policy "
      "for " + "; ".join(beaten) + ". The freeze rule picks on validation numbers alone; the table of frozen choices above gives "
@@ -358,12 +362,10 @@ cells have run."""),
 both = rep["intervals overlap"].notna()
 prog = B.split_progress(B.OUT, "test2")
 done, planned, agree = int(prog["done"].sum()), int(prog["planned"].sum()), int((rep["intervals overlap"] == True).sum())  # noqa: E712
-orig2 = {}
-for a in world.SOCIAL:
-    o1, o2 = (B.io.load_tensors(B.OUT / f"original_{sp}.safetensors")[0][f"cls.{a}"] for sp in ("test", "test2"))
-    orig2[a] = (B._fd(o1, len(world.ATTRIBUTES[a])), B._fd(o2, len(world.ATTRIBUTES[a])))
-glue("seed2_original", "; ".join(f"its FD is {tables.num(x)} on the first seed and {tables.num(y)} on the second "
-                                 f"({ {'race': 'skin tone'}.get(a, a)})" for a, (x, y) in orig2.items()), display=False)
+head2 = B.headline(split="test2")
+glue("seed2_original", "; ".join(f"its FD is {tables.num(head.loc[a, 'FD original'])} on the first seed and "
+                                 f"{tables.num(head2.loc[a, 'FD original'])} on the second ({named(a)})"
+                                 for a in world.SOCIAL), display=False)
 glue("seed2_sentence", f"{agree} of {int(both.sum())} rows' FD intervals at the keep-0.95 settings overlap the first seed's"
      + ("" if prog["complete"].all() else f"; {done} of the {planned} planned cells of the second seed have run "
         "so far, and a row without its cell is left out") if both.any() else
@@ -375,12 +377,12 @@ tables.frame(rep)"""),
 same outcome rules, the same declared rows."""),
 (CODE, r"""verdicts2 = {(a, pol): B.finding1(B.against_best(split="test2", attribute=a, policy=pol))
              for a in world.SOCIAL for pol in ("minimal", "iid")}
-vrep = B.verdict_replication({k: v for k, v in verdicts.items()}, verdicts2)
+vrep = B.verdict_replication(verdicts, verdicts2)
 decided = vrep["same verdict"].notna()
 same = int((vrep["same verdict"] == True).sum())  # noqa: E712
-differ = [f"{ {'race': 'skin tone'}.get(a, a)} · `{pol}` ({r['seed 1']} → {r['seed 2']}: {r['outcomes that changed']})"
+differ = [f"{named(a)} · `{pol}` ({r['seed 1']} → {r['seed 2']}: {r['outcomes that changed']})"
           for (a, pol), r in vrep[decided & (vrep["same verdict"] == False)].iterrows()]  # noqa: E712
-moved = [f"{ {'race': 'skin tone'}.get(a, a)} · `{pol}`: {r['outcomes that changed']}"
+moved = [f"{named(a)} · `{pol}`: {r['outcomes that changed']}"
          for (a, pol), r in vrep[decided & (vrep["same verdict"] == True)].iterrows()  # noqa: E712
          if r["outcomes that changed"] != "none"]
 glue("seed2_verdicts", f"Finding 1's verdict is the same on both seeds for {same} of the {int(decided.sum())} attribute × "
@@ -393,7 +395,7 @@ glue("seed2_verdicts", f"Finding 1's verdict is the same on both seeds for {same
 g2 = B.goals(split="test2")
 fd2 = g2[g2["goal"] == "best DiffLens FD"].set_index("attribute")
 glue("seed2_goals", "; ".join(
-    f"{ {'race': 'skin tone'}.get(a, a)} {tables.num(r['value'])} (removing {tables.num(1 - r['value'] / orig2[a][1], percent=True)} "
+    f"{named(a)} {tables.num(r['value'])} (removing {tables.num(1 - r['value'] / head2.loc[a, 'FD original'], percent=True)} "
     f"of the Original's FD" + ("" if pd.isna(r["bar"]) else f"; FD bar of {tables.num(r['bar'])} {'met' if r['met'] else 'not met'}")
     + ")" for a, r in fd2.iterrows() if pd.notna(r.get("value"))), display=False)
 tables.frame(vrep, legend="Finding 1 (benchmark.finding1) on each test seed at keep 0.95, with the baseline rows "

@@ -1082,6 +1082,8 @@ def against_best(out=OUT, split: str = "test", attribute: str = "gender", keep_p
 
 
 OUTCOMES = ("DiffLens better", "row better", "trade-off", "no difference")
+# every key a :func:`finding1` result lists baseline rows under: the outcomes, then why a row was not compared
+OUTCOME_KEYS = (*OUTCOMES, UNREACHED, UNFINISHED, "test cell not run yet")
 
 
 def finding1(d: "pd.DataFrame") -> dict:
@@ -1093,7 +1095,7 @@ def finding1(d: "pd.DataFrame") -> dict:
     trade-offs, none better). Also the baseline rows per outcome (every key always present)."""
     base = d[d["kind"] == "baseline"] if len(d) else d
     by = {k: sorted(base.loc[base["outcome"] == k, "row"]) if len(base) else []
-          for k in (*OUTCOMES, UNREACHED, UNFINISHED, "test cell not run yet")}
+          for k in OUTCOME_KEYS}
     compared = len(base) - len(by[UNREACHED])
     if by["row better"]:
         verdict = "fails"
@@ -1113,7 +1115,7 @@ def verdict_replication(first: dict, second: dict) -> "pd.DataFrame":
     import pandas as pd
 
     def outcomes(f: dict) -> dict[str, str]:
-        return {row: k for k in (*OUTCOMES, UNREACHED, UNFINISHED, "test cell not run yet") for row in f.get(k, [])}
+        return {row: k for k in OUTCOME_KEYS for row in f.get(k, [])}
 
     recs = []
     for key in first:
