@@ -57,7 +57,24 @@ def test_table_end_to_end(small):
     cond, both = rows[-2:]
     assert both["FD"] != cond["FD"] or both["CLIP-I"] != cond["CLIP-I"]  # the placement changes the samples
     assert worldsd.cell_path("test", "gender", "DiffLens", beta, 2.0).is_file()
-    assert len(worldsd.frame("test")) == len(rows)
+    assert len(worldsd.frame("test", sd_folder=small / "sd")) == len(rows)
+
+
+def test_cells_of_another_model_are_refused(small):
+    """A retrained SD must not be reported with the old one's table: a stored cell names the model that drew it,
+    and both the table and :func:`worldsd.frame` refuse cells of another model."""
+    t = worldsd.Table(progress=False)
+    t.stages()
+    row = t.cell("val", "gender", "DiffLens", 1.0)
+    assert row["model"] == t.fingerprint
+    other = tiny.build_sd(small / "other", sample_size=8, seed=1)
+    assert worldsd.frame("val", sd_folder=small / "sd")["model"].tolist() == [t.fingerprint]
+    with pytest.raises(RuntimeError, match="another model"):
+        worldsd.frame("val", sd_folder=other)
+    path = worldsd.cell_path("val", "gender", "DiffLens", 1.0)
+    path.write_text(path.read_text().replace(t.fingerprint, "0123456789ab"))
+    with pytest.raises(RuntimeError, match="another model.*rerun scripts/worldsd_table.py"):
+        t.cell("val", "gender", "DiffLens", 1.0)
 
 
 def test_ablation_guidance():

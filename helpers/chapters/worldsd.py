@@ -17,7 +17,9 @@ guided batches, so when the book's scale is 1 it runs both placements at :data:`
     python scripts/worldsd_table.py test         # the frozen settings + the both-halves ablation on the test seed
 
 Each cell (split, attribute, method, setting) is one file ``data/minisd/table/<split>_<attribute>_<method>_<setting>.json``
-holding its metric row, written atomically; rerunning skips finished cells.
+holding its metric row and the fingerprint of the model that drew it, written atomically; rerunning skips finished
+cells of the same model and refuses cells of another (:func:`frame` too), so a retrained SD cannot be reported with
+the old one's table. ``--sd`` / ``--out`` / ``--run`` measure a candidate model apart from the shipped one.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .. import hooks, io, minisd, models, pipeline, runner, world
+from .. import cache, hooks, io, minisd, models, pipeline, runner, world
 from .. import intervention as I
 
 PROMPT = world.CONTEXTS["doctor"]
@@ -90,6 +92,7 @@ class Table:
 
     def __init__(self, progress: bool = True, **cfg_kw):
         self.run = runner.Run(runner.config_from_dict(config(**cfg_kw), "worldsd"), progress=progress)
+        self.fingerprint = cache.fingerprint(self.run.cfg.model.path)
         self.progress = progress
         self._original: dict = {}
         self._fitted: dict = {}
@@ -158,7 +161,9 @@ class Table:
         """One metric row, stored once; ``guidance`` samples the original and the edit at another scale."""
         path = cell_path(split, attribute, method, setting, guidance)
         if path.is_file():
-            return json.loads(path.read_text())
+            row = json.loads(path.read_text())
+            _check_model([row], self.fingerprint, path.parent)
+            return row
         if split != "val" and not (OUT / "frozen.json").is_file():
             raise RuntimeError("worldsd: freeze the settings on the validation seed before the test seed")
         t0 = time.time()
@@ -175,7 +180,7 @@ class Table:
                     "CLIP-I": float((o["clip"] * e["clip"]).sum(1).mean()),
                     "CLIP-T": float(e["clip_t"].mean()), "CLIP-T original": float(o["clip_t"].mean()),
                     "asked to change": float((asked & (classes != o["probs"][attribute].argmax(1))).float().mean()),
-                    "seconds": time.time() - t0, "prompt": PROMPT,
+                    "seconds": time.time() - t0, "prompt": PROMPT, "model": self.fingerprint,
                     "guidance": self.run.cfg.model.guidance_scale if guidance is None else float(guidance),
                     "n": len(imgs)})
         io.write_json(path, row)
@@ -245,9 +250,19 @@ def placement(cond: dict, both: dict) -> dict:
             "CLIP-I": {"conditional half": cond["CLIP-I"], "both halves": both["CLIP-I"]}}
 
 
-def frame(split: str = "test") -> "pd.DataFrame":
-    """Every stored cell of ``split`` as one table."""
+def _check_model(rows: list[dict], fingerprint: str, where: Path) -> None:
+    stale = sorted({str(r.get("model")) for r in rows} - {fingerprint})
+    if stale:
+        raise RuntimeError(f"worldsd: cells in {where} were drawn by another model ({', '.join(stale)}; this one is "
+                           f"{fingerprint}). Delete that folder's cells and rerun scripts/worldsd_table.py "
+                           "validate, freeze and test for this model")
+
+
+def frame(split: str = "test", sd_folder=None) -> "pd.DataFrame":
+    """Every stored cell of ``split`` as one table; refuses cells drawn by a model other than ``sd_folder`` (default:
+    the shipped world SD)."""
     import pandas as pd
 
     rows = [json.loads(p.read_text()) for p in sorted(OUT.glob(f"{split}_*.json"))]
+    _check_model(rows, cache.fingerprint(sd_folder or io.DATA_DIR / "minisd" / "sd"), OUT)
     return pd.DataFrame(rows)
