@@ -591,6 +591,7 @@ def assemble(folder, clip_folder, vae_folder, unet_folder) -> Path:
     records = {k: _record(f, k) for k, f in (("clip", clip_folder), ("vae", vae_folder), ("unet", unet_folder))}
     for r in records.values():
         r.pop("loss_history", None)
+        r.get("continued_from", {}).pop("loss_history", None)
     with cache.building(folder) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         io.write_json(tmp / "training.json", {"data": models.WORLD_DATA, **records})
@@ -726,6 +727,20 @@ def vae_report(vae_folder, judge, n: int = 2000, seed: int = 515_151) -> dict:
 
 
 # ----------------------------------------------------------------------------- verdicts for chapter 8
+
+
+def load_quality(sd_folder=None, path=None) -> dict:
+    """``data/minisd/quality.json`` (or ``path``), checked to hold only parts drawn by ``sd_folder`` (default: the
+    shipped world SD): a retrained model must not be reported with the old one's samples."""
+
+    sd_folder = Path(sd_folder or io.DATA_DIR / "minisd" / "sd")
+    path = Path(path or io.DATA_DIR / "minisd" / "quality.json")
+    quality, fp = json.loads(path.read_text()), cache.fingerprint(sd_folder)
+    stale = sorted(k for k, v in quality.items() if v.get("model") != fp)
+    if stale:
+        raise ValueError(f"minisd: {path} holds {len(stale)} parts not drawn by {sd_folder} ({fp}), e.g. {stale[0]!r}; "
+                         f"rerun scripts/evaluate_minisd.py for this model into a fresh file")
+    return quality
 
 
 def choose_guidance(quality: dict, candidates=GUIDANCE_CANDIDATES, n: int = GUIDANCE_VAL["n"],

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from helpers import io, minisd, world
+from helpers import io, minisd, tiny, world
 
 
 def test_every_caption_word_is_one_token(tmp_path):
@@ -158,8 +158,20 @@ def test_book_guidance_is_the_validation_choice():
     """minisd.GUIDANCE is what the frozen rule picks from the shipped validation parts (not typed by hand)."""
     import json
 
-    q = json.loads((io.DATA_DIR / "minisd" / "quality.json").read_text())
+    q = minisd.load_quality()  # the parts of the shipped model only
     assert minisd.GUIDANCE == minisd.choose_guidance(q)
+
+
+def test_quality_parts_of_another_model_are_refused(tmp_path):
+    sd = tiny.build_sd(tmp_path / "sd", sample_size=8)
+    fp = minisd.cache.fingerprint(sd)
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps({"shares/doctor/n=1/steps=1/guidance=1/seed=1": {"model": fp}}))
+    assert list(minisd.load_quality(sd, path)) == ["shares/doctor/n=1/steps=1/guidance=1/seed=1"]
+    path.write_text(json.dumps({"shares/doctor/n=1/steps=1/guidance=1/seed=1": {"model": fp},
+                                "words/per_class=1/steps=1/guidance=1/seed=1": {"model": "0123456789ab"}}))
+    with pytest.raises(ValueError, match="1 parts not drawn by .*words/per_class=1"):
+        minisd.load_quality(sd, path)
 
 
 def test_share_frame_reads_every_class_and_signs_the_gap():
