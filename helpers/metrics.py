@@ -45,6 +45,15 @@ def fairness_discrepancy(preds, n_classes: int, p_ref=None) -> float:
     return fd_of_shares(oh.mean(0), p_ref)
 
 
+def shares_of(classes: torch.Tensor, n_classes: int, dtype=torch.float32) -> torch.Tensor:
+    """The share of samples in each class ``(n_classes,)``, from class indices ``(n,)`` (a class no sample is in
+    has share 0)."""
+    classes = torch.as_tensor(classes).long()
+    if len(classes) == 0:
+        raise ValueError("shares_of: no samples")
+    return torch.bincount(classes, minlength=n_classes).to(dtype) / len(classes)
+
+
 def fd_of_shares(shares, p_ref=None) -> float:
     """FD of a class distribution ``(n_classes,)``: its L2 distance to ``p_ref`` (default uniform) — what
     :func:`fairness_discrepancy` computes from the predictions' mean, usable on a mixture of distributions."""

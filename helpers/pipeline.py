@@ -54,12 +54,12 @@ def minority(probs: torch.Tensor, among: torch.Tensor | None = None) -> int:
     """The class a model draws least often (by judged share), from judge probabilities ``(n, classes)``.
 
     ``among`` (class ids, e.g. those with a ranking) limits the choice to those classes."""
-    counts = torch.bincount(probs.argmax(-1), minlength=probs.shape[1]).double()
+    shares = metrics.shares_of(probs.argmax(-1), probs.shape[1], dtype=torch.float64)
     if among is not None:
-        keep = torch.zeros_like(counts, dtype=torch.bool)
+        keep = torch.zeros_like(shares, dtype=torch.bool)
         keep[torch.as_tensor(among).long()] = True
-        counts[~keep] = float("inf")
-    return int(counts.argmin())
+        shares[~keep] = float("inf")
+    return int(shares.argmin())
 
 
 # ----------------------------------------------------------------------------- sae
@@ -319,8 +319,8 @@ def evaluate(original: dict[str, torch.Tensor], edited: dict[str, torch.Tensor],
     fd = metrics.fd_bootstrap(preds, k, n_boot=n_boot)
     row = {"n": len(preds), "FD original": metrics.fairness_discrepancy(original[attribute].argmax(-1), k),
            "FD": metrics.fairness_discrepancy(preds, k), "FD lo": fd["lo"], "FD hi": fd["hi"],
-           "share original": torch.bincount(original[attribute].argmax(-1), minlength=k).div(len(preds)).tolist(),
-           "share edited": torch.bincount(preds, minlength=k).div(len(preds)).tolist()}
+           "share original": metrics.shares_of(original[attribute].argmax(-1), k).tolist(),
+           "share edited": metrics.shares_of(preds, k).tolist()}
     if floor:
         row["FD floor"] = metrics.fd_floor(len(preds), k, n_sim=2000)
     for name, attrs in keep.items():

@@ -9,7 +9,8 @@ part already there for that model is skipped):
   of generated latents (bare "person" prompt), by the judge's age reading. SD's schedule leaves signal at its
   first sampled timestep (√ᾱ ≈ 0.085 at t = 961), while sampling starts from zero-mean noise: where the data's
   latents have means far from 0, samples drift toward 0 — for the world, toward the young class's latents.
-* ``mean start``: the causal test. Every prompt sampled twice from the same noise at guidance 1: as the pipeline
+* ``mean start``: the causal test (skipped, and marked so, for a zero-terminal-SNR model, whose first latent is
+  pure noise by construction). Every prompt sampled twice from the same noise at guidance 1: as the pipeline
   does, and with the first latent carrying the data's expected mean (√ᾱ_T·μ + √(1−ᾱ_T)·ε, μ the training mix's
   channel means). If the drift explains the over-draw, the second moves the shares toward the spec.
 * ``sdedit``: where the decision is made. Renders of known age (uniform over the classes), noised to a strength and
@@ -77,7 +78,9 @@ if __name__ == "__main__":
         t0 = int(pipe.scheduler.timesteps[0])
         ab = pipe.scheduler.alphas_cumprod[t0].float()
         part = {"first timestep": t0, "sqrt alpha_bar": float(ab.sqrt()), "n": n, "seed": VAL_SEED, "prompts": {}}
-        for ci, ctx in enumerate(world.CONTEXTS):
+        if float(ab) == 0:  # zero terminal SNR: the first latent is pure noise by construction, no mean to carry
+            part["skipped"] = "the schedule reaches zero SNR at its first sampled step"
+        for ci, ctx in enumerate(world.CONTEXTS if float(ab) > 0 else ()):
             eps = torch.randn(n, 4, pipe.unet.config.sample_size, pipe.unet.config.sample_size,
                               generator=torch.Generator().manual_seed(VAL_SEED + ci))
             row = {"spec": {at: world.context_spec(ctx).probs[at] for at in world.SOCIAL}}

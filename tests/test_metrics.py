@@ -122,3 +122,12 @@ def test_matched_setting_interpolates_the_frontier():
     assert r["setting"] is None and "every setting keeps less" in r["why"]
     r = metrics.matched_setting(rows, 0.80)
     assert r["setting"] is None and "extend the grid past 4" in r["why"]
+
+
+def test_shares_of_counts_every_class_and_agrees_with_fd():
+    preds = torch.tensor([0, 0, 1, 2])
+    assert metrics.shares_of(preds, 4).tolist() == [0.5, 0.25, 0.25, 0.0]  # an empty class has share 0
+    assert metrics.shares_of(preds, 4, dtype=torch.float64).dtype == torch.float64
+    assert metrics.fd_of_shares(metrics.shares_of(preds, 4)) == pytest.approx(metrics.fairness_discrepancy(preds, 4))
+    with pytest.raises(ValueError, match="no samples"):
+        metrics.shares_of(torch.tensor([], dtype=torch.long), 2)

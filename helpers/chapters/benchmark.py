@@ -255,7 +255,7 @@ class Bench:
         The released configs give these classes the ratio 1."""
         lab = self.summary.labels()[attribute]
         k = len(world.ATTRIBUTES[attribute])
-        share = torch.bincount(lab.long(), minlength=k).double() / len(lab)
+        share = metrics.shares_of(lab, k, dtype=torch.float64)
         return [bool(s >= t) for s, t in zip(share.tolist(), self.target(attribute))]
 
     # -- fitted baselines (cached in fitted/) --
@@ -726,7 +726,7 @@ def _kept(orig_t: dict, cell_t: dict, attrs) -> torch.Tensor:
 
 def class_shares(cls_: torch.Tensor, attribute: str) -> torch.Tensor:
     """The share of samples judged in each class of ``attribute`` (its classes' order), from judged class indices."""
-    return torch.bincount(cls_.long(), minlength=len(world.ATTRIBUTES[attribute])) / len(cls_)
+    return metrics.shares_of(cls_, len(world.ATTRIBUTES[attribute]))
 
 
 def _fd(cls_: torch.Tensor, k: int) -> float:
