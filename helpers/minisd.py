@@ -816,6 +816,35 @@ def diagnosis_verdicts(record: dict, flip_tol: float = 0.05) -> dict:
             "prompts closer on age": closer, "prompts": len(ms)}
 
 
+def load_before() -> dict:
+    """The first UNet's record, kept when the zero-SNR fine-tune replaced it (``data/minisd/before_zero_snr.json``):
+    its pipeline folder's ``fingerprint`` (its diagnosis is stored under it in ``diagnosis.json``) and the quality
+    parts it was judged by."""
+    return json.loads((io.DATA_DIR / "minisd" / "before_zero_snr.json").read_text())
+
+
+def before_after(before: dict, after: dict, n: int, steps: int, guidance: float, seed: int) -> "pd.DataFrame":
+    """Two models' quality parts at the same settings (same prompts, same noise), one row per prompt: the largest
+    class-share gap to the spec of each (``closer``: the second's is smaller) and each one's share of the young class
+    next to the spec's. A prompt missing from either is an error, not a row."""
+    import pandas as pd
+
+    young = world.ATTRIBUTES["age"].index("young")
+    rows = {}
+    for ctx, prompt in world.CONTEXTS.items():
+        key = f"shares/{ctx}/n={n}/steps={steps}/guidance={guidance:g}/seed={seed}"
+        if key not in before or key not in after:
+            raise KeyError(f"before_after: {key!r} is missing from the {'first' if key not in before else 'second'} "
+                           "model's parts")
+        b, a = before[key], after[key]
+        rows[prompt] = {"gap before": b["max_abs_gap"], "gap after": a["max_abs_gap"],
+                        "closer": a["max_abs_gap"] < b["max_abs_gap"],
+                        "young before": b["attributes"]["age"]["model"][young],
+                        "young after": a["attributes"]["age"]["model"][young],
+                        "young spec": a["attributes"]["age"]["spec"][young]}
+    return pd.DataFrame(rows).T.astype({"closer": bool})
+
+
 def bar_verdicts(quality: dict, n: int, steps: int, guidance: float, seed: int, tol: float = 0.05,
                  confident: float = 0.95) -> "pd.DataFrame":
     """One row per prompt of the quality bar (issue 18) from ``quality.json``'s parts at these settings: the largest

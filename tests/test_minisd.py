@@ -302,3 +302,19 @@ def test_diagnosis_verdicts_read_the_adult_flips_and_the_mean_start():
     v = minisd.diagnosis_verdicts(rec(0.30, [near, off, off]))   # strength 1 (a fresh sample) is not read
     assert v["detail loss"] == "holds" and v["mean drift"] == "refuted"
     assert v["adult read young, largest below strength 1"] == 0.30
+
+
+def test_before_after_compares_the_same_part_of_two_models():
+    def part(gap, young):
+        return {"max_abs_gap": gap, "attributes": {"age": {"spec": [0.1, 0.6, 0.3], "model": [young, 0.5, 0.2]}}}
+
+    keys = {c: f"shares/{c}/n=10/steps=5/guidance=1/seed=1" for c in world.CONTEXTS}
+    before = {k: part(0.2, 0.3) for k in keys.values()}
+    after = {k: part(0.05 if c != "nurse" else 0.25, 0.12) for c, k in keys.items()}
+    f = minisd.before_after(before, after, n=10, steps=5, guidance=1, seed=1)
+    assert list(f.index) == list(world.CONTEXTS.values())
+    assert f["closer"].tolist() == [c != "nurse" for c in world.CONTEXTS]
+    assert f.loc[world.CONTEXTS["doctor"], ["young before", "young after", "young spec"]].tolist() == [0.3, 0.12, 0.1]
+    del after[keys["ceo"]]
+    with pytest.raises(KeyError, match="ceo.*second"):
+        minisd.before_after(before, after, n=10, steps=5, guidance=1, seed=1)
