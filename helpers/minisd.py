@@ -825,8 +825,8 @@ def load_before() -> dict:
 
 def before_after(before: dict, after: dict, n: int, steps: int, guidance: float, seed: int) -> "pd.DataFrame":
     """Two models' quality parts at the same settings (same prompts, same noise), one row per prompt: the largest
-    class-share gap to the spec of each (``closer``: the second's is smaller) and each one's share of the young class
-    next to the spec's. A prompt missing from either is an error, not a row."""
+    class-share gap to the spec of each (``closer``: the second's is smaller), each one's share of the young class
+    next to the spec's, and each one's FID in the judge's features. A prompt missing from either is an error, not a row."""
     import pandas as pd
 
     young = world.ATTRIBUTES["age"].index("young")
@@ -841,7 +841,8 @@ def before_after(before: dict, after: dict, n: int, steps: int, guidance: float,
                         "closer": a["max_abs_gap"] < b["max_abs_gap"],
                         "young before": b["attributes"]["age"]["model"][young],
                         "young after": a["attributes"]["age"]["model"][young],
-                        "young spec": a["attributes"]["age"]["spec"][young]}
+                        "young spec": a["attributes"]["age"]["spec"][young],
+                        "FID before": b["fid"], "FID after": a["fid"]}
     return pd.DataFrame(rows).T.astype({"closer": bool})
 
 

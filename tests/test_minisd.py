@@ -306,7 +306,8 @@ def test_diagnosis_verdicts_read_the_adult_flips_and_the_mean_start():
 
 def test_before_after_compares_the_same_part_of_two_models():
     def part(gap, young):
-        return {"max_abs_gap": gap, "attributes": {"age": {"spec": [0.1, 0.6, 0.3], "model": [young, 0.5, 0.2]}}}
+        return {"max_abs_gap": gap, "fid": 10 * gap,
+                "attributes": {"age": {"spec": [0.1, 0.6, 0.3], "model": [young, 0.5, 0.2]}}}
 
     keys = {c: f"shares/{c}/n=10/steps=5/guidance=1/seed=1" for c in world.CONTEXTS}
     before = {k: part(0.2, 0.3) for k in keys.values()}
@@ -315,6 +316,7 @@ def test_before_after_compares_the_same_part_of_two_models():
     assert list(f.index) == list(world.CONTEXTS.values())
     assert f["closer"].tolist() == [c != "nurse" for c in world.CONTEXTS]
     assert f.loc[world.CONTEXTS["doctor"], ["young before", "young after", "young spec"]].tolist() == [0.3, 0.12, 0.1]
+    assert f.loc[world.CONTEXTS["nurse"], ["FID before", "FID after"]].tolist() == [2.0, 2.5]
     del after[keys["ceo"]]
     with pytest.raises(KeyError, match="ceo.*second"):
         minisd.before_after(before, after, n=10, steps=5, guidance=1, seed=1)
