@@ -71,7 +71,7 @@ if __name__ == "__main__":
 
         r = {"clip": minisd.clip_report(CLIP),
              "vae": minisd.vae_report(RUN / "export" / "vae-ft", J.load_judge()),
-             "vae before the decoder fine-tune": minisd.vae_report(RUN / "export" / "vae", J.load_judge()),
-             "training": json.loads((SD / "training.json").read_text()) if (SD / "training.json").is_file() else None}
+             "vae before the decoder fine-tune": minisd.vae_report(RUN / "export" / "vae", J.load_judge())}
+        # training records live in the pipeline folder's training.json only (a copy here went stale when the UNet changed)
         io.write_json(io.DATA_DIR / "minisd" / "report.json", r)
     print(json.dumps({k: v for k, v in r.items() if k != "history"}))

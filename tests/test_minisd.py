@@ -255,7 +255,8 @@ def test_a_unet_run_can_start_from_a_shipped_unet_and_records_its_lineage(tmp_pa
 def test_a_zero_snr_unet_ships_a_matching_ddim_and_samples(tmp_path):
     """zero_snr: the training schedule reaches ᾱ = 0 at its last step and predicts v; a UNet trained so is assembled
     with a DDIM of the same betas and prediction type that starts at that step (trailing), and the folder samples
-    finite images through diffusers. The default keeps SD v1.5's schedule (ᾱ_999 > 0, ε, leading)."""
+    finite images through diffusers. The default keeps SD v1.5's schedule (ᾱ_999 > 0, ε, leading); the shipped folder's
+    sampler matches its UNet's training record."""
     from diffusers import StableDiffusionPipeline
 
     plain, zero = minisd.train_scheduler(), minisd.train_scheduler(zero_snr=True)
@@ -274,8 +275,13 @@ def test_a_zero_snr_unet_ships_a_matching_ddim_and_samples(tmp_path):
     out = pipe("a portrait of a doctor", num_inference_steps=3, guidance_scale=1.0, output_type="pt",
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    # the shipped folder samples with the schedule its UNet was trained on (its training record says which)
     shipped = StableDiffusionPipeline.from_pretrained(io.DATA_DIR / "minisd" / "sd").scheduler.config
-    assert not shipped.get("rescale_betas_zero_snr", False) and shipped.timestep_spacing == "leading"
+    trained_zero = json.loads((io.DATA_DIR / "minisd" / "sd" / "training.json").read_text())["unet"]["settings"].get(
+        "zero_snr", False)
+    want = minisd.sampling_scheduler(trained_zero).config
+    assert {k: shipped.get(k) for k in ("rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "beta_schedule")} \
+        == {k: want.get(k) for k in ("rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "beta_schedule")}
 
 
 def test_mean_start_frame_measures_each_start_against_the_spec():
