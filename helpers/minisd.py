@@ -11,7 +11,9 @@ cross-attention UNet, the VAE, the CLIP judge, CLIP-T) runs on weights whose out
    SD's small KL term — SD's VAE also has perceptual and adversarial losses, this one does not).
 3. :func:`train_unet` — a ``UNet2DConditionModel`` on the VAE's latents, conditioned on the CLIP text encoder's
    last hidden states (frozen, as in SD), captions dropped to "" 10% of the time so classifier-free guidance works;
-   ε-prediction with SD v1.5's scaled-linear betas; cross-attention at 8×8, 4×4 and the mid block (not at 16×16).
+   by default ε-prediction with SD v1.5's scaled-linear betas, or (``UNetSettings.zero_snr``, the shipped UNet: the
+   first fine-tuned so) those betas rescaled to zero terminal SNR with v-prediction and trailing timesteps;
+   cross-attention at 8×8, 4×4 and the mid block (not at 16×16).
 4. :func:`assemble` — a ``StableDiffusionPipeline`` folder (DDIM scheduler, no safety checker) that both
    ``diffusers.StableDiffusionPipeline.from_pretrained`` and :func:`helpers.models.load_model` load.
 
