@@ -21,8 +21,7 @@ import json
 
 import torch
 
-from helpers import cache, io, judge as J, minisd, world
-from helpers.chapters.benchmark import class_shares
+from helpers import cache, io, judge as J, metrics, minisd, world
 
 OUT = io.DATA_DIR / "minisd" / "diagnosis.json"
 VAL_SEED = minisd.GUIDANCE_VAL["seed"]
@@ -30,7 +29,7 @@ VAL_SEED = minisd.GUIDANCE_VAL["seed"]
 
 def shares(judge, images, attrs=world.SOCIAL) -> dict:
     p = judge.predict(images.clamp(0, 1))
-    return {a: class_shares(p[a].argmax(1), a).tolist() for a in attrs}
+    return {a: metrics.shares_of(p[a].argmax(1), len(world.ATTRIBUTES[a])).tolist() for a in attrs}
 
 
 if __name__ == "__main__":
@@ -78,9 +77,10 @@ if __name__ == "__main__":
         t0 = int(pipe.scheduler.timesteps[0])
         ab = pipe.scheduler.alphas_cumprod[t0].float()
         part = {"first timestep": t0, "sqrt alpha_bar": float(ab.sqrt()), "n": n, "seed": VAL_SEED, "prompts": {}}
-        if float(ab) == 0:  # zero terminal SNR: the first latent is pure noise by construction, no mean to carry
+        zero_snr = float(ab) == 0  # the first latent is pure noise by construction: no mean to carry
+        if zero_snr:
             part["skipped"] = "the schedule reaches zero SNR at its first sampled step"
-        for ci, ctx in enumerate(world.CONTEXTS if float(ab) > 0 else ()):
+        for ci, ctx in enumerate(() if zero_snr else world.CONTEXTS):
             eps = torch.randn(n, 4, pipe.unet.config.sample_size, pipe.unet.config.sample_size,
                               generator=torch.Generator().manual_seed(VAL_SEED + ci))
             row = {"spec": {at: world.context_spec(ctx).probs[at] for at in world.SOCIAL}}

@@ -280,8 +280,8 @@ def test_a_zero_snr_unet_ships_a_matching_ddim_and_samples(tmp_path):
     trained_zero = json.loads((io.DATA_DIR / "minisd" / "sd" / "training.json").read_text())["unet"]["settings"].get(
         "zero_snr", False)
     want = minisd.sampling_scheduler(trained_zero).config
-    assert {k: shipped.get(k) for k in ("rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "beta_schedule")} \
-        == {k: want.get(k) for k in ("rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "beta_schedule")}
+    keys = ("rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "beta_schedule")
+    assert {k: shipped.get(k) for k in keys} == {k: want.get(k) for k in keys}
 
 
 def test_mean_start_frame_measures_each_start_against_the_spec():
