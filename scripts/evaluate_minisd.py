@@ -1,8 +1,9 @@
 """The quality bar of the world's Stable Diffusion (data/minisd/sd), resumably, one part at a time.
 
-    python scripts/evaluate_minisd.py --n 2000 --guidance 3          # every bare prompt at the book's settings
-    python scripts/evaluate_minisd.py --n 500 --guidance 1           # the guidance ablation
-    python scripts/evaluate_minisd.py --words 50 --guidance 3        # text alignment with explicit words
+    python scripts/evaluate_minisd.py --n 300 --seed 31000 --guidance 1 1.25 1.5 1.75 2 3 5   # validation: choose guidance
+    python scripts/evaluate_minisd.py --n 2000 --guidance 1.25       # every bare prompt at the book's settings (test seed)
+    python scripts/evaluate_minisd.py --n 500 --guidance 1           # the guidance ablation: the same first 500, unguided
+    python scripts/evaluate_minisd.py --words 50 --guidance 1.25     # text alignment with explicit words
 
 Each finished part (one prompt at one guidance scale and n, or the words test) is added to
 data/minisd/quality.json atomically; a part already there is skipped, so a killed run resumes.
@@ -24,10 +25,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--guidance", type=float, nargs="+", default=[3.0])
+    ap.add_argument("--guidance", type=float, nargs="+", default=[minisd.GUIDANCE])
     ap.add_argument("--contexts", nargs="+", default=list(world.CONTEXTS))
     ap.add_argument("--words", type=int, default=0, help="samples per named class for the text-alignment test")
-    ap.add_argument("--seed", type=int, default=31_337, help="sampling seed (choose settings on another one)")
+    ap.add_argument("--seed", type=int, default=minisd.QUALITY_TEST["seed"],
+                    help="sampling seed (default: the test seed; choose settings on another one)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sd", default=str(SD), help="the pipeline folder to judge (a candidate, before it is shipped)")
     ap.add_argument("--out", default=str(OUT), help="where the parts are stored (keep a candidate's apart)")

@@ -162,6 +162,28 @@ def test_book_guidance_is_the_validation_choice():
     assert minisd.GUIDANCE == minisd.choose_guidance(q)
 
 
+def _noise_seeds(seed: int) -> set[int]:
+    """Every seed a quality part at ``seed`` draws from: each prompt's samples, true renders and floor renders
+    (prompt_shares), and the words test's samples (prompt_words)."""
+    ctx = range(len(world.CONTEXTS))
+    shares = {seed + off + c for off in (0, 100, 200) for c in ctx}
+    words = {seed + 1000 * a + 100 * k + c for a in range(len(world.SOCIAL)) for k in range(4) for c in ctx}
+    return shares | words
+
+
+def test_validation_and_test_draws_share_no_noise():
+    """Guidance is chosen on GUIDANCE_VAL's noise and judged on QUALITY_TEST's; the first test draw (FIRST_TEST),
+    seen before the grid was refined, is not reused for the bar. No two of them draw from a common seed."""
+    draws = {"val": minisd.GUIDANCE_VAL["seed"], "test": minisd.QUALITY_TEST["seed"], "first test": minisd.FIRST_TEST["seed"]}
+    seeds = {k: _noise_seeds(v) for k, v in draws.items()}
+    for a in seeds:
+        for b in seeds:
+            assert a == b or not seeds[a] & seeds[b], (a, b)
+    assert minisd.ABLATION["seed"] == minisd.QUALITY_TEST["seed"]  # the same first samples, unguided
+    assert set(minisd.FIRST_GRID) <= set(minisd.GUIDANCE_CANDIDATES)
+
+
+
 def test_quality_parts_of_another_model_are_refused(tmp_path):
     sd = tiny.build_sd(tmp_path / "sd", sample_size=8)
     fp = minisd.cache.fingerprint(sd)

@@ -99,3 +99,15 @@ def test_placement_verdict():
     assert r["verdict"] == "editing the conditional half moves FD further" and r["FD moved"]["both halves"] == pytest.approx(0.1)
     assert worldsd.placement(row(0.4, 0.35, 0.45), row(0.1, 0.05, 0.15))["verdict"] == "editing both halves moves FD further"
     assert worldsd.placement(row(0.1, 0.05, 0.3), row(0.2, 0.1, 0.3))["verdict"].startswith("no clear difference")
+
+
+def test_placement_reading_sorts_attributes_by_what_the_point_estimates_show():
+    cell = lambda fd, keep: {"FD original": 0.5, "FD": fd, "keep other attributes": keep}  # noqa: E731
+    r = worldsd.placement_reading({"gender": (cell(0.3, 0.8), cell(0.4, 0.9)),   # further, keeps fewer: stronger
+                                   "age": (cell(0.52, 0.8), cell(0.51, 0.9)),    # both raise FD: neither lowers it
+                                   "race": (cell(0.3, 0.95), cell(0.4, 0.9))})   # further but keeps more: unordered
+    assert r.startswith("On age neither placement lowers FD")
+    assert "on gender the conditional-half edit moves FD further" in r
+    assert r.endswith("On race the two placements do not order that way.")
+    assert worldsd.placement_reading({"age": (cell(0.5, 0.9), cell(0.49, 0.9))}) == \
+        "On age the two placements do not order that way."  # only both halves lowers it

@@ -250,6 +250,26 @@ def placement(cond: dict, both: dict) -> dict:
             "CLIP-I": {"conditional half": cond["CLIP-I"], "both halves": both["CLIP-I"]}}
 
 
+def placement_reading(pairs: dict) -> str:
+    """Chapter 8's reading of the hook-placement ablation in point estimates, from ``{attribute: (conditional-half
+    cell, both-halves cell)}``: attributes where neither placement lowers FD; those where the conditional-half edit
+    lowers it further *and* keeps fewer samples on the other attribute (a stronger edit, not a different one); the rest."""
+    still, stronger, others = [], [], []
+    for a, (cond, both) in pairs.items():
+        moved = [c["FD original"] - c["FD"] for c in (cond, both)]
+        if max(moved) <= 0:
+            still.append(a)
+        elif moved[0] > moved[1] and cond["keep other attributes"] < both["keep other attributes"]:
+            stronger.append(a)
+        else:
+            others.append(a)
+    return " ".join(filter(None, [
+        f"On {' and '.join(still)} neither placement lowers FD at this β." if still else "",
+        f"In point estimates, on {' and '.join(stronger)} the conditional-half edit moves FD further and keeps fewer "
+        "samples on the other attribute: a stronger edit, not a different one." if stronger else "",
+        f"On {' and '.join(others)} the two placements do not order that way." if others else ""]))
+
+
 def _check_model(rows: list[dict], fingerprint: str, where: Path) -> None:
     stale = sorted({str(r.get("model")) for r in rows} - {fingerprint})
     if stale:
