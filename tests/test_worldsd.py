@@ -101,13 +101,13 @@ def test_placement_verdict():
     assert worldsd.placement(row(0.1, 0.05, 0.3), row(0.2, 0.1, 0.3))["verdict"].startswith("no clear difference")
 
 
-def test_placement_reading_sorts_attributes_by_what_the_point_estimates_show():
-    cell = lambda fd, keep: {"FD original": 0.5, "FD": fd, "keep other attributes": keep}  # noqa: E731
-    r = worldsd.placement_reading({"gender": (cell(0.3, 0.8), cell(0.4, 0.9)),   # further, keeps fewer: stronger
-                                   "age": (cell(0.52, 0.8), cell(0.51, 0.9)),    # both raise FD: neither lowers it
-                                   "race": (cell(0.3, 0.95), cell(0.4, 0.9))})   # further but keeps more: unordered
+def test_placement_reading_reads_orderings_only_beyond_the_intervals():
+    cell = lambda fd, lo, hi: {"FD original": 0.5, "FD": fd, "FD lo": lo, "FD hi": hi,  # noqa: E731
+                               "keep other attributes": 0.9, "CLIP-I": 0.9}
+    r = worldsd.placement_reading({"gender": (cell(0.2, 0.15, 0.25), cell(0.4, 0.35, 0.45)),  # apart: cond further
+                                   "age": (cell(0.52, 0.5, 0.55), cell(0.51, 0.48, 0.54)),    # both raise FD
+                                   "race": (cell(0.3, 0.2, 0.4), cell(0.35, 0.25, 0.45))})    # overlapping intervals
     assert r.startswith("On age neither placement lowers FD")
-    assert "on gender the conditional-half edit moves FD further" in r
-    assert r.endswith("On race the two placements do not order that way.")
-    assert worldsd.placement_reading({"age": (cell(0.5, 0.9), cell(0.49, 0.9))}) == \
-        "On age the two placements do not order that way."  # only both halves lowers it
+    assert "On race the two placements' FD intervals overlap" in r
+    assert r.endswith("on gender editing the conditional half moves FD further.")
+    assert "race" not in r.split("overlap")[1] and "gender" not in r.split("Apart")[0]

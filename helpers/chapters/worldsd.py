@@ -251,23 +251,24 @@ def placement(cond: dict, both: dict) -> dict:
 
 
 def placement_reading(pairs: dict) -> str:
-    """Chapter 8's reading of the hook-placement ablation in point estimates, from ``{attribute: (conditional-half
-    cell, both-halves cell)}``: attributes where neither placement lowers FD; those where the conditional-half edit
-    lowers it further *and* keeps fewer samples on the other attribute (a stronger edit, not a different one); the rest."""
-    still, stronger, others = [], [], []
+    """Chapter 8's reading of the hook-placement ablation, from ``{attribute: (conditional-half cell, both-halves
+    cell)}``: attributes where neither placement lowers FD; where the two FD intervals overlap, nothing more (a
+    point-estimate ordering inside the intervals is not read as a stronger edit); where they are apart, which
+    placement moves FD further (see :func:`placement`)."""
+    still, overlap, apart = [], [], []
     for a, (cond, both) in pairs.items():
-        moved = [c["FD original"] - c["FD"] for c in (cond, both)]
-        if max(moved) <= 0:
+        r = placement(cond, both)
+        if max(r["FD moved"].values()) <= 0:
             still.append(a)
-        elif moved[0] > moved[1] and cond["keep other attributes"] < both["keep other attributes"]:
-            stronger.append(a)
+        elif not r["intervals apart"]:
+            overlap.append(a)
         else:
-            others.append(a)
+            apart.append(f"on {a} {r['verdict']}")
     return " ".join(filter(None, [
         f"On {' and '.join(still)} neither placement lowers FD at this β." if still else "",
-        f"In point estimates, on {' and '.join(stronger)} the conditional-half edit moves FD further and keeps fewer "
-        "samples on the other attribute: a stronger edit, not a different one." if stronger else "",
-        f"On {' and '.join(others)} the two placements do not order that way." if others else ""]))
+        f"On {' and '.join(overlap)} the two placements' FD intervals overlap, so their point estimates are not "
+        "ordered here." if overlap else "",
+        ("Apart beyond their intervals: " + "; ".join(apart) + ".") if apart else ""]))
 
 
 def _check_model(rows: list[dict], fingerprint: str, where: Path) -> None:
