@@ -183,7 +183,6 @@ def test_validation_and_test_draws_share_no_noise():
     assert set(minisd.FIRST_GRID) <= set(minisd.GUIDANCE_CANDIDATES)
 
 
-
 def test_quality_parts_of_another_model_are_refused(tmp_path):
     sd = tiny.build_sd(tmp_path / "sd", sample_size=8)
     fp = minisd.cache.fingerprint(sd)
