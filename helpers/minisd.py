@@ -587,6 +587,26 @@ def _record(folder, key: str) -> dict:
     raise FileNotFoundError(f"minisd: no training record for {folder} (neither {own} nor {key!r} in {parent})")
 
 
+def unet_lineage(record: dict) -> dict[str, dict]:
+    """A UNet's training record and every run it continued from (``continued_from``, nested), oldest first, each
+    named by what it trained: ``"unet (ε-prediction, SD's schedule)"`` for a run on SD v1.5's schedule and
+    ``"unet fine-tune k (zero terminal SNR, v-prediction)"`` for the k-th zero-SNR run. Each entry is its own run's
+    record without the nested one."""
+    runs = []
+    while record is not None:
+        runs.append({k: v for k, v in record.items() if k != "continued_from"})
+        record = record.get("continued_from")
+    out, k = {}, 0
+    for r in reversed(runs):
+        if r["settings"].get("zero_snr"):
+            k += 1
+            out[f"unet fine-tune {k} (zero terminal SNR, v-prediction)"] = r
+        else:
+            name = "unet (ε-prediction, SD's schedule)"
+            out[name if name not in out else f"{name}, continued"] = r
+    return out
+
+
 def assemble(folder, clip_folder, vae_folder, unet_folder) -> Path:
     """Write a ``StableDiffusionPipeline`` folder from the three exports (text encoder and tokenizer from the CLIP
     folder, DDIM with SD's settings, no safety checker) plus ``training.json`` with each stage's record."""

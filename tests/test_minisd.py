@@ -273,6 +273,20 @@ def test_a_unet_run_can_start_from_a_shipped_unet_and_records_its_lineage(tmp_pa
                           replace(s, block_out_channels=(8, 32), init_from=str(tmp_path / "a")), progress=False)
 
 
+def test_unet_lineage_lists_every_run_oldest_first():
+    """The shipped UNet's record and the runs it continued from, named by schedule, steps from each run's own record."""
+    run = lambda steps, zsnr, prev=None: {"steps": steps, "settings": {"zero_snr": zsnr},  # noqa: E731
+                                          **({"continued_from": prev} if prev else {})}
+    lineage = minisd.unet_lineage(run(30, True, run(20, True, run(10, False))))
+    assert list(lineage) == ["unet (ε-prediction, SD's schedule)", "unet fine-tune 1 (zero terminal SNR, v-prediction)",
+                             "unet fine-tune 2 (zero terminal SNR, v-prediction)"]
+    assert [r["steps"] for r in lineage.values()] == [10, 20, 30]
+    assert all("continued_from" not in r for r in lineage.values())
+    assert list(minisd.unet_lineage(run(5, False))) == ["unet (ε-prediction, SD's schedule)"]
+    shipped = json.loads((io.DATA_DIR / "minisd" / "sd" / "training.json").read_text())["unet"]
+    assert list(minisd.unet_lineage(shipped).values())[-1]["steps"] == shipped["steps"]
+
+
 def test_a_zero_snr_unet_ships_a_matching_ddim_and_samples(tmp_path):
     """zero_snr: the training schedule reaches ᾱ = 0 at its last step and predicts v; a UNet trained so is assembled
     with a DDIM of the same betas and prediction type that starts at that step (trailing), and the folder samples
