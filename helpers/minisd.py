@@ -853,6 +853,31 @@ def load_before() -> dict:
     return json.loads((io.DATA_DIR / "minisd" / "before_zero_snr.json").read_text())
 
 
+def load_candidates() -> dict:
+    """UNets judged on the validation noise and not shipped (``data/minisd/candidates.json``), by pipeline-folder
+    fingerprint: what each was, its own training record and its validation parts (each carrying that fingerprint)."""
+    return json.loads((io.DATA_DIR / "minisd" / "candidates.json").read_text())
+
+
+def validation_worst(models: dict[str, dict], candidates=GUIDANCE_CANDIDATES, n: int = GUIDANCE_VAL["n"],
+                     steps: int = GUIDANCE_VAL["steps"], seed: int = GUIDANCE_VAL["seed"]) -> "pd.DataFrame":
+    """One row per model (``{name: quality parts}``), one column per guidance scale: the largest class-share gap over
+    the five prompts on the validation parts — what :func:`choose_guidance` compares within a model, here across
+    models. NaN where a model was not judged at that scale (or lacks a prompt there); ``best``: the smallest."""
+    import pandas as pd
+
+    rows = {}
+    for name, quality in models.items():
+        gaps = {}
+        for g in candidates:
+            parts = [quality.get(f"shares/{c}/n={n}/steps={steps}/guidance={g:g}/seed={seed}") for c in world.CONTEXTS]
+            gaps[f"guidance {g:g}"] = np.nan if any(p is None for p in parts) else max(p["max_abs_gap"] for p in parts)
+        rows[name] = gaps
+    frame = pd.DataFrame(rows).T
+    frame["best"] = frame.min(axis=1)
+    return frame
+
+
 def before_after(before: dict, after: dict, n: int, steps: int, guidance: float, seed: int) -> "pd.DataFrame":
     """Two models' quality parts at the same settings (same prompts, same noise), one row per prompt: the largest
     class-share gap to the spec of each (``closer``: the second's is smaller), each one's share of the young class

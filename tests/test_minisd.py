@@ -3,6 +3,7 @@ import json
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,6 +194,32 @@ def test_quality_parts_of_another_model_are_refused(tmp_path):
                                 "words/per_class=1/steps=1/guidance=1/seed=1": {"model": "0123456789ab"}}))
     with pytest.raises(ValueError, match="1 parts not drawn by .*words/per_class=1"):
         minisd.load_quality(sd, path)
+
+
+def test_validation_worst_compares_models_scale_by_scale():
+    part = lambda gap: {"max_abs_gap": gap}  # noqa: E731
+    key = "shares/{}/n=300/steps=25/guidance={}/seed=31000"
+    a = {key.format(c, g): part(0.1 * g + 0.01 * i) for i, c in enumerate(world.CONTEXTS) for g in (1, 2)}
+    b = {k: part(v["max_abs_gap"] / 2) for k, v in a.items() if "guidance=1/" in k}
+    b.pop(key.format("ceo", 1))  # a prompt missing at a scale: no value there, not the others' maximum
+    f = minisd.validation_worst({"a": a, "b": b}, candidates=(1.0, 2.0))
+    assert f.loc["a", "guidance 1"] == pytest.approx(0.14) and f.loc["a", "guidance 2"] == pytest.approx(0.24)
+    assert np.isnan(f.loc["b", "guidance 1"]) and np.isnan(f.loc["b", "guidance 2"])
+    assert f.loc["a", "best"] == pytest.approx(0.14)
+
+
+def test_the_shipped_unet_beats_every_rejected_candidate_on_validation():
+    """Each UNet judged on the validation noise and not shipped (data/minisd/candidates.json) carries its own
+    fingerprint on every part, was judged over the whole grid, and its best largest gap is not below the shipped one's
+    (the rule that kept the shipped UNet, recomputed from the stored parts)."""
+    shipped = minisd.load_quality()
+    cands = minisd.load_candidates()
+    assert cands and minisd.cache.fingerprint(io.DATA_DIR / "minisd" / "sd") not in cands
+    for fp, c in cands.items():
+        assert {p["model"] for p in c["quality"].values()} == {fp}
+        minisd.choose_guidance(c["quality"])  # raises if a scale of the grid lacks a prompt
+    f = minisd.validation_worst({"shipped": shipped, **{fp: c["quality"] for fp, c in cands.items()}})
+    assert f.drop(index="shipped")["best"].min() >= f.loc["shipped", "best"]
 
 
 def test_share_frame_reads_every_class_and_signs_the_gap():
