@@ -1,6 +1,7 @@
 """Every chapter in _toc.yml executes from a fresh kernel without error (no execution cache), and reads as a
 publication: numbered, captioned figures; measured numbers in prose glued from the data; every cited work in
 references.bib and every entry there cited."""
+import json
 import re
 from pathlib import Path
 
@@ -154,6 +155,15 @@ def test_notebooks_are_committed_without_outputs():
     for nb_path in _chapters():
         nb = nbformat.read(nb_path, as_version=4)
         assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), nb_path.name
+
+
+def test_every_cell_has_its_own_id():
+    """nbformat 4.5 cells carry an id (myst-nb and nbclient warn, and will refuse, without one); read as stored, since
+    nbformat.read fills missing ids in memory."""
+    for nb_path in _chapters():
+        ids = [c.get("id") for c in json.loads(nb_path.read_text())["cells"]]
+        assert None not in ids, f"{nb_path.name}: cell {ids.index(None)} has no id"
+        assert len(set(ids)) == len(ids), f"{nb_path.name}: duplicate cell ids"
 
 
 def test_chapters_open_with_a_title_and_keep_prose_in_markdown():
