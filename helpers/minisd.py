@@ -596,14 +596,14 @@ def unet_lineage(record: dict) -> dict[str, dict]:
     while record is not None:
         runs.append({k: v for k, v in record.items() if k != "continued_from"})
         record = record.get("continued_from")
-    out, k = {}, 0
+    out, k, e = {}, 0, 0
     for r in reversed(runs):
         if r["settings"].get("zero_snr"):
             k += 1
             out[f"unet fine-tune {k} (zero terminal SNR, v-prediction)"] = r
         else:
-            name = "unet (ε-prediction, SD's schedule)"
-            out[name if name not in out else f"{name}, continued"] = r
+            e += 1
+            out["unet (ε-prediction, SD's schedule)" + (f", run {e}" if e > 1 else "")] = r
     return out
 
 

@@ -210,14 +210,25 @@ def test_validation_worst_compares_models_scale_by_scale():
 
 def test_the_shipped_unet_beats_every_rejected_candidate_on_validation():
     """Each UNet judged on the validation noise and not shipped (data/minisd/candidates.json) carries its own
-    fingerprint on every part, was judged over the whole grid, and its best largest gap is not below the shipped one's
-    (the rule that kept the shipped UNet, recomputed from the stored parts)."""
+    fingerprint on every part, was judged over the whole grid on validation noise only, started from the shipped UNet,
+    and its best largest gap is not below the shipped one's (the rule that kept the shipped UNet, recomputed from the
+    stored parts, whose gaps are checked against their class shares)."""
     shipped = minisd.load_quality()
     cands = minisd.load_candidates()
+    shipped_unet = json.loads((io.DATA_DIR / "minisd" / "sd" / "training.json").read_text())["unet"]
     assert cands and minisd.cache.fingerprint(io.DATA_DIR / "minisd" / "sd") not in cands
     for fp, c in cands.items():
         assert {p["model"] for p in c["quality"].values()} == {fp}
+        # judged on the validation noise only, never on test noise
+        assert {(p["settings"]["n"], p["settings"]["steps"], p["settings"]["seed"]) for p in c["quality"].values()} == \
+            {(minisd.GUIDANCE_VAL["n"], minisd.GUIDANCE_VAL["steps"], minisd.GUIDANCE_VAL["seed"])}
         minisd.choose_guidance(c["quality"])  # raises if a scale of the grid lacks a prompt
+        assert c["unet training"]["continued_from"] == shipped_unet  # it started from the shipped UNet
+    for quality in [shipped, *(c["quality"] for c in cands.values())]:  # the stored gaps are the shares' own
+        for key, p in quality.items():
+            if key.startswith("shares/"):
+                gap = max(abs(m - s) for a in p["attributes"].values() for m, s in zip(a["model"], a["spec"]))
+                assert p["max_abs_gap"] == pytest.approx(gap, abs=1e-9), key
     f = minisd.validation_worst({"shipped": shipped, **{fp: c["quality"] for fp, c in cands.items()}})
     assert f.drop(index="shipped")["best"].min() >= f.loc["shipped", "best"]
 
@@ -310,6 +321,8 @@ def test_unet_lineage_lists_every_run_oldest_first():
     assert [r["steps"] for r in lineage.values()] == [10, 20, 30]
     assert all("continued_from" not in r for r in lineage.values())
     assert list(minisd.unet_lineage(run(5, False))) == ["unet (ε-prediction, SD's schedule)"]
+    two = minisd.unet_lineage(run(7, False, run(5, False)))  # an ε run continued by another: both kept
+    assert [r["steps"] for r in two.values()] == [5, 7] and len(set(two)) == 2
     shipped = json.loads((io.DATA_DIR / "minisd" / "sd" / "training.json").read_text())["unet"]
     assert list(minisd.unet_lineage(shipped).values())[-1]["steps"] == shipped["steps"]
 
