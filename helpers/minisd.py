@@ -773,19 +773,23 @@ def load_quality(sd_folder=None, path=None) -> dict:
     return quality
 
 
+def _largest_gap(quality: dict, guidance: float, n: int, steps: int, seed: int) -> float | None:
+    """The largest class-share gap over the five prompts' parts at these settings; ``None`` if a prompt lacks one."""
+    parts = [quality.get(f"shares/{c}/n={n}/steps={steps}/guidance={guidance:g}/seed={seed}") for c in world.CONTEXTS]
+    return None if any(p is None for p in parts) else max(p["max_abs_gap"] for p in parts)
+
+
 def choose_guidance(quality: dict, candidates=GUIDANCE_CANDIDATES, n: int = GUIDANCE_VAL["n"],
                     steps: int = GUIDANCE_VAL["steps"], seed: int = GUIDANCE_VAL["seed"], tol: float = 0.05) -> float:
     """The book's guidance scale, from the validation parts of ``quality.json``: the largest candidate whose largest
     class-share gap over every prompt is within ``tol`` (guidance is what SD samples with; more of it is kept as long
     as each prompt's bias stays what its spec says); if none is, the candidate with the smallest such gap. Every
     candidate needs all five prompts at these settings."""
-    gaps = {}
-    for g in candidates:
-        parts = [quality.get(f"shares/{c}/n={n}/steps={steps}/guidance={g:g}/seed={seed}") for c in world.CONTEXTS]
-        if any(p is None for p in parts):
+    gaps = {g: _largest_gap(quality, g, n, steps, seed) for g in candidates}
+    for g, gap in gaps.items():
+        if gap is None:
             raise ValueError(f"choose_guidance: guidance {g:g} lacks validation parts (n={n}, steps={steps}, "
                              f"seed={seed}); run scripts/evaluate_minisd.py --n {n} --seed {seed} --guidance {g:g}")
-        gaps[g] = max(p["max_abs_gap"] for p in parts)
     ok = [g for g, v in gaps.items() if v <= tol]
     return max(ok) if ok else min(gaps, key=gaps.get)
 
@@ -866,14 +870,8 @@ def validation_worst(models: dict[str, dict], candidates=GUIDANCE_CANDIDATES, n:
     models. NaN where a model was not judged at that scale (or lacks a prompt there); ``best``: the smallest."""
     import pandas as pd
 
-    rows = {}
-    for name, quality in models.items():
-        gaps = {}
-        for g in candidates:
-            parts = [quality.get(f"shares/{c}/n={n}/steps={steps}/guidance={g:g}/seed={seed}") for c in world.CONTEXTS]
-            gaps[f"guidance {g:g}"] = np.nan if any(p is None for p in parts) else max(p["max_abs_gap"] for p in parts)
-        rows[name] = gaps
-    frame = pd.DataFrame(rows).T
+    frame = pd.DataFrame({name: {f"guidance {g:g}": _largest_gap(quality, g, n, steps, seed) for g in candidates}
+                          for name, quality in models.items()}).T.astype(float)  # None (not judged there) → NaN
     frame["best"] = frame.min(axis=1)
     return frame
 
